@@ -1,0 +1,1 @@
+"""allscope: sparse dictionaries on every layer of Gemma 3."""
