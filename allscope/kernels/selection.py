@@ -67,8 +67,10 @@ def batchtopk(pre: jax.Array, k: int, capacity: int) -> tuple[Selection, jax.Arr
 
   Returns the selection and the batch threshold (the smallest selected value), which the
   trainer averages into the inference-time JumpReLU threshold. Candidates are first cut to the
-  top `capacity` of each row, so the global pass sorts B*C values, not B*F; a row with more than
-  `capacity` winners counts as overflow.
+  top `capacity` of each row, so the global pass sorts B*C values, not B*F. The result is exact
+  when no row holds more than `capacity` of the batch's top k*B (overflow == 0); otherwise the
+  threshold comes from the capped candidates and the winners beyond a row's capacity are
+  counted in `overflow`.
   """
   sg = jax.lax.stop_gradient(jnp.maximum(pre, 0.0))
   row_top, _ = jax.lax.top_k(sg, capacity)
