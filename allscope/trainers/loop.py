@@ -101,7 +101,7 @@ def _initial_params(cfg: TrainConfig, d_in: int, d_out: int, x: np.ndarray, y: n
     params["b_dec"] = jnp.mean(yn, axis=0)
   if cfg.activation == "jumprelu" and cfg.threshold_init <= 0:
     pre = jnp.einsum("bgi,gif->gbf", xn, params["w_enc"]) + params["b_enc"][:, None, :]
-    q = 1.0 - min(cfg.target_l0 / cfg.width, 1.0)
+    q = 1.0 - min(cfg.init_l0_multiple * cfg.target_l0 / cfg.width, 1.0)
     thr = jnp.quantile(pre, q, axis=1)  # [G, F]
     params["log_threshold"] = jnp.log(jnp.maximum(thr, 1e-3))
   return params

@@ -42,6 +42,8 @@ def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array
     grads = {**grads, "w_dec": grads["w_dec"] - par * w}
   tx = state_lib.optimizer(cfg)
   updates, opt_state = tx.update(grads, st["opt_state"], params)
+  if "log_threshold" in updates and cfg.threshold_lr_multiple != 1.0:
+    updates = {**updates, "log_threshold": updates["log_threshold"] * cfg.threshold_lr_multiple}
   new_params = optax.apply_updates(params, updates)
   if cfg.decoder_norm == "unit":
     new_params["w_dec"] = dictionaries.normalize_decoder(new_params["w_dec"], cfg)
