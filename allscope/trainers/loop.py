@@ -125,7 +125,6 @@ def train(cfg: TrainConfig, source: Iterable, norm_scale: Mapping[str, Any],
     checkpoint manager); used by tests.
   """
   cfg.validate()
-  norm = _check_norm(norm_scale, cfg)
   mesh = mesh_lib.make_mesh(cfg, devices)
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +147,7 @@ def train(cfg: TrainConfig, source: Iterable, norm_scale: Mapping[str, Any],
       iterator.set_state(json.dumps(saved_data).encode())
   first = next(iterator)
   d_in, d_out = _check_batch(first, cfg)
+  norm = _check_norm(norm_scale, cfg)
 
   abstract_params = jax.eval_shape(
       lambda: dictionaries.init_params(cfg, d_in, d_out, jax.random.key(0)))
