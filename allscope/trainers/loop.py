@@ -71,8 +71,6 @@ def _check_batch(batch: Mapping[str, np.ndarray], cfg: TrainConfig) -> tuple[int
       raise ValueError(f"width mismatch: site {site!r} has width {shape[2]} in the data but "
                        f"train.{'d_in' if role == 'input' else 'd_out'}={want}")
     dims.append(shape[2])
-  if cfg.kind in ("clt", "crosscoder", "sae") and cfg.kind != "sae" and dims[0] != dims[1]:
-    raise ValueError(f"a {cfg.kind} needs equal input and output widths, got {dims}")
   return dims[0], dims[1]
 
 
