@@ -4,15 +4,29 @@
     manifest = pipelines.harvest(HarvestConfig(...), ModelConfig(), "outputs/store")
     store = pipelines.ActivationStore("outputs/store")
     loader = store.loader(batch_size=4096, sites=("mlp_in", "mlp_out"), layers=(3,))
+
+Names are imported on first use, so reading configs or stores does not import Apache Beam.
 """
 
-from allscope.pipelines.config import SITES, CorpusConfig, HarvestConfig
-from allscope.pipelines.job import HarvestError, harvest, plan
-from allscope.pipelines.reader import ActivationSource, ActivationStore, IndexSource, open_store
-from allscope.pipelines.store import CorruptShardError, IncompleteStoreError, StoreError
+from __future__ import annotations
 
-__all__ = [
-    "SITES", "ActivationSource", "ActivationStore", "CorpusConfig", "CorruptShardError",
-    "HarvestConfig", "HarvestError", "IncompleteStoreError", "IndexSource", "StoreError",
-    "harvest", "open_store", "plan",
-]
+import importlib
+
+from allscope.pipelines.config import SITES, CorpusConfig, HarvestConfig
+
+_LAZY = {
+    "harvest": "allscope.pipelines.job", "plan": "allscope.pipelines.job",
+    "HarvestError": "allscope.pipelines.job",
+    "ActivationStore": "allscope.pipelines.reader", "ActivationSource": "allscope.pipelines.reader",
+    "IndexSource": "allscope.pipelines.reader", "open_store": "allscope.pipelines.reader",
+    "StoreError": "allscope.pipelines.store", "IncompleteStoreError": "allscope.pipelines.store",
+    "CorruptShardError": "allscope.pipelines.store",
+}
+
+__all__ = ["SITES", "CorpusConfig", "HarvestConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'allscope.pipelines' has no attribute {name!r}")

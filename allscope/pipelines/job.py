@@ -310,27 +310,10 @@ class _Gather(beam.CombineFn):
 
 
 def _finish(gathered, p: Plan) -> None:
-  """Writes stats.safetensors and then manifest.json: the store's commit point."""
   receipts, sums = gathered
-  receipts = sorted(receipts, key=lambda r: r["shard"])
-  if [r["shard"] for r in receipts] != list(range(len(receipts))) or not receipts:
-    raise RuntimeError(f"shards {[r['shard'] for r in receipts]} are not 0..n-1; not finishing")
-  for prev, nxt in zip(receipts, receipts[1:]):
-    if prev["sequences"][1] != nxt["sequences"][0]:
-      raise RuntimeError(f"shards {prev['shard']} and {nxt['shard']} leave a hole in sequence ids")
-  n_rows = sum(r["rows"] for r in receipts)
-  entries, means = store.stats_entries(sums, p.cfg.sites, p.layers, n_rows)
-  manifest = dict(
-      p.identity,
-      context_length=p.cfg.context_length, sites=list(p.cfg.sites), layers=list(p.layers),
-      widths=p.widths, dtype="bfloat16", rows_per_record=p.cfg.rows_per_record,
-      index_dtype=[[n, store.INDEX_DTYPE[n].str] for n in store.INDEX_DTYPE.names],
-      num_rows=n_rows, num_tokens=n_rows, num_sequences=receipts[-1]["sequences"][1],
-      num_records=sum(r["records"] for r in receipts),
-      shards=[{k: r[k] for k in ("shard", "rows", "records", "sequences", "files")}
-              for r in receipts],
-      stats=entries, stats_file=store.write_stats(p.output_dir, means))
-  store.write_text_atomic(p.output_dir, store.MANIFEST, store.dumps(manifest))
+  store.finish(p.output_dir, p.identity, receipts, sums, sites=p.cfg.sites, layers=p.layers,
+               widths=p.widths, rows_per_record=p.cfg.rows_per_record,
+               context_length=p.cfg.context_length)
 
 
 def build(pipeline: beam.Pipeline, p: Plan, arch) -> None:

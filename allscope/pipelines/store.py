@@ -312,6 +312,34 @@ def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
   return info
 
 
+def finish(root: str, identity: dict, receipts: list[dict], sums: dict[str, np.ndarray], *,
+           sites, layers, widths: dict[str, int], rows_per_record: int,
+           context_length: int) -> dict:
+  """Writes stats.safetensors and then manifest.json, the store's commit point."""
+  receipts = sorted(receipts, key=lambda r: r["shard"])
+  if not receipts or [r["shard"] for r in receipts] != list(range(len(receipts))):
+    raise StoreError(f"{root}: shards {[r['shard'] for r in receipts]} are not 0..n-1; "
+                     "not writing a manifest")
+  for prev, nxt in zip(receipts, receipts[1:]):
+    if prev["sequences"][1] != nxt["sequences"][0]:
+      raise StoreError(f"{root}: shards {prev['shard']} and {nxt['shard']} leave a hole in "
+                       "the sequence ids; not writing a manifest")
+  n_rows = sum(r["rows"] for r in receipts)
+  entries, means = stats_entries(sums, sites, layers, n_rows)
+  manifest = dict(
+      identity,
+      context_length=context_length, sites=list(sites), layers=list(layers), widths=dict(widths),
+      dtype="bfloat16", rows_per_record=rows_per_record,
+      index_dtype=[[n, INDEX_DTYPE[n].str] for n in INDEX_DTYPE.names],
+      num_rows=n_rows, num_tokens=n_rows, num_sequences=receipts[-1]["sequences"][1],
+      num_records=sum(r["records"] for r in receipts),
+      shards=[{k: r[k] for k in ("shard", "rows", "records", "sequences", "files")}
+              for r in receipts],
+      stats=entries, stats_file=write_stats(root, means))
+  write_text_atomic(root, MANIFEST, dumps(manifest))
+  return manifest
+
+
 def dumps(obj: Any) -> str:
   return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
