@@ -12,12 +12,14 @@ Locally the pipeline runs on Beam's FnApiRunner (N processes); `beam_args` send 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shutil
 import threading
+import time
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -208,6 +210,12 @@ def _assign(seq, offsets: list[int], num_sequences: int, per_shard: int):
     yield gid // per_shard, (gid, tokens, n_valid)
 
 
+_TOKENS = beam.metrics.Metrics.counter("harvest", "tokens_written")
+_MS_LOAD = beam.metrics.Metrics.counter("harvest", "model_load_ms")
+_MS_FORWARD = beam.metrics.Metrics.counter("harvest", "forward_ms")  # capture + host copy
+_MS_WRITE = beam.metrics.Metrics.counter("harvest", "write_ms")  # shuffle gather excluded
+
+
 class HarvestShard(beam.DoFn):
   """(shard, sequences) -> (receipt, statistic sums): forward, shuffle, write, commit.
 
@@ -226,7 +234,10 @@ class HarvestShard(beam.DoFn):
       def __init__(self):
         self.model = load_model(model_cfg)
 
-    return self._shared.acquire(Holder).model
+    start = time.perf_counter()
+    model = self._shared.acquire(Holder).model
+    _MS_LOAD.inc(int(1000 * (time.perf_counter() - start)))
+    return model
 
   def process(self, element):
     shard, items = element
@@ -242,7 +253,11 @@ class HarvestShard(beam.DoFn):
         yield receipt, sums
         return
     rows = self._compute(shard, items)
-    yield store.write_shard(self._root, rows, self._cfg.rows_per_record, meta)
+    start = time.perf_counter()
+    out = store.write_shard(self._root, rows, self._cfg.rows_per_record, meta)
+    _MS_WRITE.inc(int(1000 * (time.perf_counter() - start)))
+    _TOKENS.inc(len(rows.index))
+    yield out
 
   def _compute(self, shard: int, items) -> store.ShardRows:
     import jax.numpy as jnp
@@ -263,6 +278,7 @@ class HarvestShard(beam.DoFn):
             for s, w in self._widths.items()}
     filled = 0
     b = cfg.batch_size
+    t0 = time.perf_counter()
     for start in range(0, len(items), b):
       batch = tokens[start:start + b]
       valid = n_valid[start:start + b]
@@ -280,6 +296,7 @@ class HarvestShard(beam.DoFn):
         x = np.asarray(x.astype(jnp.bfloat16))[:n]
         acts[site][filled:filled + count] = x[sel]
       filled += count
+    _MS_FORWARD.inc(int(1000 * (time.perf_counter() - t0)))
     # Rows are shuffled across the shard's sequences, the same way for a seed and shard.
     perm = np.random.default_rng([cfg.seed, shard]).permutation(n_rows)
     return store.ShardRows(shard, index[perm], {s: a[perm] for s, a in acts.items()},
@@ -395,27 +412,31 @@ def harvest(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> dict
   an unfinished one is resumed (finished shards are kept); a different one is refused unless
   cfg.overwrite. See docs/harvest.md.
   """
+  return run(cfg, model_cfg, output_dir)[0]
+
+
+def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> tuple[dict, dict]:
+  """`harvest`, also returning the job's counters (tokens_written, *_ms, wall_s)."""
   p = plan(cfg, model_cfg, output_dir)
   done = _prepare_output(p)
   if done is not None:
     log.info("%s already holds this harvest (manifest present); nothing to do", output_dir)
-    return done
+    return done, {}
   arch = model_config(model_cfg)
   options = pipeline_options(cfg)
   show = cfg.progress and not store.is_remote(output_dir)
-  with (_Progress(p) if show else _NoProgress()):
-    with beam.Pipeline(runner=_runner(options), options=options) as pipeline:
-      build(pipeline, p, arch)
+  start = time.perf_counter()
+  with (_Progress(p) if show else contextlib.nullcontext()):
+    pipeline = beam.Pipeline(runner=_runner(options), options=options)
+    build(pipeline, p, arch)
+    result = pipeline.run()
+    result.wait_until_finish()
+  counters = {"wall_s": time.perf_counter() - start}
+  for c in result.metrics().query()["counters"]:
+    counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
+        c.committed if c.committed is not None else c.attempted)
   manifest = store.load_manifest(output_dir)
   if manifest["num_sequences"] < p.num_sequences:
     log.warning("the corpus ran out: %d of %d sequences harvested (%d tokens)",
                 manifest["num_sequences"], p.num_sequences, manifest["num_tokens"])
-  return manifest
-
-
-class _NoProgress:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return None
+  return manifest, counters
