@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.utils import shared
 
 from allscope import models
+from allscope.models import loader
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
 from allscope.pipelines import store
@@ -46,13 +47,28 @@ class HarvestError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Model access (the only places that touch allscope.models).
 
+def _weights(model_cfg: ModelConfig):
+  """(path, GGUF reader or None) of the model's weights, without reading the weights."""
+  path = models.resolve(model_cfg.name)
+  if path.suffix == ".gguf":
+    import gguf
+    return path, gguf.GGUFReader(path)
+  return path, None
+
+
 def model_config(model_cfg: ModelConfig):
-  """The architecture, without loading weights."""
-  return models.config(model_cfg.name)
+  """The architecture, read from the weights' metadata (the weights themselves are not loaded)."""
+  path, reader = _weights(model_cfg)
+  return loader.gguf_config(reader, path) if reader is not None else loader.hf_config(path)
 
 
 def load_tokenizer(model_cfg: ModelConfig):
-  return models.load_tokenizer(model_cfg.name)
+  path, reader = _weights(model_cfg)
+  if reader is not None:
+    return models.Tokenizer.from_gguf(reader)
+  arch = loader.hf_config(path)
+  return models.Tokenizer.from_directory(path, bos_id=arch.bos_id, eos_id=arch.eos_id,
+                                         pad_id=arch.pad_id)
 
 
 def load_model(model_cfg: ModelConfig):
