@@ -48,7 +48,7 @@ def main() -> None:
 
   model_cfg = models.ModelConfig(name=args.model)
   sites = tuple(args.sites.split(","))
-  arch = job.model_config(model_cfg)
+  arch, _ = job.describe(model_cfg)
   layers = (tuple(range(arch.n_layers)) if args.layers == "all"
             else tuple(int(l) for l in args.layers.split(",")))
   cfg = HarvestConfig(corpus=CorpusConfig(kind="builtin"), sites=sites, layers=layers,

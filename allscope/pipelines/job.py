@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,6 +24,8 @@ import time
 from typing import Any, Iterable
 
 import apache_beam as beam
+import jax
+import jax.numpy as jnp
 import numpy as np
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.utils import shared
@@ -47,33 +50,59 @@ class HarvestError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Model access (the only places that touch allscope.models).
 
-def _weights(model_cfg: ModelConfig):
-  """(path, GGUF reader or None) of the model's weights, without reading the weights."""
+def describe(model_cfg: ModelConfig):
+  """(architecture, tokenizer) from the weights' metadata; the weights are not loaded."""
   path = models.resolve(model_cfg.name)
   if path.suffix == ".gguf":
     import gguf
-    return path, gguf.GGUFReader(path)
-  return path, None
-
-
-def model_config(model_cfg: ModelConfig):
-  """The architecture, read from the weights' metadata (the weights themselves are not loaded)."""
-  path, reader = _weights(model_cfg)
-  return loader.gguf_config(reader, path) if reader is not None else loader.hf_config(path)
-
-
-def load_tokenizer(model_cfg: ModelConfig):
-  path, reader = _weights(model_cfg)
-  if reader is not None:
-    return models.Tokenizer.from_gguf(reader)
+    reader = gguf.GGUFReader(path)
+    return loader.gguf_config(reader, path), models.Tokenizer.from_gguf(reader)
   arch = loader.hf_config(path)
-  return models.Tokenizer.from_directory(path, bos_id=arch.bos_id, eos_id=arch.eos_id,
-                                         pad_id=arch.pad_id)
+  return arch, models.Tokenizer.from_directory(path, bos_id=arch.bos_id, eos_id=arch.eos_id,
+                                               pad_id=arch.pad_id)
 
 
 def load_model(model_cfg: ModelConfig):
   model, _ = models.load(model_cfg.name, dtype=model_cfg.dtype)
   return model
+
+
+class _Slot:
+  """Holds one object for beam.utils.shared (which needs a weak-referenceable value)."""
+
+  def __init__(self, value):
+    self.value = value
+    self.compiled: dict[tuple, Any] = {}  # per-process jitted captures of a model
+
+
+def capture_fn(model, sites: tuple[str, ...], layers: tuple[int, ...]):
+  """`(tokens, mask) -> {site: bf16 [B, S, n_layers, width]}`, jitted over `model.capture`.
+
+  The parameters are passed as jit arguments (nnx.split) rather than through nnx.jit, whose
+  per-call state handling cost more than the forward itself on CPU; casting to bf16 inside the
+  jit halves the device-to-host copy. Compilations are shared by models of one architecture.
+  """
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  return functools.partial(_capture, graphdef, state, sites=tuple(sites), layers=tuple(layers))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sites", "layers"))
+def _capture(graphdef, state, tokens, mask, *, sites, layers):
+  from flax import nnx
+
+  out = nnx.merge(graphdef, state).capture(tokens, sites=sites, layers=layers, mask=mask)
+  return {s: x.astype(jnp.bfloat16) for s, x in out.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Handles:
+  """Per-process shared tokenizer and model: each worker process builds them at most once, and
+  an in-process worker reuses the driver's (the driver acquires them first and holds them)."""
+
+  tokenizer: shared.Shared = dataclasses.field(default_factory=shared.Shared)
+  model: shared.Shared = dataclasses.field(default_factory=shared.Shared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,13 +124,18 @@ class Plan:
     return math.ceil(self.num_sequences / self.cfg.sequences_per_shard)
 
 
-def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> Plan:
-  """Checks every input and fixes the work, without loading the model's weights."""
+def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, arch=None,
+         tokenizer=None) -> Plan:
+  """Checks every input and fixes the work, without loading the model's weights.
+
+  `arch` and `tokenizer` skip reading them from the weights' metadata when already at hand.
+  """
   try:
     cfg.validate()
   except ValueError as e:
     raise HarvestError(str(e)) from e
-  arch = model_config(model_cfg)
+  if arch is None or tokenizer is None:
+    arch, tokenizer = describe(model_cfg)
   layers = tuple(cfg.layers) if cfg.layers else tuple(range(arch.n_layers))
   bad = [l for l in layers if not 0 <= l < arch.n_layers]
   if bad:
@@ -114,7 +148,6 @@ def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> Plan:
     units = corpus_lib.units(cfg.corpus)
   except corpus_lib.CorpusError as e:
     raise HarvestError(str(e)) from e
-  tokenizer = load_tokenizer(model_cfg)
   # Estimate sequences per unit from the first unit with text, and read only as many units as
   # the budget needs (+25%); this is deterministic, so a re-run picks the same units.
   source = corpus_lib.tfds_source(cfg.corpus) if cfg.corpus.kind == "tfds" else None
@@ -194,12 +227,15 @@ def _remove_store(root: str) -> None:
 class TokenizePack(beam.DoFn):
   """unit index, unit -> (unit index, j, tokens int32 [context], n_valid)."""
 
-  def __init__(self, p: Plan, arch):
+  def __init__(self, p: Plan, arch, handles: _Handles):
     self._corpus, self._model_cfg, self._ctx = p.cfg.corpus, p.model_cfg, p.cfg.context_length
     self._special = (arch.bos_id, arch.eos_id, arch.pad_id)
+    self._handles = handles
 
   def setup(self):
-    self._tokenizer = load_tokenizer(self._model_cfg)
+    model_cfg = self._model_cfg
+    self._slot = self._handles.tokenizer.acquire(lambda: _Slot(describe(model_cfg)[1]))
+    self._tokenizer = self._slot.value
     self._source = (corpus_lib.tfds_source(self._corpus) if self._corpus.kind == "tfds" else None)
 
   def process(self, element):
@@ -239,21 +275,21 @@ class HarvestShard(beam.DoFn):
   actually needs computing, so resuming a finished harvest loads nothing.
   """
 
-  def __init__(self, p: Plan, shared_model: shared.Shared):
+  def __init__(self, p: Plan, handles: _Handles):
     self._cfg, self._model_cfg, self._root = p.cfg, p.model_cfg, p.output_dir
-    self._layers, self._widths, self._shared = p.layers, p.widths, shared_model
+    self._layers, self._widths, self._handles = p.layers, p.widths, handles
+    self._slot = None
 
-  def _model(self):
-    model_cfg = self._model_cfg
-
-    class Holder:  # Shared needs a weak-referenceable object
-      def __init__(self):
-        self.model = load_model(model_cfg)
-
-    start = time.perf_counter()
-    model = self._shared.acquire(Holder).model
-    _MS_LOAD.inc(int(1000 * (time.perf_counter() - start)))
-    return model
+  def _forward(self):
+    if self._slot is None:
+      model_cfg = self._model_cfg
+      start = time.perf_counter()
+      self._slot = self._handles.model.acquire(lambda: _Slot(load_model(model_cfg)))
+      _MS_LOAD.inc(int(1000 * (time.perf_counter() - start)))
+    key = (tuple(self._widths), self._layers)
+    if key not in self._slot.compiled:
+      self._slot.compiled[key] = capture_fn(self._slot.value, *key)
+    return self._slot.value, self._slot.compiled[key]
 
   def process(self, element):
     shard, items = element
@@ -276,10 +312,8 @@ class HarvestShard(beam.DoFn):
     yield out
 
   def _compute(self, shard: int, items) -> store.ShardRows:
-    import jax.numpy as jnp
-
     cfg = self._cfg
-    model = self._model()
+    model, forward = self._forward()
     tokens = np.stack([t for _, t, _ in items])
     n_valid = np.array([n for _, _, n in items])
     gids = np.array([g for g, _, _ in items], np.int64)
@@ -292,25 +326,28 @@ class HarvestShard(beam.DoFn):
     index["token"] = tokens[keep]
     acts = {s: np.empty((n_rows, len(self._layers), w), store.DTYPE)
             for s, w in self._widths.items()}
-    filled = 0
     b = cfg.batch_size
-    t0 = time.perf_counter()
-    for start in range(0, len(items), b):
-      batch = tokens[start:start + b]
-      valid = n_valid[start:start + b]
-      n = len(batch)
-      if n < b:  # pad with empty sequences so every forward has the same (compiled) shape
-        pad = np.full((b - n, cfg.context_length), model.config.pad_id, np.int32)
+
+    def launch(start: int):  # dispatches one forward; jax returns before it finishes
+      batch, valid = tokens[start:start + b], n_valid[start:start + b]
+      if len(batch) < b:  # pad with empty sequences so every forward has one compiled shape
+        pad = np.full((b - len(batch), cfg.context_length), model.config.pad_id, np.int32)
         batch = np.concatenate([batch, pad])
-        valid = np.concatenate([valid, np.zeros(b - n, valid.dtype)])
+        valid = np.concatenate([valid, np.zeros(b - len(valid), valid.dtype)])
       mask = positions[None, :] < valid[:, None]
-      out = model.capture(jnp.asarray(batch), sites=tuple(self._widths), layers=self._layers,
-                          mask=jnp.asarray(mask))
-      sel = keep[start:start + n]
+      return start, forward(jnp.asarray(batch), jnp.asarray(mask))
+
+    t0 = time.perf_counter()
+    starts = list(range(0, len(items), b))
+    pending, filled = launch(starts[0]), 0
+    for k in range(len(starts)):
+      start, out = pending
+      if k + 1 < len(starts):  # keep the device busy while this batch is copied out
+        pending = launch(starts[k + 1])
+      sel = keep[start:start + b]
       count = int(sel.sum())
       for site, x in out.items():
-        x = np.asarray(x.astype(jnp.bfloat16))[:n]
-        acts[site][filled:filled + count] = x[sel]
+        acts[site][filled:filled + count] = np.asarray(x)[:len(sel)][sel]
       filled += count
     _MS_FORWARD.inc(int(1000 * (time.perf_counter() - t0)))
     # Rows are shuffled across the shard's sequences, the same way for a seed and shard.
@@ -349,11 +386,11 @@ def _finish(gathered, p: Plan) -> None:
                context_length=p.cfg.context_length)
 
 
-def build(pipeline: beam.Pipeline, p: Plan, arch) -> None:
+def build(pipeline: beam.Pipeline, p: Plan, arch, handles: _Handles) -> None:
   seqs = (pipeline
           | "Units" >> beam.Create(list(enumerate(p.units)))
           | "SpreadUnits" >> beam.Reshuffle()
-          | "TokenizePack" >> beam.ParDo(TokenizePack(p, arch)))
+          | "TokenizePack" >> beam.ParDo(TokenizePack(p, arch, handles)))
   offsets = (seqs
              | "One" >> beam.Map(lambda s: (s[0], 1))
              | "CountPerUnit" >> beam.CombinePerKey(sum)
@@ -363,7 +400,7 @@ def build(pipeline: beam.Pipeline, p: Plan, arch) -> None:
    | "AssignIds" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), p.num_sequences,
                                  p.cfg.sequences_per_shard)
    | "GroupShards" >> beam.GroupByKey()
-   | "HarvestShard" >> beam.ParDo(HarvestShard(p, shared.Shared()))
+   | "HarvestShard" >> beam.ParDo(HarvestShard(p, handles))
    | "Gather" >> beam.CombineGlobally(_Gather()).without_defaults()
    | "WriteManifest" >> beam.Map(_finish, p))
 
@@ -421,30 +458,43 @@ class _Progress:
     self._thread.join()
 
 
-def harvest(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> dict:
+def harvest(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=None,
+            tokenizer=None) -> dict:
   """Runs (or resumes) a harvest into output_dir and returns the store's manifest.
 
   Every input is checked before the model loads. A finished identical store is returned as is;
   an unfinished one is resumed (finished shards are kept); a different one is refused unless
-  cfg.overwrite. See docs/harvest.md.
+  cfg.overwrite. `model` / `tokenizer`: already loaded ones for `model_cfg`, reused by
+  in-process workers instead of loading again (worker processes always load their own).
+  See docs/harvest.md.
   """
-  return run(cfg, model_cfg, output_dir)[0]
+  return run(cfg, model_cfg, output_dir, model=model, tokenizer=tokenizer)[0]
 
 
-def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str) -> tuple[dict, dict]:
+def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=None,
+        tokenizer=None) -> tuple[dict, dict]:
   """`harvest`, also returning the job's counters (tokens_written, *_ms, wall_s)."""
-  p = plan(cfg, model_cfg, output_dir)
+  arch = model.config if model is not None else None
+  if arch is None or tokenizer is None:
+    arch, tokenizer = describe(model_cfg)
+  if model is not None and model.config != arch:
+    raise HarvestError(f"the model passed in does not match {model_cfg.name}: "
+                       f"{model.config} != {arch}")
+  p = plan(cfg, model_cfg, output_dir, arch=arch, tokenizer=tokenizer)
   done = _prepare_output(p)
   if done is not None:
     log.info("%s already holds this harvest (manifest present); nothing to do", output_dir)
     return done, {}
-  arch = model_config(model_cfg)
+  handles = _Handles()
+  held = [handles.tokenizer.acquire(lambda: _Slot(tokenizer))]  # noqa: F841 (keeps them alive)
+  if model is not None:
+    held.append(handles.model.acquire(lambda: _Slot(model)))
   options = pipeline_options(cfg)
   show = cfg.progress and not store.is_remote(output_dir)
   start = time.perf_counter()
   with (_Progress(p) if show else contextlib.nullcontext()):
     pipeline = beam.Pipeline(runner=_runner(options), options=options)
-    build(pipeline, p, arch)
+    build(pipeline, p, arch, handles)
     result = pipeline.run()
     result.wait_until_finish()
   counters = {"wall_s": time.perf_counter() - start}
