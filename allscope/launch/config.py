@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from allscope.models.loader import ModelConfig
+from allscope.release.config import EvalConfig, ReleaseConfig
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -28,6 +29,8 @@ class RunConfig:
   """Everything one `allscope` command needs. Each stage owns one section."""
 
   model: ModelConfig = ModelConfig()
+  evaluate: EvalConfig = EvalConfig()
+  release: ReleaseConfig = ReleaseConfig()
   output_dir: str = "outputs/run"
   seed: int = 0
 
