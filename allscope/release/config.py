@@ -58,5 +58,5 @@ class ReleaseConfig:
     if not self.directory:
       raise ValueError("release.directory must not be empty")
     if self.publish_to:
-      from allscope.release import publish  # local import: publish pulls in optional clients lazily
-      publish.parse_target(self.publish_to)
+      from allscope.release.publish import parse_target  # local: avoids an import cycle
+      parse_target(self.publish_to)
