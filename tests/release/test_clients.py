@@ -23,6 +23,7 @@ import pytest
 import allscope.release as rel
 from allscope.release import ReleaseConfig
 
+from .local_hub import LocalHub
 from .reference import ref_clt, ref_decode, ref_encode, rel_err, well_posed_inputs
 
 HERE = Path(__file__).parent / "clients"
@@ -45,12 +46,13 @@ def _client_python(env: str, module: str, venv: str) -> str:
   pytest.skip(message)
 
 
-def _run_client(python: str, script: str, jobs: list, inputs: dict, tmp_path: Path):
+def _run_client(python: str, script: str, jobs: list, inputs: dict, tmp_path: Path,
+                env_extra: dict | None = None):
   jobs_path, in_path, out_path = tmp_path / "jobs.json", tmp_path / "in.npz", tmp_path / "out.npz"
   jobs_path.write_text(json.dumps(jobs))
   np.savez(in_path, **inputs)
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-         "HF_HOME": str(tmp_path / "hf_home"), "WANDB_MODE": "disabled"}
+         "HF_HOME": str(tmp_path / "hf_home"), "WANDB_MODE": "disabled", **(env_extra or {})}
   proc = subprocess.run([python, str(HERE / script), str(jobs_path), str(in_path), str(out_path)],
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-4000:]}"
@@ -102,6 +104,45 @@ def test_saelens_loads_and_reproduces(release, tmp_path, rng):
   assert max(max(e) for e in errors.values()) <= TOL, errors
   assert report["tc1"]["hf_hook_name"] == "model.layers.1.pre_feedforward_layernorm.output"
   assert report["sae"]["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_saelens_gemma_3_loader_reads_the_release_layout(release, tmp_path, rng):
+  """SAELens' own Gemma Scope 2 loader (`from_pretrained(..., converter=gemma_3)`) on our folders,
+  served from a loopback Hub endpoint: no SAELens-format copy involved."""
+  python = _client_python("ALLSCOPE_SAELENS_PYTHON", "sae_lens", ".venv-saelens")
+  root, dicts, entries = release
+  repo = "allscope/gemma-scope-2-test"
+  jobs, inputs, refs = [], {}, {}
+  for n in ("sae", "tc1", "skip1"):
+    inputs[n] = well_posed_inputs(rng, [dicts[n].params], N, D)
+    jobs.append({"name": n, "loader": "gemma_3_hub", "repo": repo, "folder": entries[n]["path"],
+                 "input": n})
+    f = ref_encode(dicts[n].params, inputs[n])
+    refs[n] = (f, ref_decode(dicts[n].params, f, inputs[n]))
+  for n in ("clt", "clt_skip"):
+    # Quirk: SAELens reads one CLT layer as a transcoder whose decoder is w_dec summed over all
+    # target layers: f_l @ sum_t w_dec[:, t] + b_dec_l (+ x @ skip_l).
+    p = dict(dicts[n].layer_params[1])
+    p["w_dec"] = p["w_dec"].astype(np.float64).sum(axis=1)
+    name = f"{n}_layer1"
+    inputs[name] = well_posed_inputs(rng, [p], N, D)
+    jobs.append({"name": name, "loader": "gemma_3_hub", "repo": repo,
+                 "folder": f"{entries[n]['path']}/params_layer_1", "input": name})
+    f = ref_encode(p, inputs[name])
+    refs[name] = (f, ref_decode(p, f, inputs[name]))
+  with LocalHub(root, repo) as hub:
+    env = {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1,localhost",
+           "no_proxy": "127.0.0.1,localhost"}
+    report, out = _run_client(python, "saelens_check.py", jobs, inputs, tmp_path, env)
+  # SAELens read the safetensors header through HTTP range requests, then downloaded the file
+  assert any(r[2] == "bytes=0-7" for r in hub.requests), hub.requests
+  errors = {n: (rel_err(out[f"{n}/features"], f), rel_err(out[f"{n}/reconstruction"], y))
+            for n, (f, y) in refs.items()}
+  print("saelens gemma_3 loader relative errors (features, reconstruction):", errors)
+  assert max(max(e) for e in errors.values()) <= TOL, errors
+  assert report["skip1"]["class"] == "JumpReLUSkipTranscoder"
+  assert report["clt_skip_layer1"]["class"] == "JumpReLUSkipTranscoder"
+  assert report["tc1"]["hook_name"] == "blocks.1.hook_mlp_in"
 
 
 def test_circuit_tracer_loads_and_reproduces(release, tmp_path, rng):
