@@ -8,16 +8,17 @@ zero-ablation loss:
   fraction_loss_recovered = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))
   kl                      = mean over tokens of KL(clean || spliced) next-token distributions
 
-A transcoder replaces mlp_out[l] with its output from mlp_in[l]; mlp_in[l] lies upstream of the
-splice, so the clean capture of it is exactly what the spliced forward sees. A CLT replaces every
-layer's mlp_out at once from the clean mlp_in of every layer (an open-loop replacement: errors
-do not feed forward into later layers' inputs). BOS and padding positions are never replaced and
-never counted, as they are never trained on.
+A transcoder replaces mlp_out[l] with its output from mlp_in[l], read from the same forward pass.
+A CLT replaces every layer's mlp_out at once, each from the replacement model's own mlp_in of all
+layers so far (errors feed forward, as in circuit-tracer's replacement model). BOS and padding
+positions are never replaced and never counted, as they are never trained on. Each kind of splice
+compiles once (parameters are traced arguments), so many layers cost one compile per shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from allscope.release import dictionary as dict_math
+from allscope.release import export
 from allscope.release.config import EvalConfig
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
-from allscope.release import export
 
 Dict = Dictionary | CrossLayerTranscoder
 
@@ -146,53 +148,55 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   mc = model.config
   if tokens.max() >= mc.vocab_size or tokens.min() < 0:
     raise ValueError(f"token ids must lie in [0, {mc.vocab_size}); got {tokens.min()}..{tokens.max()}")
+  if not dictionaries:
+    raise ValueError("no dictionaries to evaluate")
   for d in dictionaries:
     d.validate(export.folder_of(d, 0.0))
+    _splice_spec(d)  # refuses what cannot be spliced before any forward pass
   check_against_model(dictionaries, mc)
 
-  sites = sorted({s for d in dictionaries for s, _ in sum(_sites_and_layers(d), [])})
-  layers = sorted({l for d in dictionaries for _, l in sum(_sites_and_layers(d), [])})
+  pairs = [p for d in dictionaries for p in sum(_sites_and_layers(d), [])]
+  sites = tuple(sorted({s for s, _ in pairs}))
+  layers = tuple(sorted({l for _, l in pairs}))
   layer_index = {l: i for i, l in enumerate(layers)}
   stats = [_Stats((d.n_layers, d.width) if isinstance(d, CrossLayerTranscoder) else (d.width,))
            for d in dictionaries]
-  ablations = sorted({p for d in dictionaries for p in _sites_and_layers(d)[1]})
-  ce = {"clean": 0.0, **{f"zero/{s}/{l}": 0.0 for s, l in ablations},
-        **{f"dict/{i}": 0.0 for i in range(len(dictionaries))}}
-  kl = {i: 0.0 for i in range(len(dictionaries))}
-  n_targets = 0
   jparams = [jax.tree.map(jnp.asarray, dict(d.params)) if isinstance(d, Dictionary)
              else tuple(jax.tree.map(jnp.asarray, dict(p)) for p in d.layer_params)
              for d in dictionaries]
+  ablations = {}
+  for d in dictionaries:  # zero ablation of exactly what each dictionary replaces
+    ablations.setdefault(tuple(_sites_and_layers(d)[1]), None)
+  ce = {key: 0.0 for key in ablations}
+  ce_dict = [0.0] * len(dictionaries)
+  kl = [0.0] * len(dictionaries)
+  ce_clean, n_targets = 0.0, 0
 
-  batches = range(0, tokens.shape[0], cfg.batch_size)
-  bar = tqdm(batches, desc="evaluate", unit="batch", disable=not progress)
+  bar = tqdm(range(0, tokens.shape[0], cfg.batch_size), desc="evaluate", unit="batch",
+             disable=not progress)
   start = time.perf_counter()
   for b0 in bar:
     batch = jnp.asarray(tokens[b0:b0 + cfg.batch_size])
-    keep = (batch != mc.pad_id) & (batch != mc.bos_id)  # positions that are replaced and counted
-    captured = model.capture(batch, sites=tuple(sites), layers=tuple(layers))
+    mask = batch != mc.pad_id
+    keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
+    captured = model.capture(batch, sites=sites, layers=layers)
     keep_np = np.asarray(keep)
     for i, d in enumerate(dictionaries):
       x, y = _inputs_targets(d, captured, layer_index, keep_np)
       feats, y_hat = reconstruct(d, x)
       stats[i].add(y, y_hat, feats)
-
     if cfg.splice:
-      targets = batch[:, 1:]
-      tmask = targets != mc.pad_id
-      n_targets += int(tmask.sum())
-      clean = model.logits(batch)
-      clean_lp = jax.nn.log_softmax(clean[:, :-1], axis=-1)
-      ce["clean"] += _nll_sum(clean_lp, targets, tmask)
-      for site, layer in ablations:
-        fn = _masked(lambda a: jnp.zeros_like(a), keep)
-        logits = model.logits(batch, splice={(site, layer): fn})
-        ce[f"zero/{site}/{layer}"] += _nll_sum(jax.nn.log_softmax(logits[:, :-1], -1), targets, tmask)
+      nll, clean_logp, valid = _clean_nll(model, batch, mask)
+      ce_clean += float(nll)
+      n_targets += int(valid)
+      for key in ablations:
+        nll, _ = _spliced_nll(model, batch, mask, keep, None, ("zero", key), clean_logp)
+        ce[key] += float(nll)
       for i, d in enumerate(dictionaries):
-        logits = model.logits(batch, splice=_splice(d, jparams[i], captured, layer_index, keep))
-        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        ce[f"dict/{i}"] += _nll_sum(lp, targets, tmask)
-        kl[i] += float(jnp.sum(jnp.where(tmask, jnp.sum(jnp.exp(clean_lp) * (clean_lp - lp), -1), 0)))
+        nll, kl_sum = _spliced_nll(model, batch, mask, keep, jparams[i], _splice_spec(d), clean_logp)
+        ce_dict[i] += float(nll)
+        kl[i] += float(kl_sum)
+      del clean_logp
     done = min(b0 + cfg.batch_size, tokens.shape[0]) * tokens.shape[1]
     bar.set_postfix(tokens_per_s=f"{done / (time.perf_counter() - start):.0f}")
 
@@ -200,17 +204,13 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   for i, d in enumerate(dictionaries):
     metrics, frequency = stats[i].metrics(cfg.dense_threshold)
     if cfg.splice and n_targets:
-      _, outs = _sites_and_layers(d)
-      clean_ce = ce["clean"] / n_targets
-      spliced = ce[f"dict/{i}"] / n_targets
-      if isinstance(d, CrossLayerTranscoder):
-        zero = _zero_all_mlp_out(model, tokens, cfg, d.n_layers, mc) if cfg.clt_kl else math.nan
-      else:
-        zero = ce[f"zero/{outs[0][0]}/{outs[0][1]}"] / n_targets
+      clean = ce_clean / n_targets
+      spliced = ce_dict[i] / n_targets
+      zero = ce[tuple(_sites_and_layers(d)[1])] / n_targets
       metrics.update({
-          "ce_clean": clean_ce, "ce_spliced": spliced, "ce_zero_ablation": zero,
-          "delta_lm_loss": spliced - clean_ce,
-          "fraction_loss_recovered": (zero - spliced) / (zero - clean_ce) if zero != clean_ce else math.nan,
+          "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
+          "delta_lm_loss": spliced - clean,
+          "fraction_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else math.nan,
           "kl": kl[i] / n_targets,
       })
     if isinstance(d, CrossLayerTranscoder):
@@ -234,48 +234,107 @@ def _inputs_targets(d: Dict, captured: dict, layer_index: dict[int, int],
   return x, y
 
 
-def _masked(fn, keep):
-  import jax.numpy as jnp
-  return lambda a: jnp.where(keep[..., None], fn(a).astype(a.dtype), a)
+_SITE_ORDER = {"attn_out": 0, "mlp_in": 1, "mlp_out": 2, "resid_post": 3}  # order in a block
 
 
-def _splice(d: Dict, params: Any, captured: dict, layer_index: dict[int, int], keep: Any) -> dict:
-  import jax.numpy as jnp
+def _splice_spec(d: Dict) -> tuple:
+  """A hashable description of a dictionary's splice (the jit cache key; params are traced)."""
   if isinstance(d, CrossLayerTranscoder):
-    xs = [captured["mlp_in"][:, :, layer_index[l]].astype(jnp.float32) for l in range(d.n_layers)]
-    _, outs = dict_math.clt_forward(d, xs, jnp, params)
-    return {("mlp_out", l): _masked(lambda a, y=outs[l]: y, keep) for l in range(d.n_layers)}
+    return ("clt", d.n_layers, d.architecture, d.k)
+  if d.type == "crosscoder":
+    raise ValueError("splicing a crosscoder is not supported yet; set evaluate.splice=false")
   if d.site_in == d.site_out:
-    fn = lambda a: dict_math.decode(params, dict_math.encode(params, a.astype(jnp.float32),
-                                                             d.architecture, d.k, jnp),
-                                    a.astype(jnp.float32))
-    return {(d.site_out, d.layer): _masked(fn, keep)}
-  x = captured[d.site_in][:, :, layer_index[d.layer]].astype(jnp.float32)
-  y = dict_math.decode(params, dict_math.encode(params, x, d.architecture, d.k, jnp), x)
-  return {(d.site_out, d.layer): _masked(lambda a: y, keep)}
+    return ("sae", d.site_in, d.layer, d.architecture, d.k)
+  if _SITE_ORDER[d.site_in] >= _SITE_ORDER[d.site_out]:
+    raise ValueError(f"a transcoder from {d.site_in} to {d.site_out} cannot be spliced: its input "
+                     "is computed after the output it replaces")
+  return ("transcoder", d.site_in, d.site_out, d.layer, d.architecture, d.k)
 
 
-def _nll_sum(log_probs: Any, targets: Any, mask: Any) -> float:
+def _splice_fns(spec: tuple, params: Any, keep: Any) -> dict:
+  """The splice functions of `spec`, traced inside the caller's jit.
+
+  A transcoder records its input site as the forward passes it (the identity splice at
+  (site_in, l)) and replaces (site_out, l) from it; a CLT does the same at every layer, so each
+  layer's input is the replacement model's own mlp_in (errors feed forward).
+  """
   import jax.numpy as jnp
-  picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  return float(-jnp.sum(jnp.where(mask, picked, 0.0)))
+
+  def keep_where(new, old):
+    return jnp.where(keep[..., None], new.astype(old.dtype), old)
+
+  kind = spec[0]
+  if kind == "zero":
+    return {p: (lambda a: keep_where(jnp.zeros_like(a), a)) for p in spec[1]}
+  if kind == "sae":
+    _, site, layer, arch, k = spec
+    def sae(a):
+      x = a.astype(jnp.float32)
+      return keep_where(dict_math.decode(params, dict_math.encode(params, x, arch, k, jnp), x), a)
+    return {(site, layer): sae}
+  stash: dict[int, Any] = {}
+
+  def record(layer):
+    def fn(a):
+      stash[layer] = a.astype(jnp.float32)
+      return a
+    return fn
+
+  if kind == "transcoder":
+    _, site_in, site_out, layer, arch, k = spec
+    def transcode(a):
+      x = stash[layer]
+      return keep_where(dict_math.decode(params, dict_math.encode(params, x, arch, k, jnp), x), a)
+    return {(site_in, layer): record(layer), (site_out, layer): transcode}
+  _, n, arch, k = spec
+  feats: dict[int, Any] = {}
+
+  def clt_out(target):
+    def fn(a):
+      x = stash[target]
+      feats[target] = dict_math.encode(params[target], x, arch, k, jnp)
+      y = params[target]["b_dec"]
+      for source in range(target + 1):
+        y = y + feats[source] @ params[source]["w_dec"][:, target]
+      if "affine_skip_connection" in params[target]:
+        y = y + x @ params[target]["affine_skip_connection"]
+      return keep_where(y, a)
+    return fn
+
+  fns = {}
+  for l in range(n):
+    fns[("mlp_in", l)] = record(l)
+    fns[("mlp_out", l)] = clt_out(l)
+  return fns
 
 
-def _zero_all_mlp_out(model: Any, tokens: np.ndarray, cfg: EvalConfig, n_layers: int, mc: Any) -> float:
-  """CE with every layer's mlp_out zeroed: the CLT's zero-ablation baseline."""
+def _log_probs_and_valid(logits: Any, mask: Any) -> tuple[Any, Any]:
   import jax
+  logp = jax.nn.log_softmax(logits[:, :-1].astype("float32"), axis=-1)
+  return logp, mask[:, 1:] & mask[:, :-1]
+
+
+@functools.partial(nnx.jit, static_argnums=())
+def _clean_nll(model: Any, tokens: Any, mask: Any) -> tuple[Any, Any, Any]:
+  """Summed next-token NLL of the clean model, its log-probs, and the number of targets."""
   import jax.numpy as jnp
-  total, count = 0.0, 0
-  for b0 in range(0, tokens.shape[0], cfg.batch_size):
-    batch = jnp.asarray(tokens[b0:b0 + cfg.batch_size])
-    keep = (batch != mc.pad_id) & (batch != mc.bos_id)
-    fn = _masked(lambda a: jnp.zeros_like(a), keep)
-    logits = model.logits(batch, splice={("mlp_out", l): fn for l in range(n_layers)})
-    targets = batch[:, 1:]
-    mask = targets != mc.pad_id
-    total += _nll_sum(jax.nn.log_softmax(logits[:, :-1], -1), targets, mask)
-    count += int(mask.sum())
-  return total / max(count, 1)
+  _, logits = model.forward(tokens, mask, (), (), (), True)
+  logp, valid = _log_probs_and_valid(logits, mask)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)), logp, jnp.sum(valid)
+
+
+@functools.partial(nnx.jit, static_argnums=(5,))
+def _spliced_nll(model: Any, tokens: Any, mask: Any, keep: Any, params: Any, spec: tuple,
+                 clean_logp: Any) -> tuple[Any, Any]:
+  """Summed NLL with the splice of `spec`, and summed KL(clean || spliced) over targets."""
+  import jax.numpy as jnp
+  splice = tuple(sorted(_splice_fns(spec, params, keep).items(), key=lambda kv: (kv[0][1], kv[0][0])))
+  _, logits = model.forward(tokens, mask, (), (), splice, True)
+  logp, valid = _log_probs_and_valid(logits, mask)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, kl, 0.0))
 
 
 def write_tensorboard(log_dir: str | Path, results: Sequence[Evaluation]) -> None:
