@@ -26,6 +26,7 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
   import matplotlib
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   per_layer = [e for e in entries if e.get("layer") is not None and "fvu" in e.get("metrics", {})]
   groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -46,6 +47,7 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
     fig.colorbar(sc, ax=axes[0], label="layer")
   axes[0].set(xlabel="L0 (active latents per token)", ylabel="FVU", title="L0 vs FVU")
   axes[1].set(xlabel="layer", ylabel="FVU", title="FVU per layer")
+  axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
   for ax in axes:
     ax.grid(alpha=0.3)
   if groups:
@@ -66,6 +68,7 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
             marker="x", linestyle="--", label=f"{label} zero ablation")
   ax.set(xlabel="layer", ylabel="delta LM loss (nats/token)", title="Delta LM loss per layer")
   ax.set_yscale("symlog", linthresh=1e-2)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

@@ -20,12 +20,10 @@ class EvalConfig:
   seq_len: int = 128
   batch_size: int = 8
   dense_threshold: float = 0.1
-  histogram_bins: int = 50
   splice: bool = True
-  clt_kl: bool = True
 
   def validate(self) -> None:
-    for name in ("n_sequences", "seq_len", "batch_size", "histogram_bins"):
+    for name in ("n_sequences", "seq_len", "batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
     if not 0.0 < self.dense_threshold < 1.0:

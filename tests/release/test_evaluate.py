@@ -223,9 +223,10 @@ def test_metrics_reach_tensorboard(tiny, tmp_path):
 @pytest.mark.slow
 def test_identity_sae_on_real_gemma3_270m(gemma270m):
   model, tokenizer = gemma270m
-  ids = tokenizer.encode("The lighthouse keeper climbed the stairs at dusk to light the lamp.",
-                         add_bos=True)
-  tokens = np.asarray([ids[:14], ids[1:15]], np.int32)
+  ids = tokenizer.encode("The lighthouse keeper climbed the narrow stairs at dusk to light the "
+                         "great lamp, as his father had done every evening before him.", add_bos=True)
+  assert len(ids) >= 16
+  tokens = np.asarray([ids[:14], [tokenizer.bos_id] + ids[2:15]], np.int32)
   (r,) = evaluate(EvalConfig(n_sequences=2, seq_len=14, batch_size=2),
                   [identity_sae(640, "resid_post", 6, "gemma3-270m")], model, tokens, progress=False)
   assert abs(r.metrics["delta_lm_loss"]) < 1e-4, r.metrics
