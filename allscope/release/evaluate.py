@@ -12,7 +12,8 @@ A transcoder replaces mlp_out[l] with its output from mlp_in[l], read from the s
 A CLT replaces every layer's mlp_out at once, each from the replacement model's own mlp_in of all
 layers so far (errors feed forward, as in circuit-tracer's replacement model). BOS and padding
 positions are never replaced and never counted, as they are never trained on. Each kind of splice
-compiles once (parameters are traced arguments), so many layers cost one compile per shape.
+compiles once: parameters and the layer are traced arguments (the layer picks a `lax.cond`
+branch), so 18 per-layer transcoders of one shape cost one compile.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
     raise ValueError("no dictionaries to evaluate")
   for d in dictionaries:
     d.validate(export.folder_of(d, 0.0))
-    _splice_spec(d)  # refuses what cannot be spliced before any forward pass
+    if d.type == "crosscoder":
+      raise ValueError(f"{export.folder_of(d, 0.0)}: evaluating crosscoders is not supported yet")
+    _splice_spec(d, mc.n_layers)  # refuses what cannot be spliced before any forward pass
   check_against_model(dictionaries, mc)
 
   pairs = [p for d in dictionaries for p in sum(_sites_and_layers(d), [])]
@@ -190,10 +193,13 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
       ce_clean += float(nll)
       n_targets += int(valid)
       for key in ablations:
-        nll, _ = _spliced_nll(model, batch, mask, keep, None, ("zero", key), clean_logp)
+        spec, layer = _zero_spec(key, mc.n_layers)
+        nll, _ = _spliced_nll(model, batch, mask, keep, None, spec, jnp.int32(layer), clean_logp)
         ce[key] += float(nll)
       for i, d in enumerate(dictionaries):
-        nll, kl_sum = _spliced_nll(model, batch, mask, keep, jparams[i], _splice_spec(d), clean_logp)
+        spec, layer = _splice_spec(d, mc.n_layers)
+        nll, kl_sum = _spliced_nll(model, batch, mask, keep, jparams[i], spec, jnp.int32(layer),
+                                   clean_logp)
         ce_dict[i] += float(nll)
         kl[i] += float(kl_sum)
       del clean_logp
@@ -237,55 +243,76 @@ def _inputs_targets(d: Dict, captured: dict, layer_index: dict[int, int],
 _SITE_ORDER = {"attn_out": 0, "mlp_in": 1, "mlp_out": 2, "resid_post": 3}  # order in a block
 
 
-def _splice_spec(d: Dict) -> tuple:
-  """A hashable description of a dictionary's splice (the jit cache key; params are traced)."""
+def _splice_spec(d: Dict, n_model_layers: int) -> tuple[tuple, int]:
+  """(spec, layer): a hashable description of a dictionary's splice (the jit cache key) and the
+  layer it acts on, which is a traced argument: one compile serves every layer."""
   if isinstance(d, CrossLayerTranscoder):
-    return ("clt", d.n_layers, d.architecture, d.k)
+    return ("clt", d.n_layers, d.architecture, d.k), 0
   if d.type == "crosscoder":
     raise ValueError("splicing a crosscoder is not supported yet; set evaluate.splice=false")
   if d.site_in == d.site_out:
-    return ("sae", d.site_in, d.layer, d.architecture, d.k)
+    return ("sae", n_model_layers, d.site_in, d.architecture, d.k), d.layer
   if _SITE_ORDER[d.site_in] >= _SITE_ORDER[d.site_out]:
     raise ValueError(f"a transcoder from {d.site_in} to {d.site_out} cannot be spliced: its input "
                      "is computed after the output it replaces")
-  return ("transcoder", d.site_in, d.site_out, d.layer, d.architecture, d.k)
+  return ("transcoder", n_model_layers, d.site_in, d.site_out, d.architecture, d.k), d.layer
 
 
-def _splice_fns(spec: tuple, params: Any, keep: Any) -> dict:
+def _zero_spec(outputs: tuple, n_model_layers: int) -> tuple[tuple, int]:
+  """Zero ablation of exactly the (site, layer) pairs a dictionary replaces."""
+  if len(outputs) == 1:
+    (site, layer), = outputs
+    return ("zero_at", n_model_layers, site), layer
+  return ("zero", outputs), 0
+
+
+def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
   """The splice functions of `spec`, traced inside the caller's jit.
 
-  A transcoder records its input site as the forward passes it (the identity splice at
-  (site_in, l)) and replaces (site_out, l) from it; a CLT does the same at every layer, so each
-  layer's input is the replacement model's own mlp_in (errors feed forward).
+  Per-layer kinds splice every layer through `lax.cond(l == layer, ...)`, so only the chosen
+  layer computes anything at run time. A transcoder records its input site as the forward passes
+  it (an identity splice at (site_in, l)) and replaces (site_out, l) from it; a CLT does the same
+  at every layer, so each layer's input is the replacement model's own mlp_in (errors feed
+  forward).
   """
+  import jax
   import jax.numpy as jnp
 
   def keep_where(new, old):
     return jnp.where(keep[..., None], new.astype(old.dtype), old)
 
+  def at_layer(l, replace):
+    return lambda a: jax.lax.cond(layer == l, replace, lambda v: v, a)
+
+  def transcode(x, a, arch, k):
+    return keep_where(dict_math.decode(params, dict_math.encode(params, x, arch, k, jnp), x), a)
+
   kind = spec[0]
   if kind == "zero":
     return {p: (lambda a: keep_where(jnp.zeros_like(a), a)) for p in spec[1]}
+  if kind == "zero_at":
+    _, n, site = spec
+    return {(site, l): at_layer(l, lambda a: keep_where(jnp.zeros_like(a), a)) for l in range(n)}
   if kind == "sae":
-    _, site, layer, arch, k = spec
-    def sae(a):
-      x = a.astype(jnp.float32)
-      return keep_where(dict_math.decode(params, dict_math.encode(params, x, arch, k, jnp), x), a)
-    return {(site, layer): sae}
+    _, n, site, arch, k = spec
+    sae = lambda a: transcode(a.astype(jnp.float32), a, arch, k)
+    return {(site, l): at_layer(l, sae) for l in range(n)}
   stash: dict[int, Any] = {}
 
-  def record(layer):
+  def record(l):
     def fn(a):
-      stash[layer] = a.astype(jnp.float32)
+      stash[l] = a.astype(jnp.float32)
       return a
     return fn
 
   if kind == "transcoder":
-    _, site_in, site_out, layer, arch, k = spec
-    def transcode(a):
-      x = stash[layer]
-      return keep_where(dict_math.decode(params, dict_math.encode(params, x, arch, k, jnp), x), a)
-    return {(site_in, layer): record(layer), (site_out, layer): transcode}
+    _, n, site_in, site_out, arch, k = spec
+    fns = {}
+    for l in range(n):
+      fns[(site_in, l)] = record(l)
+      fns[(site_out, l)] = (lambda l: lambda a: jax.lax.cond(
+          layer == l, lambda v: transcode(stash[l], v, arch, k), lambda v: v, a))(l)
+    return fns
   _, n, arch, k = spec
   feats: dict[int, Any] = {}
 
@@ -326,10 +353,11 @@ def _clean_nll(model: Any, tokens: Any, mask: Any) -> tuple[Any, Any, Any]:
 
 @functools.partial(nnx.jit, static_argnums=(5,))
 def _spliced_nll(model: Any, tokens: Any, mask: Any, keep: Any, params: Any, spec: tuple,
-                 clean_logp: Any) -> tuple[Any, Any]:
-  """Summed NLL with the splice of `spec`, and summed KL(clean || spliced) over targets."""
+                 layer: Any, clean_logp: Any) -> tuple[Any, Any]:
+  """Summed NLL with the splice of `spec` at `layer`, and summed KL(clean || spliced)."""
   import jax.numpy as jnp
-  splice = tuple(sorted(_splice_fns(spec, params, keep).items(), key=lambda kv: (kv[0][1], kv[0][0])))
+  fns = _splice_fns(spec, params, keep, layer)
+  splice = tuple(sorted(fns.items(), key=lambda kv: (kv[0][1], kv[0][0])))
   _, logits = model.forward(tokens, mask, (), (), splice, True)
   logp, valid = _log_probs_and_valid(logits, mask)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

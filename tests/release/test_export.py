@@ -83,6 +83,20 @@ def test_round_trip_gives_back_the_same_dictionaries(tmp_path, make_dict, make_c
   np.testing.assert_array_equal(one.params["w_enc"], originals[1].params["w_enc"])
 
 
+def test_crosscoder_round_trip(tmp_path, rng):
+  from .conftest import random_params
+  layers = (2, 5, 8)
+  d = rel.Dictionary(random_params(rng, 3 * 16, 64, 3 * 16), "crosscoder", "jump_relu",
+                     "gemma3-270m", 2, "resid_post", "resid_post", l0=12.0, layers=layers)
+  root = _write(tmp_path, [d], model_card=False)
+  config = json.loads((root / "crosscoder/layer_2_width_64_l0_12/config.json").read_text())
+  assert config["layers"] == [2, 5, 8]
+  assert config["hf_hook_points_in"] == [f"model.layers.{l}.output" for l in layers]
+  (got,) = rel.load(root).dictionaries
+  assert got.layers == layers and got.type == "crosscoder"
+  np.testing.assert_array_equal(got.params["w_dec"], d.params["w_dec"])
+
+
 def _corrupt_setup(tmp_path, make_dict):
   root = _write(tmp_path, [make_dict("sae", "resid_post", layer=1)], model_card=False)
   return root, root / "resid_post/layer_1_width_64_l0_7/params.safetensors"
