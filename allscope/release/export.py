@@ -51,7 +51,8 @@ def sha256(path: str | Path) -> str:
   return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+  """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   os.close(fd)
@@ -66,12 +67,12 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, data: Any) -> None:
   text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
-  _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+  atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
   arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-  _atomic_write(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata)))
+  atomic_write(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata)))
 
 
 def _json_default(value: Any) -> Any:

@@ -64,7 +64,7 @@ def write_release(cfg: ReleaseConfig, dictionaries: Sequence[Dictionary | CrossL
     if cfg.plots and evaluations is not None:
       plots = card.write_plots(root, entries, [e.frequency for e in evaluations])
     text = card.readme(cfg.name, manifest_info, entries, plots)
-    export._atomic_write(root / "README.md", lambda tmp: Path(tmp).write_text(text))
+    export.atomic_write(root / "README.md", lambda tmp: Path(tmp).write_text(text))
   export.write_manifest(root, entries, manifest_info)
   log.info("wrote release %s (%d dictionaries)", root, len(entries))
   return root

@@ -232,3 +232,18 @@ def test_identity_sae_on_real_gemma3_270m(gemma270m):
   assert abs(r.metrics["delta_lm_loss"]) < 1e-4, r.metrics
   assert r.metrics["ce_zero_ablation"] > r.metrics["ce_clean"] + 0.1, r.metrics
   assert math.isfinite(r.metrics["ce_clean"]) and r.metrics["ce_clean"] < 8
+
+
+def test_evaluate_then_release_then_load(tiny, rng, tmp_path):
+  """The stage chain the CLI runs: evaluate -> write_release -> load, metrics carried along."""
+  from allscope.release import ReleaseConfig, load, write_release
+  model, tokens = tiny
+  dicts = [Dictionary(random_params(rng, 32, 48, 32), "transcoder", "jump_relu", "tiny", l,
+                      "mlp_in", "mlp_out") for l in range(TINY.n_layers)]
+  results = evaluate(CFG, dicts, model, tokens, progress=False)
+  root = write_release(ReleaseConfig(directory="rel"), dicts, tmp_path, evaluations=results)
+  release = load(root)
+  for r, metrics in zip(results, release.metrics()):
+    assert metrics["delta_lm_loss"] == r.metrics["delta_lm_loss"]
+    assert (root / r.path / "params.safetensors").exists()  # folder named by the measured L0
+  assert "| `transcoder/layer_0_width_48_l0_" in (root / "README.md").read_text()
