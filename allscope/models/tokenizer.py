@@ -124,6 +124,8 @@ def _sentencepiece_proto(pieces, scores, types, ids, add_dummy_prefix: bool) -> 
 
   out = bytearray()
   for piece, score, kind in zip(pieces, scores, types):
+    if kind == 4:  # llama.cpp un-escapes user-defined pieces (whitespace runs); SentencePiece
+      piece = piece.replace(" ", "\u2581")  # matches them on the escaped text
     body = length(1, piece.encode("utf-8")) + tag(2, 5) + struct.pack("<f", float(score))
     out += length(1, body + integer(3, int(kind)))
   trainer = (integer(3, 2) + integer(4, len(pieces)) + integer(35, 1)  # BPE, size, byte_fallback
