@@ -60,9 +60,10 @@ def _check_batch(batch: Mapping[str, np.ndarray], cfg: TrainConfig) -> tuple[int
     shape = np.shape(batch[site])
     if len(shape) != 3:
       raise ValueError(f"site {site!r}: expected [batch, n_layers, width], got shape {shape}")
-    if shape[0] != cfg.batch_size:
-      raise ValueError(f"site {site!r}: the loader yields batches of {shape[0]} rows but "
-                       f"train.batch_size={cfg.batch_size}; make them agree")
+    if shape[0] * jax.process_count() != cfg.batch_size:
+      raise ValueError(f"site {site!r}: the loader yields batches of {shape[0]} rows on each of "
+                       f"{jax.process_count()} process(es) but train.batch_size={cfg.batch_size} "
+                       "(global); make them agree")
     if shape[1] != len(cfg.layers):
       raise ValueError(f"site {site!r}: the data holds {shape[1]} layers per row but "
                        f"train.layers lists {len(cfg.layers)} ({cfg.layers})")

@@ -77,7 +77,7 @@ def test_resume_with_a_different_dictionary_is_refused(tmp_path):
     (dict(activation="gelu"), "train.activation='gelu' is unknown"),
     (dict(d_in=17), "width mismatch: site 'resid_post' has width 16 .* train.d_in=17"),
     (dict(width=30, mesh_model=4), "width=30 is not divisible by train.mesh_model=4"),
-    (dict(batch_size=63), "loader yields batches of 64 rows but train.batch_size=63"),
+    (dict(batch_size=63), "loader yields batches of 64 rows on each of 1 process\\(es\\) but train.batch_size=63"),
     (dict(kind="transcoder"), "the data has no site 'mlp_in' \\(the input of a transcoder\\)"),
     (dict(layers=(0, 1, 2)), "holds 2 layers per row but train.layers lists 3"),
     (dict(mesh_data=2), "does not fit 1 devices"),
