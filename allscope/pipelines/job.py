@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
 import jax
@@ -36,7 +36,7 @@ from allscope.models import loader
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
 from allscope.pipelines import store
-from allscope.pipelines.config import HarvestConfig
+from allscope.pipelines.config import SITES, HarvestConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _remove_store(root: str) -> None:
     path = os.path.join(root, name)
     if name in (store.MANIFEST, store.SPEC, store.STATS) or name.startswith(store.SPEC + ".tmp"):
       os.remove(path)
-    elif name in ("index", store.RECEIPTS) or name in ("resid_post", "attn_out", "mlp_in", "mlp_out"):
+    elif name in ("index", store.RECEIPTS, *SITES):
       shutil.rmtree(path)
 
 
