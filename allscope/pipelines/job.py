@@ -15,19 +15,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
 import shutil
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
 import jax
 import jax.numpy as jnp
 import numpy as np
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
 from allscope import models
@@ -35,7 +36,7 @@ from allscope.models import loader
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
 from allscope.pipelines import store
-from allscope.pipelines.config import HarvestConfig
+from allscope.pipelines.config import SITES, HarvestConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,9 @@ def _capture(graphdef, state, tokens, mask, *, sites, layers):
 
 @dataclasses.dataclass(frozen=True)
 class _Handles:
-  """Per-process shared tokenizer and model: each worker process builds them at most once, and
-  an in-process worker reuses the driver's (the driver acquires them first and holds them)."""
+  """The per-process shared model: each worker process loads it at most once, and an
+  in-process worker reuses the driver's when one was passed in (the driver holds it)."""
 
-  tokenizer: shared.Shared = dataclasses.field(default_factory=shared.Shared)
   model: shared.Shared = dataclasses.field(default_factory=shared.Shared)
 
 
@@ -159,14 +159,14 @@ def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, arch=No
   widths = {s: arch.site_widths[s] for s in cfg.sites}
   harvest_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
   harvest_cfg["layers"] = list(layers)
-  identity = {
+  identity = json.loads(json.dumps({
       "format": store.FORMAT, "schema_version": store.SCHEMA_VERSION,
       "model": {"name": model_cfg.name, "dtype": model_cfg.dtype,
                 "fingerprint": models.fingerprint(model_cfg.name),
                 "config": dataclasses.asdict(arch)},
       "tokenizer": {"vocab_size": arch.vocab_size, "bos_id": arch.bos_id, "eos_id": arch.eos_id,
                     "pad_id": arch.pad_id},
-      "harvest": harvest_cfg, "units": len(units[:n_units])}
+      "harvest": harvest_cfg, "units": len(units[:n_units])}))  # as read back from JSON
   return Plan(cfg, model_cfg, output_dir, layers, widths, tuple(units[:n_units]), num_sequences,
               identity)
 
@@ -210,7 +210,7 @@ def _remove_store(root: str) -> None:
     path = os.path.join(root, name)
     if name in (store.MANIFEST, store.SPEC, store.STATS) or name.startswith(store.SPEC + ".tmp"):
       os.remove(path)
-    elif name in ("index", store.RECEIPTS) or name in ("resid_post", "attn_out", "mlp_in", "mlp_out"):
+    elif name in ("index", store.RECEIPTS, *SITES):
       shutil.rmtree(path)
 
 
@@ -218,17 +218,18 @@ def _remove_store(root: str) -> None:
 # Beam transforms.
 
 class TokenizePack(beam.DoFn):
-  """unit index, unit -> (unit index, j, tokens int32 [context], n_valid)."""
+  """unit index, unit -> (unit index, j, tokens int32 [context], n_valid).
 
-  def __init__(self, p: Plan, arch, handles: _Handles):
-    self._corpus, self._model_cfg, self._ctx = p.cfg.corpus, p.model_cfg, p.cfg.context_length
+  The driver's tokenizer travels with the DoFn (a few MB of SentencePiece model), so workers
+  do not re-read the weights' metadata (tens of seconds for a GGUF) just to tokenize.
+  """
+
+  def __init__(self, p: Plan, arch, tokenizer):
+    self._corpus, self._ctx = p.cfg.corpus, p.cfg.context_length
     self._special = (arch.bos_id, arch.eos_id, arch.pad_id)
-    self._handles = handles
+    self._tokenizer = tokenizer
 
   def setup(self):
-    model_cfg = self._model_cfg
-    self._slot = self._handles.tokenizer.acquire(lambda: _Slot(describe(model_cfg)[1]))
-    self._tokenizer = self._slot.value
     self._source = (corpus_lib.tfds_source(self._corpus) if self._corpus.kind == "tfds" else None)
 
   def process(self, element):
@@ -262,7 +263,7 @@ _MS_WRITE = beam.metrics.Metrics.counter("harvest", "write_ms")  # shuffle gathe
 
 
 class HarvestShard(beam.DoFn):
-  """(shard, sequences) -> (receipt, statistic sums): forward, shuffle, write, commit.
+  """(shard, sequences) -> receipt: forward, shuffle, write, commit.
 
   The model is loaded once per worker process (beam.utils.shared), and only when a shard
   actually needs computing, so resuming a finished harvest loads nothing.
@@ -293,16 +294,16 @@ class HarvestShard(beam.DoFn):
       raise RuntimeError(f"shard {shard}: sequence ids are not contiguous ({ids[:5]}...)")
     found = store.read_receipt(self._root, shard)
     if found is not None:
-      receipt, sums = found
+      receipt, _ = found
       if receipt["sequences"] == meta["sequences"] and store.receipt_intact(self._root, receipt):
-        yield receipt, sums
+        yield receipt
         return
     rows = self._compute(shard, items)
     start = time.perf_counter()
-    out = store.write_shard(self._root, rows, self._cfg.rows_per_record, meta)
+    receipt, _ = store.write_shard(self._root, rows, self._cfg.rows_per_record, meta)
     _MS_WRITE.inc(int(1000 * (time.perf_counter() - start)))
     _TOKENS.inc(len(rows.index))
-    yield out
+    yield receipt
 
   def _compute(self, shard: int, items) -> store.ShardRows:
     cfg = self._cfg
@@ -349,41 +350,17 @@ class HarvestShard(beam.DoFn):
                            self._layers)
 
 
-class _Gather(beam.CombineFn):
-  """Collects every receipt and sums the statistics (one small accumulator per shard)."""
-
-  def create_accumulator(self):
-    return [], {}
-
-  def add_input(self, acc, element):
-    receipts, sums = acc
-    receipt, part = element
-    receipts.append(receipt)
-    return receipts, store.combine_stats([sums, part])
-
-  def merge_accumulators(self, accs):
-    receipts, sums = [], {}
-    for r, s in accs:
-      receipts.extend(r)
-      sums = store.combine_stats([sums, s])
-    return receipts, sums
-
-  def extract_output(self, acc):
-    return acc
-
-
-def _finish(gathered, p: Plan) -> None:
-  receipts, sums = gathered
-  store.finish(p.output_dir, p.identity, receipts, sums, sites=p.cfg.sites, layers=p.layers,
+def _finish(receipts: list[dict], p: Plan) -> None:
+  store.finish(p.output_dir, p.identity, receipts, sites=p.cfg.sites, layers=p.layers,
                widths=p.widths, rows_per_record=p.cfg.rows_per_record,
                context_length=p.cfg.context_length)
 
 
-def build(pipeline: beam.Pipeline, p: Plan, arch, handles: _Handles) -> None:
+def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles) -> None:
   seqs = (pipeline
           | "Units" >> beam.Create(list(enumerate(p.units)))
           | "SpreadUnits" >> beam.Reshuffle()
-          | "TokenizePack" >> beam.ParDo(TokenizePack(p, arch, handles)))
+          | "TokenizePack" >> beam.ParDo(TokenizePack(p, arch, tokenizer)))
   offsets = (seqs
              | "One" >> beam.Map(lambda s: (s[0], 1))
              | "CountPerUnit" >> beam.CombinePerKey(sum)
@@ -394,17 +371,15 @@ def build(pipeline: beam.Pipeline, p: Plan, arch, handles: _Handles) -> None:
                                  p.cfg.sequences_per_shard)
    | "GroupShards" >> beam.GroupByKey()
    | "HarvestShard" >> beam.ParDo(HarvestShard(p, handles))
-   | "Gather" >> beam.CombineGlobally(_Gather()).without_defaults()
+   | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
    | "WriteManifest" >> beam.Map(_finish, p))
 
 
 def pipeline_options(cfg: HarvestConfig) -> PipelineOptions:
-  options = PipelineOptions(list(cfg.beam_args))
-  direct = options.view_as(DirectOptions)
-  if cfg.num_workers > 1 and not direct.direct_num_workers:
-    direct.direct_num_workers = cfg.num_workers
-    direct.direct_running_mode = "multi_processing"
-  return options
+  args = list(cfg.beam_args)
+  if cfg.num_workers > 1 and not any(a.startswith("--direct_num_workers") for a in args):
+    args += [f"--direct_num_workers={cfg.num_workers}", "--direct_running_mode=multi_processing"]
+  return PipelineOptions(args)
 
 
 def _runner(options: PipelineOptions):
@@ -479,15 +454,13 @@ def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=No
     log.info("%s already holds this harvest (manifest present); nothing to do", output_dir)
     return done, {}
   handles = _Handles()
-  held = [handles.tokenizer.acquire(lambda: _Slot(tokenizer))]  # noqa: F841 (keeps them alive)
-  if model is not None:
-    held.append(handles.model.acquire(lambda: _Slot(model)))
+  held = handles.model.acquire(lambda: _Slot(model)) if model is not None else None  # noqa: F841
   options = pipeline_options(cfg)
   show = cfg.progress and not store.is_remote(output_dir)
   start = time.perf_counter()
   with (_Progress(p) if show else contextlib.nullcontext()):
     pipeline = beam.Pipeline(runner=_runner(options), options=options)
-    build(pipeline, p, arch, handles)
+    build(pipeline, p, arch, tokenizer, handles)
     result = pipeline.run()
     result.wait_until_finish()
   counters = {"wall_s": time.perf_counter() - start}

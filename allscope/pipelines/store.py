@@ -23,7 +23,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -275,7 +275,8 @@ def receipt_intact(root: str, receipt: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Statistics and the manifest.
 
-def combine_stats(sums: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def combine_stats(sums: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Adds statistic sums key by key, in the order given."""
   total: dict[str, np.ndarray] = {}
   for part in sums:
     for key, value in part.items():
@@ -312,10 +313,13 @@ def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
   return info
 
 
-def finish(root: str, identity: dict, receipts: list[dict], sums: dict[str, np.ndarray], *,
-           sites, layers, widths: dict[str, int], rows_per_record: int,
-           context_length: int) -> dict:
-  """Writes stats.safetensors and then manifest.json, the store's commit point."""
+def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
+           widths: dict[str, int], rows_per_record: int, context_length: int) -> dict:
+  """Writes stats.safetensors and then manifest.json, the store's commit point.
+
+  The statistic sums are read back from the receipts and added in shard order, so the floats
+  do not depend on the order in which workers finished.
+  """
   receipts = sorted(receipts, key=lambda r: r["shard"])
   if not receipts or [r["shard"] for r in receipts] != list(range(len(receipts))):
     raise StoreError(f"{root}: shards {[r['shard'] for r in receipts]} are not 0..n-1; "
@@ -325,6 +329,7 @@ def finish(root: str, identity: dict, receipts: list[dict], sums: dict[str, np.n
       raise StoreError(f"{root}: shards {prev['shard']} and {nxt['shard']} leave a hole in "
                        "the sequence ids; not writing a manifest")
   n_rows = sum(r["rows"] for r in receipts)
+  sums = combine_stats(read_receipt(root, r["shard"])[1] for r in receipts)
   entries, means = stats_entries(sums, sites, layers, n_rows)
   manifest = dict(
       identity,

@@ -18,7 +18,7 @@ def write_random_store(root, shard_rows=(37, 40, 29), seed=0, sites=SITES, layer
   truth[site]: float32 [total_rows, n_layers, width], rows in store order (shard by shard).
   """
   rng = np.random.default_rng(seed)
-  receipts, sums, truth = [], {}, {s: [] for s in sites}
+  receipts, truth = [], {s: [] for s in sites}
   first = 0
   for k, n in enumerate(shard_rows):
     index = np.zeros(n, store.INDEX_DTYPE)
@@ -31,12 +31,11 @@ def write_random_store(root, shard_rows=(37, 40, 29), seed=0, sites=SITES, layer
       truth[s].append(acts[s].astype(np.float32))
     seqs = [first, first + (n + 7) // 8]
     first = seqs[1]
-    receipt, part = store.write_shard(str(root), store.ShardRows(k, index, acts, layers), R,
+    receipt, _ = store.write_shard(str(root), store.ShardRows(k, index, acts, layers), R,
                                       {"sequences": seqs})
     receipts.append(receipt)
-    sums = store.combine_stats([sums, part])
   identity = {"format": store.FORMAT, "schema_version": store.SCHEMA_VERSION, "test": True}
-  manifest = store.finish(str(root), identity, receipts, sums, sites=sites, layers=layers,
+  manifest = store.finish(str(root), identity, receipts, sites=sites, layers=layers,
                           widths={s: WIDTHS[s] for s in sites}, rows_per_record=R,
                           context_length=9)
   return manifest, {s: np.concatenate(v) for s, v in truth.items()}

@@ -61,24 +61,29 @@ def _all_rows(root: Path, manifest: dict, site: str, layer: int):
   return np.concatenate(idx), np.concatenate(rows).astype(np.float32)
 
 
-def _packed(cfg: HarvestConfig, tokenizer, n: int) -> np.ndarray:
-  """The first n packed sequences, rebuilt independently from the corpus."""
+def _packed(cfg: HarvestConfig, tokenizer, n: int, texts=None) -> np.ndarray:
+  """The first n packed sequences, rebuilt from the texts (default: the corpus' units)."""
+  if texts is not None:
+    groups = [texts[a:a + cfg.corpus.docs_per_unit]
+              for a in range(0, len(texts), cfg.corpus.docs_per_unit)]
+  else:
+    groups = (corpus.documents(cfg.corpus, u) for u in corpus.units(cfg.corpus))
   seqs = []
-  for unit in corpus.units(cfg.corpus):
-    seqs += [s for s, _ in corpus.unit_sequences(cfg.corpus, unit, tokenizer.encode,
-                                                 cfg.context_length, 2, 1, 0)]
+  for group in groups:
+    ids = [tokenizer.encode(t) for t in group if t.strip()]
+    seqs += [s for s, _ in corpus.pack(ids, cfg.context_length, 2, 1, 0)]
     if len(seqs) >= n:
       break
   return np.stack(seqs[:n])
 
 
-def _check_rows_equal_capture(root, manifest, cfg, gemma270m):
+def _check_rows_equal_capture(root, manifest, cfg, gemma270m, texts=None):
   model, tokenizer = gemma270m
   n_seq = manifest["num_sequences"]
-  tokens = _packed(cfg, tokenizer, n_seq)
+  tokens = _packed(cfg, tokenizer, n_seq, texts)
+  captured = model.capture(jnp.asarray(tokens), sites=cfg.sites, layers=cfg.layers)
   for site in cfg.sites:
-    want = model.capture(jnp.asarray(tokens), sites=(site,), layers=cfg.layers)[site]
-    want = np.asarray(want, np.float32)  # [n_seq, ctx, n_layers, d], batched differently
+    want = np.asarray(captured[site], np.float32)  # [n_seq, ctx, n_layers, d], another batching
     for j, layer in enumerate(cfg.layers):
       index, rows = _all_rows(root, manifest, site, layer)
       # Every non-BOS, non-PAD position of sequences 0..n-1 exactly once: no holes, no duplicates.
@@ -105,6 +110,48 @@ def test_rows_equal_model_capture_of_the_traced_tokens(reference, gemma270m):
   _check_rows_equal_capture(root, manifest, BASE, gemma270m)
 
 
+def _tiny_tfds(data_dir: Path) -> None:
+  """A small TFDS dataset of fresh random English-like text, array_record, no TensorFlow."""
+  import tensorflow_datasets as tfds
+
+  words = ("light", "house", "keeper", "river", "stone", "winter", "quiet", "engine", "paper",
+           "garden", "north", "signal", "copper", "window", "harbour", "lantern")
+
+  class TinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # no checksums file to look up (TFDS would probe importlib_resources)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(11)
+      for i in range(40):
+        yield i, {"text": " ".join(rng.choice(words, size=rng.integers(5, 40))) + "."}
+
+  TinyText(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_a_tfds_dataset_built_locally_harvests_correctly(gemma270m, tmp_path):
+  import tensorflow_datasets as tfds
+
+  _tiny_tfds(tmp_path / "tfds")
+  assert "tensorflow" not in sys.modules
+  cfg = dataclasses.replace(BASE, token_budget=8 * 63, corpus=CorpusConfig(
+      kind="tfds", path="tiny_text", split="train", data_dir=str(tmp_path / "tfds"),
+      docs_per_unit=16))
+  manifest, _ = _run(gemma270m, cfg, tmp_path / "store")
+  # The texts in the data source's order, packed independently of the harvest.
+  source = tfds.data_source("tiny_text", split="train", data_dir=str(tmp_path / "tfds"))
+  texts = [source[i]["text"].decode() for i in range(len(source))]
+  assert manifest["harvest"]["corpus"]["kind"] == "tfds" and manifest["num_sequences"] == 8
+  _check_rows_equal_capture(tmp_path / "store", manifest, cfg, gemma270m, texts=texts)
+
+
 def test_rows_are_shuffled_across_sequences(reference):
   root, manifest, _ = reference
   first = np.frombuffer(store.open_reader(str(root / "index" / store.shard_name(0))).read([0])[0],
@@ -128,11 +175,17 @@ def test_same_seed_gives_identical_checksums_and_another_seed_reshuffles(referen
   again, _ = _run(gemma270m, BASE, tmp_path / "again")
   assert again == manifest
   assert _file_digests(tmp_path / "again") == _file_digests(root)
-  other, _ = _run(gemma270m, dataclasses.replace(BASE, seed=8), tmp_path / "other")
-  assert other["shards"][0]["files"] != manifest["shards"][0]["files"]
-  for site in BASE.sites:  # the same rows, in another order
-    assert other["stats"][site]["1"]["mean_sq_norm"] == pytest.approx(
-        manifest["stats"][site]["1"]["mean_sq_norm"], rel=1e-12)
+  one_shard = dataclasses.replace(BASE, seed=8, token_budget=8 * 63)  # sequences 0..7 = shard 0
+  other, _ = _run(gemma270m, one_shard, tmp_path / "other")
+  files, ref_files = other["shards"][0]["files"], manifest["shards"][0]["files"]
+  assert all(files[k]["sha256"] != ref_files[k]["sha256"] for k in files)
+  index, rows = _all_rows(tmp_path / "other", other, "mlp_in", 3)
+  ref_index, ref_rows = _all_rows(root, manifest, "mlp_in", 3)
+  shard0 = ref_index["sequence"] < 8
+  assert not np.array_equal(index, ref_index[shard0])  # the same rows, in another order
+  order, ref_order = np.argsort(index, order=["sequence", "position"]), np.argsort(
+      ref_index[shard0], order=["sequence", "position"])
+  np.testing.assert_array_equal(rows[order], ref_rows[shard0][ref_order])
 
 
 def test_two_worker_processes_write_a_byte_identical_store(reference, gemma270m, tmp_path):
@@ -152,16 +205,18 @@ def test_a_finished_store_is_returned_without_work(reference, gemma270m, monkeyp
 
 _CHILD = """
 import sys, time
+from allscope import models
 from allscope.pipelines import job, store
 from allscope.pipelines.config import HarvestConfig
-from allscope.models import ModelConfig
 write = store.write_shard
-def slow(*a, **k):  # makes 'midway' wide enough to hit
+def slow(*a, **k):  # widens 'midway' so that the kill lands there
   out = write(*a, **k)
   time.sleep(2)
   return out
 store.write_shard = slow
-job.harvest(HarvestConfig(**eval(sys.argv[1])), ModelConfig(name="gemma3-270m"), sys.argv[2])
+model, tokenizer = models.load("gemma3-270m")
+job.harvest(HarvestConfig(**eval(sys.argv[1])), models.ModelConfig(name="gemma3-270m"), sys.argv[2],
+            model=model, tokenizer=tokenizer)
 """
 
 
@@ -182,28 +237,32 @@ def test_killed_harvest_resumes_without_redoing_finished_shards(reference, gemma
   assert child.poll() is None, child.stderr.read().decode()[-2000:]
   os.killpg(child.pid, signal.SIGKILL)
   child.wait()
-  done = {p.name: p.stat().st_mtime_ns for p in out.rglob("*.array_record")}
+  finished = {p.stem for p in receipts.glob("*.safetensors")}
   assert not (out / store.MANIFEST).exists()
-  assert 0 < len(list(receipts.glob("*.safetensors"))) < 4
+  assert 0 < len(finished) < 4
+  kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.array_record") if p.stem in finished}
   resumed, counters = _run(gemma270m, BASE, out)
-  assert counters["tokens_written"] < manifest["num_tokens"]  # finished shards were not redone
-  for p in out.rglob("*.array_record"):
-    if p.name in done and (receipts / p.name.replace(".array_record", ".safetensors")).exists():
-      assert p.stat().st_mtime_ns == done[p.name]
+  # Finished shards were neither recomputed nor rewritten; the others were.
+  assert counters["tokens_written"] == manifest["num_tokens"] - sum(
+      s["rows"] for s in manifest["shards"] if store.shard_name(s["shard"]).removesuffix(".array_record") in finished)
+  assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
   assert resumed == manifest
   assert _file_digests(out) == _file_digests(root)
 
 
-def test_a_different_store_is_refused_unless_overwrite(reference, gemma270m, tmp_path):
-  root, manifest, _ = reference
+def test_a_different_store_is_refused_unless_overwrite(gemma270m, tmp_path):
   out = tmp_path / "store"
-  small = dataclasses.replace(BASE, token_budget=500)
+  small = dataclasses.replace(BASE, token_budget=8 * 63)
   _run(gemma270m, small, out)
+  other = dataclasses.replace(small, layers=(0, 1))
   with pytest.raises(HarvestError, match="holds a different activation store.*harvest"):
-    _run(gemma270m, BASE, out)
-  replaced, _ = _run(gemma270m, dataclasses.replace(BASE, overwrite=True), out)
-  assert dataclasses.replace(BASE, overwrite=True) and replaced == manifest
-  assert _file_digests(out) == _file_digests(root)
+    _run(gemma270m, other, out)
+  assert (out / "mlp_in" / "layer_3").is_dir()
+  replaced, _ = _run(gemma270m, dataclasses.replace(other, overwrite=True), out)
+  assert replaced["layers"] == [0, 1]
+  listed = {f for s in replaced["shards"] for f in s["files"]}
+  on_disk = {str(p.relative_to(out)) for p in out.rglob("*.array_record")}
+  assert on_disk == listed  # nothing of the old store is left
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "mine.txt").write_text("keep me")
   with pytest.raises(HarvestError, match="not empty and holds no activation store"):

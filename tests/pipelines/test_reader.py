@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from allscope.pipelines import ActivationStore, CorruptShardError, IncompleteStoreError, store
-from tests.pipelines.helpers import LAYERS, R, write_random_store
+from tests.pipelines.helpers import LAYERS, R
 
 
 def _rows(truth, site, manifest):

@@ -68,11 +68,11 @@ def test_manifest_is_refused_when_missing_or_foreign(tmp_path):
 def test_finish_refuses_a_hole(tmp_path):
   receipts = [{"shard": 0, "sequences": [0, 1]}, {"shard": 2, "sequences": [1, 2]}]
   with pytest.raises(store.StoreError, match="not 0..n-1"):
-    store.finish(str(tmp_path / "x"), {}, receipts, {}, sites=SITES, layers=LAYERS, widths=WIDTHS,
+    store.finish(str(tmp_path / "x"), {}, receipts, sites=SITES, layers=LAYERS, widths=WIDTHS,
                  rows_per_record=R, context_length=9)
   receipts = [{"shard": 0, "sequences": [0, 1]}, {"shard": 1, "sequences": [2, 3]}]
   with pytest.raises(store.StoreError, match="hole"):
-    store.finish(str(tmp_path / "x"), {}, receipts, {}, sites=SITES, layers=LAYERS, widths=WIDTHS,
+    store.finish(str(tmp_path / "x"), {}, receipts, sites=SITES, layers=LAYERS, widths=WIDTHS,
                  rows_per_record=R, context_length=9)
   assert not (tmp_path / "x" / "manifest.json").exists()
 
