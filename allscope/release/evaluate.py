@@ -112,12 +112,18 @@ def _sites_and_layers(d: Dict) -> tuple[list[tuple[str, int]], list[tuple[str, i
   return [(d.site_in, d.layer)], [(d.site_out, d.layer)]
 
 
+def _name(d: Dict) -> str:
+  if isinstance(d, CrossLayerTranscoder):
+    return f"clt over {d.n_layers} layers"
+  return f"{d.type} {d.site_in}->{d.site_out} layer {d.layer}"
+
+
 def check_against_model(dictionaries: Sequence[Dict], model_config: Any) -> None:
   """Layer ranges and widths checked against the model before any forward pass."""
   widths = model_config.site_widths
   for d in dictionaries:
     ins, outs = _sites_and_layers(d)
-    name = export.folder_of(d, 0.0)
+    name = _name(d)
     for (site, layer), key in [(p, "w_enc") for p in ins] + [(p, "w_dec") for p in outs]:
       if site not in widths:
         raise ValueError(f"{name}: unknown site {site!r}; the model has {', '.join(widths)}")
@@ -152,9 +158,9 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   if not dictionaries:
     raise ValueError("no dictionaries to evaluate")
   for d in dictionaries:
-    d.validate(export.folder_of(d, 0.0))
+    d.validate(_name(d))
     if d.type == "crosscoder":
-      raise ValueError(f"{export.folder_of(d, 0.0)}: evaluating crosscoders is not supported yet")
+      raise ValueError(f"{_name(d)}: evaluating crosscoders is not supported yet")
     _splice_spec(d, mc.n_layers)  # refuses what cannot be spliced before any forward pass
   check_against_model(dictionaries, mc)
 
@@ -179,7 +185,11 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
              disable=not progress)
   start = time.perf_counter()
   for b0 in bar:
-    batch = jnp.asarray(tokens[b0:b0 + cfg.batch_size])
+    rows = tokens[b0:b0 + cfg.batch_size]
+    if len(rows) < cfg.batch_size:  # pad the last batch: one batch shape, one compile
+      fill = np.full((cfg.batch_size - len(rows), rows.shape[1]), mc.pad_id, np.int32)
+      rows = np.concatenate([rows, fill])
+    batch = jnp.asarray(rows)
     mask = batch != mc.pad_id
     keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
     captured = model.capture(batch, sites=sites, layers=layers)

@@ -185,8 +185,8 @@ def _pad_layers(xs, n):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(layer=9), "layer 9 is out of range"),
-    (dict(width_in=31), "w_enc has width 31 but mlp_in of the model has 32"),
+    (dict(layer=9), "transcoder mlp_in->mlp_out layer 9: layer 9 is out of range"),
+    (dict(width_in=31), "layer 0: w_enc has width 31 but mlp_in of the model has 32"),
 ])
 def test_bad_dictionaries_are_refused_before_any_forward(tiny, rng, change, message):
   model, tokens = tiny
