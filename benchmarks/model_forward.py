@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from allscope import models
 
@@ -32,9 +33,14 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--random-weights", action="store_true",
+                      help="random weights of the preset's shape (speed does not depend on values)")
   args = parser.parse_args()
 
-  model, _ = models.load(args.model, dtype=args.dtype)
+  if args.random_weights:
+    model = models.Gemma3(models.preset(args.model), args.dtype, rngs=nnx.Rngs(0))
+  else:
+    model, _ = models.load(args.model, dtype=args.dtype)
   cfg = model.config
   tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.seq), np.int32)
   tokens[:, 0] = cfg.bos_id

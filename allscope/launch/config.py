@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from allscope.models.loader import ModelConfig
+from allscope.pipelines.config import HarvestConfig
 from allscope.release.config import EvalConfig, ReleaseConfig
+from allscope.trainers.config import TrainConfig
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -29,6 +31,8 @@ class RunConfig:
   """Everything one `allscope` command needs. Each stage owns one section."""
 
   model: ModelConfig = ModelConfig()
+  harvest: HarvestConfig = HarvestConfig()
+  train: TrainConfig = TrainConfig()
   evaluate: EvalConfig = EvalConfig()
   release: ReleaseConfig = ReleaseConfig()
   output_dir: str = "outputs/run"

@@ -42,13 +42,11 @@ class Tokenizer:
   # -- constructors -----------------------------------------------------------------------------
 
   @classmethod
-  def from_gguf(cls, reader) -> "Tokenizer":
-    """From a `gguf.GGUFReader`'s `tokenizer.ggml.*` fields (SentencePiece / "llama" model)."""
+  def from_gguf(cls, metadata: dict) -> "Tokenizer":
+    """From a GGUF file's `tokenizer.ggml.*` metadata (SentencePiece / "llama" model)."""
     import sentencepiece as spm
 
-    def field(key, default=None):
-      f = reader.fields.get(key)
-      return default if f is None else f.contents()
+    field = metadata.get
 
     kind = field("tokenizer.ggml.model")
     if kind != "llama":

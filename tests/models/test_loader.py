@@ -103,3 +103,45 @@ def test_weights_are_placed_with_the_given_sharding(tiny_dir):
   assert model.layers[2].up_proj[...].sharding == by_width
   assert model.norm[...].sharding == replicated
   assert "layers.5.self_attn.k_norm.weight" in seen and len(seen) == 2 + 6 * 13
+
+
+def test_fast_gguf_reader_agrees_with_the_gguf_package(tmp_path):
+  """Metadata and dequantized tensors equal gguf.GGUFReader's on a file with mixed types."""
+  import gguf
+
+  from allscope.models.gguf_file import GGUFFile
+
+  rng = np.random.default_rng(3)
+  path = tmp_path / "mixed.gguf"
+  writer = gguf.GGUFWriter(str(path), "gemma3")
+  writer.add_uint32("gemma3.block_count", 2)
+  writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+  writer.add_array("tokenizer.ggml.tokens", ["<pad>", "▁a", "東京", "\n\n"])
+  writer.add_array("tokenizer.ggml.scores", [0.0, -1.5, -2.25, -1000.0])
+  writer.add_bool("tokenizer.ggml.add_space_prefix", False)
+  tensors = {"f32": rng.normal(size=(3, 64)).astype(np.float32),
+             "q8": rng.normal(size=(4, 64)).astype(np.float32),
+             "q5": rng.normal(size=(2, 256)).astype(np.float32)}
+  writer.add_tensor("f32", tensors["f32"])
+  for name, qtype in (("q8", gguf.GGMLQuantizationType.Q8_0),
+                      ("q5", gguf.GGMLQuantizationType.Q5_0)):
+    writer.add_tensor(name, gguf.quants.quantize(tensors[name], qtype), raw_dtype=qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+  ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+  for key, field in ref.fields.items():
+    if key.startswith("GGUF."):
+      continue
+    theirs, mine = field.contents(), ours.metadata[key]
+    mine = list(mine) if isinstance(theirs, list) else mine
+    assert mine == (theirs if isinstance(theirs, str) or key.endswith("tokens")
+                    else pytest.approx(theirs)), key
+  for info, t in zip(ours.tensors, ref.tensors):
+    assert info.name == t.name
+    want = gguf.quants.dequantize(t.data, t.tensor_type)
+    np.testing.assert_array_equal(ours.dequantize(info), want)
+    written = tensors[info.name]  # and it is the data that was written, to 5-bit precision
+    assert np.abs(want - written).max() <= np.abs(written).max() / 16

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from allscope import models
+from allscope.models import Tokenizer
 from tests.models import hf_reference
 from tests.models.hf_reference import rel_err
 
@@ -48,13 +49,29 @@ def test_tokenizer_matches_transformers(gemma270m, hf):
   assert ours.encode(TEXT, add_bos=True)[0] == ours.bos_id == 2
 
 
-def test_logits_and_every_site_match_transformers(gemma270m, hf):
+def test_tokenizer_from_a_hugging_face_directory_matches(hf, tmp_path):
+  _, theirs = hf
+  theirs.save_pretrained(tmp_path)  # tokenizer.json, as in google/gemma-3-* repos
+  ours = Tokenizer.from_directory(tmp_path, bos_id=2, eos_id=1, pad_id=0)
+  for text in (TEXT, TRICKY):
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+  assert ours.decode(ours.encode(TRICKY)) == TRICKY
+
+
+@pytest.fixture(scope="module")
+def english(gemma270m):
+  """640 tokens of real English: longer than the 512-token sliding window."""
   model, tokenizer = gemma270m
-  ids = np.asarray([tokenizer.encode(TEXT, add_bos=True)], np.int32)
-  assert ids.shape[1] >= 600 > model.config.sliding_window
-  mask = np.ones_like(ids, bool)
-  ref_logits, ref_sites = hf_reference.run(hf[0], ids, mask)
-  assert rel_err(model.logits(ids), ref_logits) <= 1e-4
+  ids = np.asarray([tokenizer.encode(TEXT, add_bos=True)[:640]], np.int32)
+  assert ids.shape[1] == 640 > model.config.sliding_window
+  return ids, model.logits(ids)
+
+
+def test_logits_and_every_site_match_transformers(gemma270m, hf, english):
+  model, _ = gemma270m
+  ids, logits = english
+  ref_logits, ref_sites = hf_reference.run(hf[0], ids, np.ones_like(ids, bool))
+  assert rel_err(logits, ref_logits) <= 1e-4
   captured = model.capture(ids)
   for site in models.SITES:
     for layer in range(model.config.n_layers):
@@ -72,10 +89,9 @@ def test_greedy_continuation_matches_transformers(gemma270m, hf):
   assert "Paris" in tokenizer.decode(ours) or "France" in tokenizer.decode(ours)
 
 
-def test_language_model_loss_is_that_of_a_trained_model(gemma270m):
+def test_language_model_loss_is_that_of_a_trained_model(english):
   """The norm convention decides between a working model and noise: the bundled GGUF stores
   (1 + w), and with w read correctly the loss on English is about 3 nats/token."""
-  model, tokenizer = gemma270m
-  ids = np.asarray([tokenizer.encode(TEXT, add_bos=True)], np.int32)
-  ce = float(models.cross_entropy(model.logits(ids), ids, np.ones_like(ids, bool)))
+  ids, logits = english
+  ce = float(models.cross_entropy(logits, ids, np.ones_like(ids, bool)))
   assert 1.0 < ce < 4.0, ce

@@ -1,0 +1,237 @@
+"""Reading an activation store: a Grain data source and loader over aligned records.
+
+    store = ActivationStore("outputs/run/store")
+    loader = store.loader(batch_size=4096, sites=("mlp_in", "mlp_out"), layers=(3,), seed=0)
+    it = iter(loader)                 # grain.DataLoaderIterator
+    batch = next(it)                  # {"mlp_in": bf16 [4096, 1, 640], "mlp_out": ...}
+    state = it.get_state()            # bytes; it.set_state(state) resumes exactly there
+    scale = store.norm_scale("mlp_in", (3,))  # [1] float32: mean |scale * x|^2 == 1
+
+The unit of random access is a record (`rows_per_record` rows, already shuffled across
+sequences at harvest time); the loader shuffles records globally and shards them over JAX
+processes. Only the chosen (site, layer) files are opened. Each file is checked against the
+manifest's sha256 the first time a process opens it; a mismatch or a decode failure raises
+CorruptShardError naming the file, so corrupt data is never served. A shard's last record is
+partial when its row count is not a multiple of `rows_per_record`; the loader serves full
+records only (`num_rows_served`), at most rows_per_record - 1 rows per shard left out.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from allscope.pipelines import store
+
+
+class _Files:
+  """Lazily opened, verified ArrayRecord readers over the shards of one store (picklable)."""
+
+  def __init__(self, root: str, manifest: dict, verify: str):
+    if verify not in ("checksum", "size", "none"):
+      raise ValueError(f"verify={verify!r} is not one of checksum, size, none")
+    self._root, self._verify = root, verify
+    self._info = {rel: info for s in manifest["shards"] for rel, info in s["files"].items()}
+    self._readers: dict[str, Any] = {}
+
+  def __getstate__(self):
+    return {**self.__dict__, "_readers": {}}
+
+  def read(self, rel: str, record: int) -> bytes:
+    reader = self._readers.get(rel)
+    if reader is None:
+      reader = self._readers[rel] = self._open(rel)
+    try:
+      return reader.read([record])[0]
+    except Exception as e:  # decode failure inside the C++ reader
+      raise store.CorruptShardError(f"{store.join(self._root, rel)}: record {record} cannot be "
+                                    f"decoded ({e}); the shard is corrupt") from e
+
+  def _open(self, rel: str):
+    path = store.join(self._root, rel)
+    info = self._info[rel]
+    if store.is_remote(path):
+      raise store.StoreError(f"{path}: reading object storage directly is not supported; mount "
+                             "the bucket (e.g. gcsfuse) and give the local path")
+    if not os.path.exists(path):
+      raise store.CorruptShardError(f"{path} is missing; the store is damaged, re-run the harvest")
+    if self._verify != "none" and os.path.getsize(path) != info["bytes"]:
+      raise store.CorruptShardError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
+                                    f"{info['bytes']}; the shard is corrupt")
+    if self._verify == "checksum":
+      digest = store.sha256_file(path)
+      if digest != info["sha256"]:
+        raise store.CorruptShardError(f"{path}: sha256 {digest[:16]}... does not match the "
+                                      f"manifest ({info['sha256'][:16]}...); the shard is corrupt")
+    return store.open_reader(path)
+
+
+class _Records:
+  """Maps a global record index to (shard, record in shard), full records only."""
+
+  def __init__(self, manifest: dict):
+    r = manifest["rows_per_record"]
+    self.shards = [s["shard"] for s in manifest["shards"]]
+    full = np.array([s["rows"] // r for s in manifest["shards"]], np.int64)
+    self.starts = np.concatenate([[0], np.cumsum(full)])
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def locate(self, i: int) -> tuple[int, int]:
+    if not 0 <= i < len(self):
+      raise IndexError(f"record {i} out of range [0, {len(self)})")
+    k = int(np.searchsorted(self.starts, i, side="right") - 1)
+    return self.shards[k], int(i - self.starts[k])
+
+
+class ActivationSource:
+  """Grain random-access source: record i -> {site: bf16 [rows_per_record, n_layers, width]}."""
+
+  def __init__(self, root: str, manifest: dict, sites: Sequence[str], layers: Sequence[int],
+               verify: str = "checksum"):
+    self._root, self._sites, self._layers = root, tuple(sites), tuple(layers)
+    self._widths = {s: manifest["widths"][s] for s in self._sites}
+    self._r = manifest["rows_per_record"]
+    self._records = _Records(manifest)
+    self._files = _Files(root, manifest, verify)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    shard, rec = self._records.locate(int(i))
+    name = store.shard_name(shard)
+    out = {}
+    for site, width in self._widths.items():
+      rows = np.empty((self._r, len(self._layers), width), store.DTYPE)
+      for j, layer in enumerate(self._layers):
+        rel = f"{store.layer_dir(site, layer)}/{name}"
+        data = self._files.read(rel, rec)
+        if len(data) != self._r * width * 2:
+          raise store.CorruptShardError(
+              f"{store.join(self._root, rel)}: record {rec} holds {len(data)} bytes, expected "
+              f"{self._r} rows x {width} bf16 = {self._r * width * 2}; the shard is corrupt")
+        rows[:, j] = np.frombuffer(data, store.DTYPE).reshape(self._r, width)
+      out[site] = rows
+    return out
+
+  def __repr__(self) -> str:  # Grain compares it when restoring an iterator state
+    return f"ActivationSource({self._root!r}, sites={self._sites}, layers={self._layers})"
+
+
+class IndexSource:
+  """Record i -> structured rows (sequence, position, token), aligned with ActivationSource."""
+
+  def __init__(self, root: str, manifest: dict, verify: str = "checksum"):
+    self._root, self._r = root, manifest["rows_per_record"]
+    self._records = _Records(manifest)
+    self._files = _Files(root, manifest, verify)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    shard, rec = self._records.locate(int(i))
+    data = self._files.read(f"index/{store.shard_name(shard)}", rec)
+    return np.frombuffer(data, store.INDEX_DTYPE)
+
+  def __repr__(self) -> str:
+    return f"IndexSource({self._root!r})"
+
+
+class _Flatten(grain.transforms.Map):
+  """{site: [records, rows_per_record, L, d]} -> {site: [records * rows_per_record, L, d]}."""
+
+  def map(self, batch):
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+class ActivationStore:
+  """A finished activation store (refuses one without manifest.json)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    self.manifest = store.load_manifest(self.path)
+    self.sites: tuple[str, ...] = tuple(self.manifest["sites"])
+    self.layers: tuple[int, ...] = tuple(self.manifest["layers"])
+    self.widths: dict[str, int] = dict(self.manifest["widths"])
+    self.rows_per_record: int = self.manifest["rows_per_record"]
+    self.num_rows: int = self.manifest["num_rows"]
+
+  def _check(self, sites: Sequence[str], layers: Sequence[int] | None) -> tuple[int, ...]:
+    bad = [s for s in sites if s not in self.sites]
+    if bad or not sites:
+      raise ValueError(f"sites {list(sites)}: {bad or 'none given'}; {self.path} holds sites "
+                       f"{list(self.sites)}")
+    layers = self.layers if layers is None else tuple(layers)
+    missing = [l for l in layers if l not in self.layers]
+    if missing or not layers:
+      raise ValueError(f"layers {list(layers)}: {missing or 'none given'} not in {self.path}, "
+                       f"which holds layers {list(self.layers)}")
+    return layers
+
+  @property
+  def num_rows_served(self) -> int:
+    return len(_Records(self.manifest)) * self.rows_per_record
+
+  def norm_scale(self, site: str, layers: Sequence[int] | None = None) -> np.ndarray:
+    """float32 [len(layers)]: the scalar per layer that makes the mean squared norm 1."""
+    layers = self._check((site,), layers)
+    return np.array([self.manifest["stats"][site][str(l)]["norm_scale"] for l in layers],
+                    np.float32)
+
+  def mean_sq_norm(self, site: str, layers: Sequence[int] | None = None) -> np.ndarray:
+    layers = self._check((site,), layers)
+    return np.array([self.manifest["stats"][site][str(l)]["mean_sq_norm"] for l in layers])
+
+  def mean(self, site: str, layers: Sequence[int] | None = None) -> np.ndarray:
+    """float32 [len(layers), width]: the per-layer mean activation (from stats.safetensors)."""
+    from safetensors.numpy import load_file
+    layers = self._check((site,), layers)
+    info = self.manifest["stats_file"]
+    path = store.join(self.path, info["path"])
+    if store.sha256_file(path) != info["sha256"]:
+      raise store.CorruptShardError(f"{path}: sha256 does not match the manifest")
+    tensors = load_file(path)
+    return np.stack([tensors[f"{site}/{l}/mean"] for l in layers])
+
+  def source(self, sites: Sequence[str] = ("mlp_in", "mlp_out"),
+             layers: Sequence[int] | None = None, verify: str = "checksum") -> ActivationSource:
+    layers = self._check(tuple(sites), layers)
+    return ActivationSource(self.path, self.manifest, sites, layers, verify)
+
+  def index(self, verify: str = "checksum") -> IndexSource:
+    """Where every row came from; record i matches record i of every source."""
+    return IndexSource(self.path, self.manifest, verify)
+
+  def loader(self, batch_size: int, sites: Sequence[str] = ("mlp_in", "mlp_out"),
+             layers: Sequence[int] | None = None, *, seed: int = 0, shuffle: bool = True,
+             num_epochs: int | None = None, shard_options: grain.sharding.ShardOptions | None = None,
+             worker_count: int = 0, verify: str = "checksum") -> grain.DataLoader:
+    """A Grain DataLoader of {site: bf16 [batch_size, n_layers, width]} batches.
+
+    Records are shuffled globally (seeded) and split over JAX processes (ShardByJaxProcess by
+    default). `iter(loader)` gives an iterator with get_state()/set_state() for checkpoints.
+    """
+    if batch_size <= 0 or batch_size % self.rows_per_record:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the store's "
+                       f"rows_per_record ({self.rows_per_record})")
+    src = self.source(sites, layers, verify)
+    if len(src) == 0:
+      raise ValueError(f"{self.path} has no full record to serve")
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(src), shard_options=shard_options, shuffle=shuffle,
+        num_epochs=num_epochs, seed=seed)
+    ops = [grain.transforms.Batch(batch_size // self.rows_per_record, drop_remainder=True),
+           _Flatten()]
+    return grain.DataLoader(data_source=src, sampler=sampler, operations=ops,
+                            worker_count=worker_count)
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+  return ActivationStore(path)

@@ -1,0 +1,377 @@
+"""The activation store on disk: layout, manifest schema, shard writing and verified reading.
+
+Layout under the output folder (see docs/harvest.md):
+
+  harvest.json                         what this store is (written first; resume checks it)
+  <site>/layer_<l>/shard_<k>.array_record   bf16 rows, `rows_per_record` rows per record
+  index/shard_<k>.array_record         the same records' (sequence, position, token) triples
+  _receipts/shard_<k>.safetensors      a finished shard: checksums and statistic sums
+  stats.safetensors                    per (site, layer) mean vectors
+  manifest.json                        written last: a store without it is incomplete
+
+Record i of shard k holds the same tokens in every (site, layer) file and in the index file.
+Files are written under temporary names and renamed, so a name that exists is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+from array_record.python import array_record_module
+from safetensors.numpy import load_file, save_file
+
+SCHEMA_VERSION = 1
+FORMAT = "allscope.activation_store"
+MANIFEST = "manifest.json"
+SPEC = "harvest.json"
+STATS = "stats.safetensors"
+RECEIPTS = "_receipts"
+DTYPE = ml_dtypes.bfloat16
+INDEX_DTYPE = np.dtype([("sequence", "<i8"), ("position", "<i4"), ("token", "<i4")])
+# Group size 1 gives random access to every record; rows are bf16 noise, not worth compressing.
+WRITER_OPTIONS = "group_size:1,uncompressed"
+READER_OPTIONS = "readahead_buffer_size:0"
+
+
+class StoreError(RuntimeError):
+  """An activation store that cannot be used as it is; the message names the file and the fix."""
+
+
+class IncompleteStoreError(StoreError):
+  pass
+
+
+class CorruptShardError(StoreError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths. Local paths and object-store URLs (gs://...) are both joined with '/'.
+
+def is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def join(*parts: str) -> str:
+  return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
+
+
+def layer_dir(site: str, layer: int) -> str:
+  return f"{site}/layer_{layer}"
+
+
+def shard_name(shard: int) -> str:
+  return f"shard_{shard:05d}.array_record"
+
+
+def shard_files(sites: tuple[str, ...], layers: tuple[int, ...], shard: int) -> list[str]:
+  """Relative paths of every file of one shard, index first."""
+  name = shard_name(shard)
+  return [f"index/{name}"] + [f"{layer_dir(s, l)}/{name}" for s in sites for l in layers]
+
+
+def receipt_path(root: str, shard: int) -> str:
+  return join(root, RECEIPTS, f"shard_{shard:05d}.safetensors")
+
+
+def exists(path: str) -> bool:
+  if is_remote(path):
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.exists(path)
+  return os.path.exists(path)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.open(path) as f:
+      return f.read()
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+class _Committer:
+  """Writes files under temporary names and renames them into place.
+
+  Local destinations get a temporary name in the destination folder, so the rename is atomic.
+  Remote ones are written to local scratch and copied (object stores have no partial objects).
+  """
+
+  def __init__(self, root: str):
+    self.root = root
+
+  def scratch(self, rel: str) -> str:
+    if is_remote(self.root):
+      return os.path.join(tempfile.mkdtemp(prefix="allscope-"), os.path.basename(rel))
+    dest = join(self.root, rel)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return f"{dest}.tmp-{uuid.uuid4().hex}"
+
+  def commit(self, tmp: str, rel: str) -> None:
+    dest = join(self.root, rel)
+    if is_remote(self.root):
+      from apache_beam.io.filesystems import FileSystems
+      FileSystems.copy([tmp], [dest])
+      os.remove(tmp)
+    else:
+      os.replace(tmp, dest)
+
+  def discard(self, tmp: str) -> None:
+    try:
+      os.remove(tmp)
+    except FileNotFoundError:
+      pass
+
+
+def write_text_atomic(root: str, rel: str, text: str) -> None:
+  committer = _Committer(root)
+  tmp = committer.scratch(rel)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    committer.commit(tmp, rel)
+  except BaseException:
+    committer.discard(tmp)
+    raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one shard.
+
+@dataclasses.dataclass
+class ShardRows:
+  """One shard's rows, already in their shuffled order.
+
+  index: INDEX_DTYPE [rows]; acts: {site: bf16 [rows, n_layers, width]}.
+  """
+
+  shard: int
+  index: np.ndarray
+  acts: dict[str, np.ndarray]
+  layers: tuple[int, ...]
+
+
+def _write_records(path: str, flat: np.ndarray, rows_per_record: int) -> int:
+  """Writes `flat` as records of `rows_per_record` rows; C++ failures come back as OSError."""
+  try:
+    writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+    if not writer.ok():
+      raise OSError(errno.EIO, f"cannot open {path} for writing")
+    n = 0
+    for start in range(0, len(flat), rows_per_record):
+      writer.write(flat[start:start + rows_per_record].tobytes())
+      n += 1
+    writer.close()
+  except RuntimeError as e:  # riegeli reports errno only in the message
+    message = str(e)
+    code = next((c for c, text in _ERRNO_TEXT if text in message), errno.EIO)
+    raise OSError(code, message) from e
+  return n
+
+
+_ERRNO_TEXT = ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
+               (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "Disk quota"))
+
+
+def write_shard(root: str, rows: ShardRows, rows_per_record: int,
+                meta: dict[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
+  """Writes every file of a shard, then its receipt (the shard's commit point).
+
+  Returns the receipt and the shard's statistic sums (float64, over the stored bf16 values).
+  """
+  committer = _Committer(root)
+  files: dict[str, dict[str, Any]] = {}
+  sums: dict[str, np.ndarray] = {}
+  n_records = -1
+
+  def put(rel: str, flat: np.ndarray) -> None:
+    nonlocal n_records
+    tmp = committer.scratch(rel)
+    try:
+      n = _write_records(tmp, flat, rows_per_record)
+      size = os.path.getsize(tmp)
+      digest = sha256_file(tmp)
+      committer.commit(tmp, rel)
+    except OSError as e:
+      committer.discard(tmp)
+      raise OSError(e.errno, f"writing {join(root, rel)} failed: {e.strerror or e}; "
+                    "free space or fix permissions, then re-run the same harvest to resume "
+                    "(finished shards are kept)") from e
+    except BaseException:
+      committer.discard(tmp)
+      raise
+    files[rel] = {"bytes": size, "sha256": digest}
+    n_records = n
+
+  name = shard_name(rows.shard)
+  put(f"index/{name}", rows.index)
+  for site, acts in rows.acts.items():
+    for j, layer in enumerate(rows.layers):
+      flat = np.ascontiguousarray(acts[:, j])
+      x = flat.astype(np.float64)
+      sums[f"{site}/{layer}/sum"] = x.sum(axis=0)
+      sums[f"{site}/{layer}/sumsq"] = np.array([np.einsum("nd,nd->", x, x)])
+      put(f"{layer_dir(site, layer)}/{name}", flat)
+  receipt = dict(meta, shard=rows.shard, rows=int(len(rows.index)), records=n_records,
+                 files=files)
+  tmp = committer.scratch(f"{RECEIPTS}/shard_{rows.shard:05d}.safetensors")
+  try:
+    save_file(sums, tmp, metadata={"receipt": json.dumps(receipt, sort_keys=True)})
+    committer.commit(tmp, f"{RECEIPTS}/shard_{rows.shard:05d}.safetensors")
+  except BaseException:
+    committer.discard(tmp)
+    raise
+  return receipt, sums
+
+
+def read_receipt(root: str, shard: int) -> tuple[dict, dict[str, np.ndarray]] | None:
+  """A finished shard's receipt and statistic sums, or None when the shard is not finished."""
+  path = receipt_path(root, shard)
+  if not exists(path):
+    return None
+  from safetensors import safe_open
+  if is_remote(path):
+    local = os.path.join(tempfile.mkdtemp(prefix="allscope-"), "receipt.safetensors")
+    with open(local, "wb") as f:
+      f.write(read_bytes(path))
+    path = local
+  with safe_open(path, framework="numpy") as f:
+    receipt = json.loads(f.metadata()["receipt"])
+  return receipt, load_file(path)
+
+
+def receipt_intact(root: str, receipt: dict) -> bool:
+  """Cheap check that a finished shard's files are still there with their recorded sizes."""
+  for rel, info in receipt["files"].items():
+    path = join(root, rel)
+    if is_remote(path):
+      if not exists(path):
+        return False
+    elif not os.path.exists(path) or os.path.getsize(path) != info["bytes"]:
+      return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the manifest.
+
+def combine_stats(sums: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  total: dict[str, np.ndarray] = {}
+  for part in sums:
+    for key, value in part.items():
+      total[key] = total[key] + value if key in total else value.copy()
+  return total
+
+
+def stats_entries(total: dict[str, np.ndarray], sites, layers, count: int) -> tuple[dict, dict]:
+  """Manifest statistics and the mean vectors (for stats.safetensors) from summed receipts."""
+  entries: dict[str, dict[str, Any]] = {}
+  means: dict[str, np.ndarray] = {}
+  for site in sites:
+    entries[site] = {}
+    for layer in layers:
+      mean = total[f"{site}/{layer}/sum"] / max(count, 1)
+      msn = float(total[f"{site}/{layer}/sumsq"][0]) / max(count, 1)
+      means[f"{site}/{layer}/mean"] = mean.astype(np.float32)
+      entries[site][str(layer)] = {
+          "count": count, "mean_sq_norm": msn, "mean_norm": float(np.linalg.norm(mean)),
+          "norm_scale": 1.0 / np.sqrt(msn) if msn > 0 else 1.0}
+  return entries, means
+
+
+def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
+  committer = _Committer(root)
+  tmp = committer.scratch(STATS)
+  try:
+    save_file(means, tmp)
+    info = {"path": STATS, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+    committer.commit(tmp, STATS)
+  except BaseException:
+    committer.discard(tmp)
+    raise
+  return info
+
+
+def finish(root: str, identity: dict, receipts: list[dict], sums: dict[str, np.ndarray], *,
+           sites, layers, widths: dict[str, int], rows_per_record: int,
+           context_length: int) -> dict:
+  """Writes stats.safetensors and then manifest.json, the store's commit point."""
+  receipts = sorted(receipts, key=lambda r: r["shard"])
+  if not receipts or [r["shard"] for r in receipts] != list(range(len(receipts))):
+    raise StoreError(f"{root}: shards {[r['shard'] for r in receipts]} are not 0..n-1; "
+                     "not writing a manifest")
+  for prev, nxt in zip(receipts, receipts[1:]):
+    if prev["sequences"][1] != nxt["sequences"][0]:
+      raise StoreError(f"{root}: shards {prev['shard']} and {nxt['shard']} leave a hole in "
+                       "the sequence ids; not writing a manifest")
+  n_rows = sum(r["rows"] for r in receipts)
+  entries, means = stats_entries(sums, sites, layers, n_rows)
+  manifest = dict(
+      identity,
+      context_length=context_length, sites=list(sites), layers=list(layers), widths=dict(widths),
+      dtype="bfloat16", rows_per_record=rows_per_record,
+      index_dtype=[[n, INDEX_DTYPE[n].str] for n in INDEX_DTYPE.names],
+      num_rows=n_rows, num_tokens=n_rows, num_sequences=receipts[-1]["sequences"][1],
+      num_records=sum(r["records"] for r in receipts),
+      shards=[{k: r[k] for k in ("shard", "rows", "records", "sequences", "files")}
+              for r in receipts],
+      stats=entries, stats_file=write_stats(root, means))
+  write_text_atomic(root, MANIFEST, dumps(manifest))
+  return manifest
+
+
+def dumps(obj: Any) -> str:
+  return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+def read_json(path: str) -> dict:
+  return json.loads(read_bytes(path))
+
+
+def load_manifest(root: str) -> dict:
+  """The manifest of a finished store; refuses incomplete and unknown stores."""
+  path = join(root, MANIFEST)
+  if not exists(path):
+    hint = ("a harvest was started here but did not finish; re-run the same harvest command on "
+            "this output to resume it" if exists(join(root, SPEC)) else
+            "no harvest has been written here; check the path")
+    raise IncompleteStoreError(f"{root} is not a complete activation store: {path} is missing ({hint})")
+  try:
+    manifest = read_json(path)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise StoreError(f"{path} is not valid JSON ({e}); the store is damaged, re-run the harvest") from e
+  if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
+    raise StoreError(f"{path}: format {manifest.get('format')!r} schema "
+                     f"{manifest.get('schema_version')!r}; this reader reads {FORMAT!r} schema "
+                     f"{SCHEMA_VERSION}")
+  return manifest
+
+
+def open_reader(path: str):
+  """An ArrayRecord reader, with decode failures reported by file name."""
+  try:
+    return array_record_module.ArrayRecordReader(path, READER_OPTIONS)
+  except Exception as e:  # the C++ reader raises RuntimeError/ValueError variants
+    raise CorruptShardError(f"{path}: cannot be opened as ArrayRecord ({e}); the shard is corrupt. "
+                            "Delete it with its receipt in _receipts/ and manifest.json, then "
+                            "re-run the same harvest to rewrite it") from e
