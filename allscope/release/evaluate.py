@@ -108,13 +108,13 @@ def activation_metrics(d: Dict, x: np.ndarray, y: np.ndarray, dense_threshold: f
 def _sites_and_layers(d: Dict) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
   """(inputs, outputs) as (site, layer) pairs a dictionary reads and writes."""
   if isinstance(d, CrossLayerTranscoder):
-    return ([("mlp_in", l) for l in range(d.n_layers)], [("mlp_out", l) for l in range(d.n_layers)])
+    return ([("mlp_in", l) for l in d.model_layers], [("mlp_out", l) for l in d.model_layers])
   return [(d.site_in, d.layer)], [(d.site_out, d.layer)]
 
 
 def _name(d: Dict) -> str:
   if isinstance(d, CrossLayerTranscoder):
-    return f"clt over {d.n_layers} layers"
+    return f"clt over layers {list(d.model_layers)}"
   return f"{d.type} {d.site_in}->{d.site_out} layer {d.layer}"
 
 
@@ -124,13 +124,14 @@ def check_against_model(dictionaries: Sequence[Dict], model_config: Any) -> None
   for d in dictionaries:
     ins, outs = _sites_and_layers(d)
     name = _name(d)
-    for (site, layer), key in [(p, "w_enc") for p in ins] + [(p, "w_dec") for p in outs]:
+    pairs = [(p, "w_enc", i) for i, p in enumerate(ins)] + [(p, "w_dec", i) for i, p in enumerate(outs)]
+    for (site, layer), key, i in pairs:
       if site not in widths:
         raise ValueError(f"{name}: unknown site {site!r}; the model has {', '.join(widths)}")
       if not 0 <= layer < model_config.n_layers:
         raise ValueError(f"{name}: layer {layer} is out of range; the model has "
                          f"{model_config.n_layers} layers (0..{model_config.n_layers - 1})")
-      params = d.layer_params[layer] if isinstance(d, CrossLayerTranscoder) else d.params
+      params = d.layer_params[i] if isinstance(d, CrossLayerTranscoder) else d.params
       width = params[key].shape[0] if key == "w_enc" else params[key].shape[-1]
       if width != widths[site]:
         raise ValueError(f"{name}: {key} has width {width} but {site} of the model has "
@@ -241,7 +242,7 @@ def _inputs_targets(d: Dict, captured: dict, layer_index: dict[int, int],
                     keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Inputs and targets [T, ...] at the kept positions, as float32 numpy."""
   if isinstance(d, CrossLayerTranscoder):
-    idx = [layer_index[l] for l in range(d.n_layers)]
+    idx = [layer_index[l] for l in d.model_layers]
     x = np.asarray(captured["mlp_in"], np.float32)[:, :, idx][keep]
     y = np.asarray(captured["mlp_out"], np.float32)[:, :, idx][keep]
     return x, y
@@ -257,7 +258,7 @@ def _splice_spec(d: Dict, n_model_layers: int) -> tuple[tuple, int]:
   """(spec, layer): a hashable description of a dictionary's splice (the jit cache key) and the
   layer it acts on, which is a traced argument: one compile serves every layer."""
   if isinstance(d, CrossLayerTranscoder):
-    return ("clt", d.n_layers, d.architecture, d.k), 0
+    return ("clt", d.model_layers, d.architecture, d.k), 0
   if d.type == "crosscoder":
     raise ValueError("splicing a crosscoder is not supported yet; set evaluate.splice=false")
   if d.site_in == d.site_out:
@@ -323,10 +324,10 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
       fns[(site_out, l)] = (lambda l: lambda a: jax.lax.cond(
           layer == l, lambda v: transcode(stash[l], v, arch, k), lambda v: v, a))(l)
     return fns
-  _, n, arch, k = spec
+  _, model_layers, arch, k = spec
   feats: dict[int, Any] = {}
 
-  def clt_out(target):
+  def clt_out(target):  # target: index into the CLT's layers
     def fn(a):
       x = stash[target]
       feats[target] = dict_math.encode(params[target], x, arch, k, jnp)
@@ -339,9 +340,9 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
     return fn
 
   fns = {}
-  for l in range(n):
-    fns[("mlp_in", l)] = record(l)
-    fns[("mlp_out", l)] = clt_out(l)
+  for i, l in enumerate(model_layers):
+    fns[("mlp_in", l)] = record(i)
+    fns[("mlp_out", l)] = clt_out(i)
   return fns
 
 
