@@ -71,11 +71,13 @@ class Dictionary:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CrossLayerTranscoder:
-  """A CLT over layers 0..L-1: `layer_params[l]` reads mlp_in[l] and writes mlp_out[l' >= l].
+  """A CLT: `layer_params[i]` reads mlp_in of model layer `layers[i]` and writes mlp_out of
+  layers[j] for j >= i. `layers` defaults to 0..L-1 (all layers, as Gemma Scope 2 and
+  circuit-tracer expect).
 
-  Per source layer: w_enc [d, F], b_enc [F], threshold [F], w_dec [F, L, d] (zero for l' < l, the
-  Gemma Scope 2 layout), b_dec [d] (the output bias of layer l), affine_skip_connection [d, d]
-  optional (mlp_in[l] -> mlp_out[l]).
+  Per source layer: w_enc [d, F], b_enc [F], threshold [F], w_dec [F, L, d] (zero for j < i, the
+  Gemma Scope 2 layout), b_dec [d] (the output bias of that layer), affine_skip_connection [d, d]
+  optional (mlp_in -> mlp_out of the same layer).
   """
 
   layer_params: tuple[Mapping[str, np.ndarray], ...]
@@ -85,6 +87,7 @@ class CrossLayerTranscoder:
   l0_tag: str | None = None
   k: int | None = None
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  layers: tuple[int, ...] = ()
 
   type = "clt"
   site_in = "mlp_in"
@@ -93,6 +96,10 @@ class CrossLayerTranscoder:
   @property
   def n_layers(self) -> int:
     return len(self.layer_params)
+
+  @property
+  def model_layers(self) -> tuple[int, ...]:
+    return tuple(self.layers) or tuple(range(self.n_layers))
 
   @property
   def width(self) -> int:
@@ -107,6 +114,9 @@ class CrossLayerTranscoder:
     n = self.n_layers
     if n == 0:
       raise ValueError(f"{source}: a CLT needs at least one layer")
+    if self.layers and (len(self.layers) != n or list(self.layers) != sorted(set(self.layers))
+                        or min(self.layers) < 0):
+      raise ValueError(f"{source}: layers {self.layers} must be {n} increasing layer indices >= 0")
     for l, params in enumerate(self.layer_params):
       where = f"{source} layer {l}"
       check_params(params, where, self.architecture, clt_layers=n)

@@ -108,8 +108,14 @@ def activation_metrics(d: Dict, x: np.ndarray, y: np.ndarray, dense_threshold: f
 def _sites_and_layers(d: Dict) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
   """(inputs, outputs) as (site, layer) pairs a dictionary reads and writes."""
   if isinstance(d, CrossLayerTranscoder):
-    return ([("mlp_in", l) for l in range(d.n_layers)], [("mlp_out", l) for l in range(d.n_layers)])
+    return ([("mlp_in", l) for l in d.model_layers], [("mlp_out", l) for l in d.model_layers])
   return [(d.site_in, d.layer)], [(d.site_out, d.layer)]
+
+
+def _name(d: Dict) -> str:
+  if isinstance(d, CrossLayerTranscoder):
+    return f"clt over layers {list(d.model_layers)}"
+  return f"{d.type} {d.site_in}->{d.site_out} layer {d.layer}"
 
 
 def check_against_model(dictionaries: Sequence[Dict], model_config: Any) -> None:
@@ -117,14 +123,15 @@ def check_against_model(dictionaries: Sequence[Dict], model_config: Any) -> None
   widths = model_config.site_widths
   for d in dictionaries:
     ins, outs = _sites_and_layers(d)
-    name = export.folder_of(d, 0.0)
-    for (site, layer), key in [(p, "w_enc") for p in ins] + [(p, "w_dec") for p in outs]:
+    name = _name(d)
+    pairs = [(p, "w_enc", i) for i, p in enumerate(ins)] + [(p, "w_dec", i) for i, p in enumerate(outs)]
+    for (site, layer), key, i in pairs:
       if site not in widths:
         raise ValueError(f"{name}: unknown site {site!r}; the model has {', '.join(widths)}")
       if not 0 <= layer < model_config.n_layers:
         raise ValueError(f"{name}: layer {layer} is out of range; the model has "
                          f"{model_config.n_layers} layers (0..{model_config.n_layers - 1})")
-      params = d.layer_params[layer] if isinstance(d, CrossLayerTranscoder) else d.params
+      params = d.layer_params[i] if isinstance(d, CrossLayerTranscoder) else d.params
       width = params[key].shape[0] if key == "w_enc" else params[key].shape[-1]
       if width != widths[site]:
         raise ValueError(f"{name}: {key} has width {width} but {site} of the model has "
@@ -152,9 +159,9 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   if not dictionaries:
     raise ValueError("no dictionaries to evaluate")
   for d in dictionaries:
-    d.validate(export.folder_of(d, 0.0))
+    d.validate(_name(d))
     if d.type == "crosscoder":
-      raise ValueError(f"{export.folder_of(d, 0.0)}: evaluating crosscoders is not supported yet")
+      raise ValueError(f"{_name(d)}: evaluating crosscoders is not supported yet")
     _splice_spec(d, mc.n_layers)  # refuses what cannot be spliced before any forward pass
   check_against_model(dictionaries, mc)
 
@@ -179,7 +186,11 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
              disable=not progress)
   start = time.perf_counter()
   for b0 in bar:
-    batch = jnp.asarray(tokens[b0:b0 + cfg.batch_size])
+    rows = tokens[b0:b0 + cfg.batch_size]
+    if len(rows) < cfg.batch_size:  # pad the last batch: one batch shape, one compile
+      fill = np.full((cfg.batch_size - len(rows), rows.shape[1]), mc.pad_id, np.int32)
+      rows = np.concatenate([rows, fill])
+    batch = jnp.asarray(rows)
     mask = batch != mc.pad_id
     keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
     captured = model.capture(batch, sites=sites, layers=layers)
@@ -231,7 +242,7 @@ def _inputs_targets(d: Dict, captured: dict, layer_index: dict[int, int],
                     keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Inputs and targets [T, ...] at the kept positions, as float32 numpy."""
   if isinstance(d, CrossLayerTranscoder):
-    idx = [layer_index[l] for l in range(d.n_layers)]
+    idx = [layer_index[l] for l in d.model_layers]
     x = np.asarray(captured["mlp_in"], np.float32)[:, :, idx][keep]
     y = np.asarray(captured["mlp_out"], np.float32)[:, :, idx][keep]
     return x, y
@@ -247,7 +258,7 @@ def _splice_spec(d: Dict, n_model_layers: int) -> tuple[tuple, int]:
   """(spec, layer): a hashable description of a dictionary's splice (the jit cache key) and the
   layer it acts on, which is a traced argument: one compile serves every layer."""
   if isinstance(d, CrossLayerTranscoder):
-    return ("clt", d.n_layers, d.architecture, d.k), 0
+    return ("clt", d.model_layers, d.architecture, d.k), 0
   if d.type == "crosscoder":
     raise ValueError("splicing a crosscoder is not supported yet; set evaluate.splice=false")
   if d.site_in == d.site_out:
@@ -313,10 +324,10 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
       fns[(site_out, l)] = (lambda l: lambda a: jax.lax.cond(
           layer == l, lambda v: transcode(stash[l], v, arch, k), lambda v: v, a))(l)
     return fns
-  _, n, arch, k = spec
+  _, model_layers, arch, k = spec
   feats: dict[int, Any] = {}
 
-  def clt_out(target):
+  def clt_out(target):  # target: index into the CLT's layers
     def fn(a):
       x = stash[target]
       feats[target] = dict_math.encode(params[target], x, arch, k, jnp)
@@ -329,9 +340,9 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
     return fn
 
   fns = {}
-  for l in range(n):
-    fns[("mlp_in", l)] = record(l)
-    fns[("mlp_out", l)] = clt_out(l)
+  for i, l in enumerate(model_layers):
+    fns[("mlp_in", l)] = record(i)
+    fns[("mlp_out", l)] = clt_out(i)
   return fns
 
 

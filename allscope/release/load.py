@@ -127,7 +127,8 @@ def _load_folder(folder: Path) -> Dictionary | CrossLayerTranscoder:
       for file, params in zip(files, layer_params):
         check_params(params, str(file), config["architecture"], clt_layers=n)
       clt = CrossLayerTranscoder(layer_params, config["architecture"], model, config.get("l0"),
-                                 config.get("l0_tag"), config.get("k"), extra)
+                                 config.get("l0_tag"), config.get("k"), extra,
+                                 tuple(config.get("layers", ())))
       clt.validate(str(folder))
       return clt
     params_path = folder / export.PARAMS_FILE

@@ -185,8 +185,8 @@ def _pad_layers(xs, n):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(layer=9), "layer 9 is out of range"),
-    (dict(width_in=31), "w_enc has width 31 but mlp_in of the model has 32"),
+    (dict(layer=9), "transcoder mlp_in->mlp_out layer 9: layer 9 is out of range"),
+    (dict(width_in=31), "layer 0: w_enc has width 31 but mlp_in of the model has 32"),
 ])
 def test_bad_dictionaries_are_refused_before_any_forward(tiny, rng, change, message):
   model, tokens = tiny
@@ -247,3 +247,20 @@ def test_evaluate_then_release_then_load(tiny, rng, tmp_path):
     assert metrics["delta_lm_loss"] == r.metrics["delta_lm_loss"]
     assert (root / r.path / "params.safetensors").exists()  # folder named by the measured L0
   assert "| `transcoder/layer_0_width_48_l0_" in (root / "README.md").read_text()
+
+
+def test_clt_on_a_subset_of_layers_splices_only_those(tiny, rng):
+  model, tokens = tiny
+  layers = (1, 3)
+  parts = []
+  for i in range(len(layers)):
+    p = random_params(rng, 32, 24, 32, clt_layers=len(layers), source=i)
+    p["w_dec"][:] = 0.0
+    p["b_dec"][:] = 0.0
+    parts.append(p)
+  clt = CrossLayerTranscoder(tuple(parts), "jump_relu", "tiny", layers=layers)
+  (r,) = evaluate(CFG, [clt], model, tokens, progress=False)
+  zero = {("mlp_out", l): _const_splice(0.0, tokens) for l in layers}
+  want = _ce(_eager_logits(model, tokens, zero), tokens)
+  assert rel_err(r.metrics["ce_spliced"], want) < 1e-5
+  assert r.metrics["ce_zero_ablation"] == pytest.approx(r.metrics["ce_spliced"], rel=1e-6)
