@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allscope.trainers import TrainConfig, synthetic, train
+from allscope.trainers import TrainConfig, export, synthetic, train
 
 TARGET_L0 = 4
 
@@ -37,18 +37,29 @@ def _run(tmp_path, kind: str, activation: str, **overrides):
     learned = _unit(w_dec[layer].reshape(cfg.width, -1))
     true = _unit(src.d_out[layer].reshape(64, -1))
     cosines.append(float(np.mean(np.max(true @ learned.T, axis=1))))
-  return cosines, result.metrics["l0"]
+  exported_l0 = []
+  for layer, e in enumerate(export.release_arrays(cfg, result.state, result.norm_scale)):
+    if e.metadata["architecture"] == "jump_relu":  # the exported dictionary on raw activations
+      x_raw = src.columns[sites[0]][:4096, layer].astype(np.float64)
+      pre = x_raw @ e.arrays["w_enc"] + e.arrays["b_enc"]
+      exported_l0.append(float(np.mean(np.sum(pre > e.arrays["threshold"], axis=-1))))
+  return cosines, result.metrics["l0"], exported_l0
 
 
 @pytest.mark.parametrize("kind,activation,overrides", [
     ("sae", "jumprelu", {"threshold_init": 0.05, "bandwidth": 0.1}),
     ("sae", "topk", {}),
+    ("sae", "batchtopk", {}),
     ("transcoder", "jumprelu", {"threshold_lr_multiple": 10.0}),
     ("transcoder", "topk", {}),
     ("clt", "jumprelu", {"threshold_lr_multiple": 10.0}),
 ])
 def test_recovers_true_features(tmp_path, kind, activation, overrides):
-  cosines, l0 = _run(tmp_path, kind, activation, **overrides)
-  print(f"{kind}/{activation}: mean best cosine per layer {np.round(cosines, 3)}, L0 {l0:.2f}")
+  cosines, l0, exported_l0 = _run(tmp_path, kind, activation, **overrides)
+  print(f"{kind}/{activation}: mean best cosine per layer {np.round(cosines, 3)}, L0 {l0:.2f}, "
+        f"exported JumpReLU L0 {np.round(exported_l0, 2)}")
   assert min(cosines) >= 0.9, cosines
   assert abs(l0 - TARGET_L0) <= 0.2 * TARGET_L0, l0
+  # The export (normalization folded, BatchTopK -> JumpReLU) keeps the sparsity it trained at.
+  for value in exported_l0:
+    assert abs(value - TARGET_L0) <= 0.2 * TARGET_L0, exported_l0
