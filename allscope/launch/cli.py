@@ -7,11 +7,14 @@ followed by dotted overrides, e.g. `allscope sample model.dtype=bfloat16 --promp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 from allscope.launch import config as config_lib
+from allscope.launch import distributed
 
 
 def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -31,8 +34,71 @@ def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   print(f"{args.tokens} tokens in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
+def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  manifest = stages.harvest(cfg)
+  print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
+        f"({manifest.get('token_count')} tokens)")
+
+
+def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  result = stages.train(cfg)
+  print(f"checkpoints and TensorBoard logs: {stages.Paths(Path(cfg.output_dir)).train}")
+  print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+
+
+def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope import release
+  from allscope.launch import stages
+
+  dictionaries = release.load(args.release).dictionaries if args.release else None
+  evaluations = stages.evaluate(cfg, dictionaries)
+  _print_metrics(evaluations)
+  print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
+
+
+def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  if args.to:
+    cfg = dataclasses.replace(cfg, release=dataclasses.replace(
+        cfg.release, publish_to=args.to, dry_run=args.dry_run or cfg.release.dry_run))
+    config_lib.validate(cfg)
+  print(f"release: {stages.release_stage(cfg)}")
+
+
+def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  out = stages.run(cfg)
+  _print_metrics(out["evaluations"])
+  print(f"\nactivation store : {out['store']} ({out['tokens']} tokens)")
+  print(f"checkpoints, logs: {out['train']}  (tensorboard --logdir {cfg.output_dir})")
+  print(f"release          : {out['release']}  (model card: {out['release']}/README.md)")
+  print("stage seconds    : " + ", ".join(f"{k} {v:.0f}" for k, v in out["seconds"].items()))
+
+
+def _print_metrics(evaluations) -> None:
+  columns = {"L0": "l0", "FVU": "fvu", "dead": "dead_fraction", "dLM spliced": "delta_lm_loss",
+             "dLM zero-abl": None, "loss recov.": "fraction_loss_recovered"}
+  print(f"{'dictionary':44s}" + "".join(f"{c:>13s}" for c in columns))
+  for e in evaluations:
+    m = dict(e.metrics)
+    m["dLM zero-abl"] = m.get("ce_zero_ablation", float("nan")) - m.get("ce_clean", float("nan"))
+    values = [m.get(key or name, float("nan")) for name, key in columns.items()]
+    print(f"{e.path:44s}" + "".join(f"{v:13.4g}" for v in values))
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "sample": (sample, "print a greedy continuation of --prompt"),
+    "harvest": (harvest, "capture activations into a sharded store (Apache Beam)"),
+    "train": (train, "train dictionaries on the store; resumes from the latest checkpoint"),
+    "evaluate": (evaluate, "FVU, L0, dead/dense latents and spliced delta LM loss"),
+    "release": (release_, "write (and with --to, publish) the release folder"),
+    "run": (run, "harvest, train, evaluate and release in one go"),
 }
 
 
@@ -47,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     if name == "sample":
       p.add_argument("--prompt", default="The capital of France is")
       p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
+    if name == "evaluate":
+      p.add_argument("--release", help="evaluate this release folder instead of the checkpoint")
+    if name == "release":
+      p.add_argument("--to", help="publish to hf://org/repo, gs://bucket/prefix or a local folder")
+      p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
   return parser
 
 
@@ -57,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.config = overrides.pop(0)  # `allscope run configs/quickstart.py`
   try:
     cfg = config_lib.load(args.config, overrides)
+    if args.command != "sample":
+      distributed.initialize()
     COMMANDS[args.command][0](cfg, args)
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"allscope {args.command}: error: {e}", file=sys.stderr)
