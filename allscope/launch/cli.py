@@ -39,7 +39,7 @@ def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
 
   manifest = stages.harvest(cfg)
   print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
-        f"({manifest.get('token_count')} tokens)")
+        f"({manifest.get('num_tokens')} tokens)")
 
 
 def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
