@@ -81,6 +81,19 @@ def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   print("stage seconds    : " + ", ".join(f"{k} {v:.0f}" for k, v in out["seconds"].items()))
 
 
+def launch(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  """Writes a job script that runs `allscope <stage>` on every host of a cluster."""
+  from allscope.launch import clusters
+
+  text = clusters.job_script(
+      args.cluster, args.stage, args.config, args.overrides, output_dir=cfg.output_dir,
+      nodes=args.nodes, gpus_per_node=args.gpus_per_node, tpu_name=args.tpu_name, zone=args.zone)
+  path = clusters.write_job_script(text, cfg.output_dir, args.cluster, args.stage)
+  config_lib.save(cfg, cfg.output_dir)
+  print(f"job script: {path}")
+  print(f"submit with: {'sbatch' if args.cluster == 'slurm' else 'bash'} {path}")
+
+
 def _print_metrics(evaluations) -> None:
   columns = {"L0": "l0", "FVU": "fvu", "dead": "dead_fraction", "dLM spliced": "delta_lm_loss",
              "dLM zero-abl": None, "loss recov.": "fraction_loss_recovered"}
@@ -99,6 +112,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "evaluate": (evaluate, "FVU, L0, dead/dense latents and spliced delta LM loss"),
     "release": (release_, "write (and with --to, publish) the release folder"),
     "run": (run, "harvest, train, evaluate and release in one go"),
+    "launch": (launch, "write a multi-host job script (SLURM or Cloud TPU) for a stage"),
 }
 
 
@@ -115,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     if name == "evaluate":
       p.add_argument("--release", help="evaluate this release folder instead of the checkpoint")
+    if name == "launch":
+      p.add_argument("--stage", default="run", help="harvest, train, evaluate, release or run")
+      p.add_argument("--cluster", default="slurm", choices=("slurm", "tpu"))
+      p.add_argument("--nodes", type=int, default=1, help="hosts (SLURM nodes)")
+      p.add_argument("--gpus-per-node", type=int, default=8)
+      p.add_argument("--tpu-name", default="", help="TPU VM name (--cluster=tpu)")
+      p.add_argument("--zone", default="", help="TPU VM zone (--cluster=tpu)")
     if name == "release":
       p.add_argument("--to", help="publish to hf://org/repo, gs://bucket/prefix or a local folder")
       p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
@@ -128,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.config = overrides.pop(0)  # `allscope run configs/quickstart.py`
   try:
     cfg = config_lib.load(args.config, overrides)
-    if args.command != "sample":
+    if args.command not in ("sample", "launch"):
       distributed.initialize()
     COMMANDS[args.command][0](cfg, args)
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
