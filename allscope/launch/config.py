@@ -20,6 +20,8 @@ from typing import Any
 
 from allscope.models.loader import ModelConfig
 from allscope.pipelines.config import HarvestConfig
+from allscope.release.config import EvalConfig, ReleaseConfig
+from allscope.trainers.config import TrainConfig
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -30,6 +32,9 @@ class RunConfig:
 
   model: ModelConfig = ModelConfig()
   harvest: HarvestConfig = HarvestConfig()
+  train: TrainConfig = TrainConfig()
+  evaluate: EvalConfig = EvalConfig()
+  release: ReleaseConfig = ReleaseConfig()
   output_dir: str = "outputs/run"
   seed: int = 0
 

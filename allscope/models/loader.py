@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from allscope.models.gemma3 import Gemma3
+from allscope.models.gguf_file import GGUFFile
 from allscope.models.presets import PRESETS, Gemma3Config, preset
 from allscope.models.tokenizer import Tokenizer
 
@@ -75,6 +76,16 @@ def resolve(name_or_path: str) -> Path:
   return Path(snapshot_download(
       repo, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
                             "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]))
+
+
+def describe(name_or_path: str) -> tuple[Gemma3Config, Tokenizer]:
+  """Architecture and tokenizer from a model's metadata, without reading its weights."""
+  path = resolve(name_or_path)
+  if path.suffix == ".gguf":
+    gguf = GGUFFile(path)
+    return gguf_config(gguf), Tokenizer.from_gguf(gguf.metadata)
+  cfg = hf_config(path)
+  return cfg, Tokenizer.from_directory(path, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
 
 
 def fingerprint(name_or_path: str) -> str:
@@ -157,16 +168,15 @@ def _gguf_hf_name(name: str) -> str | None:
   return None
 
 
-def gguf_config(reader, path: Path) -> Gemma3Config:
-  def field(key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
+def gguf_config(gguf: GGUFFile) -> Gemma3Config:
+  field, path = gguf.metadata.get, gguf.path
   arch = field("general.architecture")
   if arch != "gemma3":
     raise ValueError(f"{path}: GGUF architecture is {arch!r}, not 'gemma3'; "
                      "allscope loads Gemma 3 text models only")
-  embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  embed = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
+  if embed is None:
+    raise ValueError(f"{path}: no token_embd.weight tensor")
   d_model, n_layers = int(field("gemma3.embedding_length")), int(field("gemma3.block_count"))
   # GGUF omits the local RoPE base and attention scale; take them from the matching preset.
   base = next((p for p in PRESETS.values() if (p.d_model, p.n_layers) == (d_model, n_layers)),
@@ -174,7 +184,7 @@ def gguf_config(reader, path: Path) -> Gemma3Config:
   n_heads = int(field("gemma3.attention.head_count"))
   return dataclasses.replace(
       base,
-      vocab_size=int(embed.shape[1]),
+      vocab_size=embed.shape[0],
       d_model=d_model,
       n_layers=n_layers,
       n_heads=n_heads,
@@ -193,18 +203,15 @@ def gguf_config(reader, path: Path) -> Gemma3Config:
 
 
 def _load_gguf(path: Path, dtype, sharding: Placement) -> tuple[Gemma3, Tokenizer]:
-  import gguf
-
-  reader = gguf.GGUFReader(path)
-  cfg = gguf_config(reader, path)
-  tokenizer = Tokenizer.from_gguf(reader)
+  gguf = GGUFFile(path)
+  cfg, tokenizer = gguf_config(gguf), Tokenizer.from_gguf(gguf.metadata)
 
   def tensors():
-    for t in reader.tensors:
+    for t in gguf.tensors:
       name = _gguf_hf_name(t.name)
       if name is None:
         continue
-      array = gguf.quants.dequantize(t.data, t.tensor_type)
+      array = gguf.dequantize(t)
       if name.endswith("norm.weight"):
         # llama.cpp's converter stores Gemma norm weights as (1 + w); we keep w.
         array = array - 1.0
@@ -265,7 +272,7 @@ def _first(value) -> int:
 def _load_directory(path: Path, dtype, sharding: Placement) -> tuple[Gemma3, Tokenizer]:
   from safetensors import safe_open
 
-  cfg = hf_config(path)
+  cfg, tokenizer = describe(str(path))
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise FileNotFoundError(f"{path} holds no *.safetensors weights")
@@ -277,5 +284,4 @@ def _load_directory(path: Path, dtype, sharding: Placement) -> tuple[Gemma3, Tok
           name = next((key.removeprefix(p) for p in _HF_PREFIXES if key.startswith(p)), key)
           yield name, f.get_tensor(key)
 
-  tokenizer = Tokenizer.from_directory(path, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
   return _assemble(cfg, dtype, tensors(), path, sharding), tokenizer

@@ -42,13 +42,11 @@ class Tokenizer:
   # -- constructors -----------------------------------------------------------------------------
 
   @classmethod
-  def from_gguf(cls, reader) -> "Tokenizer":
-    """From a `gguf.GGUFReader`'s `tokenizer.ggml.*` fields (SentencePiece / "llama" model)."""
+  def from_gguf(cls, metadata: dict) -> "Tokenizer":
+    """From a GGUF file's `tokenizer.ggml.*` metadata (SentencePiece / "llama" model)."""
     import sentencepiece as spm
 
-    def field(key, default=None):
-      f = reader.fields.get(key)
-      return default if f is None else f.contents()
+    field = metadata.get
 
     kind = field("tokenizer.ggml.model")
     if kind != "llama":
@@ -124,6 +122,8 @@ def _sentencepiece_proto(pieces, scores, types, ids, add_dummy_prefix: bool) -> 
 
   out = bytearray()
   for piece, score, kind in zip(pieces, scores, types):
+    if kind == 4:  # llama.cpp un-escapes user-defined pieces (whitespace runs); SentencePiece
+      piece = piece.replace(" ", "\u2581")  # matches them on the escaped text
     body = length(1, piece.encode("utf-8")) + tag(2, 5) + struct.pack("<f", float(score))
     out += length(1, body + integer(3, int(kind)))
   trainer = (integer(3, 2) + integer(4, len(pieces)) + integer(35, 1)  # BPE, size, byte_fallback

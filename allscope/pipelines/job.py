@@ -54,14 +54,7 @@ class HarvestError(ValueError):
 
 def describe(model_cfg: ModelConfig):
   """(architecture, tokenizer) from the weights' metadata; the weights are not loaded."""
-  path = models.resolve(model_cfg.name)
-  if path.suffix == ".gguf":
-    import gguf
-    reader = gguf.GGUFReader(path)
-    return loader.gguf_config(reader, path), models.Tokenizer.from_gguf(reader)
-  arch = loader.hf_config(path)
-  return arch, models.Tokenizer.from_directory(path, bos_id=arch.bos_id, eos_id=arch.eos_id,
-                                               pad_id=arch.pad_id)
+  return models.describe(model_cfg.name)
 
 
 def load_model(model_cfg: ModelConfig):

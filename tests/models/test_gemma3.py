@@ -110,6 +110,9 @@ def test_padding_does_not_change_valid_positions(tiny):
   alone = ours.logits(tokens[2:3, :9])
   batched = ours.logits(tokens, mask=mask)[2:3, :9]
   assert rel_err(batched, alone) <= 1e-5
+  left = np.roll(tokens[2:3], SEQ - 9, axis=1)  # the same 9 tokens, left padded
+  left_logits = ours.logits(left, mask=left != 0)[:, SEQ - 9:]
+  assert rel_err(left_logits, alone) <= 1e-5
 
 
 @pytest.mark.parametrize("sites,layers,message", [

@@ -1,0 +1,162 @@
+"""The `allscope` command.
+
+Every subcommand takes a config (`--config <name or file>`, or a .py file as the first argument)
+followed by dotted overrides, e.g. `allscope sample model.dtype=bfloat16 --prompt "Hi"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from allscope.launch import config as config_lib
+from allscope.launch import distributed
+
+
+def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  """Prints a greedy continuation, so a user can see that the model loaded right."""
+  from allscope import models
+
+  start = time.perf_counter()
+  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  print(f"loaded {cfg.model.name} ({cfg.model.dtype}) in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr)
+  prompt = tokenizer.encode(args.prompt, add_bos=True)
+  if len(prompt) + args.tokens > model.config.max_context:
+    raise ValueError(f"prompt + --tokens exceeds the model's context of {model.config.max_context}")
+  start = time.perf_counter()
+  out = models.generate(model, prompt, args.tokens)
+  print(args.prompt + tokenizer.decode(out))
+  print(f"{args.tokens} tokens in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
+def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  manifest = stages.harvest(cfg)
+  print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
+        f"({manifest.get('num_tokens')} tokens)")
+
+
+def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  result = stages.train(cfg)
+  print(f"checkpoints and TensorBoard logs: {stages.Paths(Path(cfg.output_dir)).train}")
+  print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+
+
+def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope import release
+  from allscope.launch import stages
+
+  dictionaries = release.load(args.release).dictionaries if args.release else None
+  evaluations = stages.evaluate(cfg, dictionaries)
+  _print_metrics(evaluations)
+  print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
+
+
+def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  if args.to:
+    cfg = dataclasses.replace(cfg, release=dataclasses.replace(
+        cfg.release, publish_to=args.to, dry_run=args.dry_run or cfg.release.dry_run))
+    config_lib.validate(cfg)
+  print(f"release: {stages.release_stage(cfg)}")
+
+
+def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  out = stages.run(cfg)
+  _print_metrics(out["evaluations"])
+  print(f"\nactivation store : {out['store']} ({out['tokens']} tokens)")
+  print(f"checkpoints, logs: {out['train']}  (tensorboard --logdir {cfg.output_dir})")
+  print(f"release          : {out['release']}  (model card: {out['release']}/README.md)")
+  print("stage seconds    : " + ", ".join(f"{k} {v:.0f}" for k, v in out["seconds"].items()))
+
+
+def launch(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  """Writes a job script that runs `allscope <stage>` on every host of a cluster."""
+  from allscope.launch import clusters
+
+  text = clusters.job_script(
+      args.cluster, args.stage, args.config, args.overrides, output_dir=cfg.output_dir,
+      nodes=args.nodes, gpus_per_node=args.gpus_per_node, tpu_name=args.tpu_name, zone=args.zone)
+  path = clusters.write_job_script(text, cfg.output_dir, args.cluster, args.stage)
+  config_lib.save(cfg, cfg.output_dir)
+  print(f"job script: {path}")
+  print(f"submit with: {'sbatch' if args.cluster == 'slurm' else 'bash'} {path}")
+
+
+def _print_metrics(evaluations) -> None:
+  columns = {"L0": "l0", "FVU": "fvu", "dead": "dead_fraction", "dLM spliced": "delta_lm_loss",
+             "dLM zero-abl": None, "loss recov.": "fraction_loss_recovered"}
+  print(f"{'dictionary':44s}" + "".join(f"{c:>13s}" for c in columns))
+  for e in evaluations:
+    m = dict(e.metrics)
+    m["dLM zero-abl"] = m.get("ce_zero_ablation", float("nan")) - m.get("ce_clean", float("nan"))
+    values = [m.get(key or name, float("nan")) for name, key in columns.items()]
+    print(f"{e.path:44s}" + "".join(f"{v:13.4g}" for v in values))
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "sample": (sample, "print a greedy continuation of --prompt"),
+    "harvest": (harvest, "capture activations into a sharded store (Apache Beam)"),
+    "train": (train, "train dictionaries on the store; resumes from the latest checkpoint"),
+    "evaluate": (evaluate, "FVU, L0, dead/dense latents and spliced delta LM loss"),
+    "release": (release_, "write (and with --to, publish) the release folder"),
+    "run": (run, "harvest, train, evaluate and release in one go"),
+    "launch": (launch, "write a multi-host job script (SLURM or Cloud TPU) for a stage"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="allscope", description="Sparse dictionaries on every layer of Gemma 3.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, (_, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", help="config name in configs/ or path to a .py config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
+    if name == "sample":
+      p.add_argument("--prompt", default="The capital of France is")
+      p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
+    if name == "evaluate":
+      p.add_argument("--release", help="evaluate this release folder instead of the checkpoint")
+    if name == "launch":
+      p.add_argument("--stage", default="run", help="harvest, train, evaluate, release or run")
+      p.add_argument("--cluster", default="slurm", choices=("slurm", "tpu"))
+      p.add_argument("--nodes", type=int, default=1, help="hosts (SLURM nodes)")
+      p.add_argument("--gpus-per-node", type=int, default=8)
+      p.add_argument("--tpu-name", default="", help="TPU VM name (--cluster=tpu)")
+      p.add_argument("--zone", default="", help="TPU VM zone (--cluster=tpu)")
+    if name == "release":
+      p.add_argument("--to", help="publish to hf://org/repo, gs://bucket/prefix or a local folder")
+      p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  overrides = list(args.overrides)
+  if args.config is None and overrides and overrides[0].endswith(".py"):
+    args.config = overrides.pop(0)  # `allscope run configs/quickstart.py`
+  try:
+    cfg = config_lib.load(args.config, overrides)
+    if args.command not in ("sample", "launch"):
+      distributed.initialize()
+    COMMANDS[args.command][0](cfg, args)
+  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"allscope {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

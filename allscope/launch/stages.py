@@ -1,0 +1,143 @@
+"""The stages behind the CLI, wired over one output folder:
+
+  <output_dir>/config.json     the resolved run config
+  <output_dir>/store/          activation store (harvest)
+  <output_dir>/train/          checkpoints/, tensorboard/ (train)
+  <output_dir>/evaluation.json metrics per dictionary (evaluate)
+  <output_dir>/release/        the release folder (release)
+
+Each stage reads what the previous one wrote, so any of them can be re-run or resumed alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allscope import models, pipelines, release, trainers
+from allscope.launch import config as config_lib
+from allscope.launch.config import RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  root: Path
+
+  @property
+  def store(self) -> Path:
+    return self.root / "store"
+
+  @property
+  def train(self) -> Path:
+    return self.root / "train"
+
+  @property
+  def evaluation(self) -> Path:
+    return self.root / "evaluation.json"
+
+
+def harvest(cfg: RunConfig) -> dict:
+  paths = Paths(Path(cfg.output_dir))
+  config_lib.save(cfg, paths.root)
+  return pipelines.harvest(cfg.harvest, cfg.model, str(paths.store))
+
+
+def train(cfg: RunConfig) -> trainers.TrainResult:
+  """Trains (or resumes, or, when finished, restores) the run's dictionaries from its store."""
+  import jax
+
+  paths = Paths(Path(cfg.output_dir))
+  config_lib.save(cfg, paths.root)
+  store = pipelines.open_store(paths.store)
+  layers = cfg.train.layers
+  sites = tuple(dict.fromkeys(cfg.train.sites))
+  loader = store.loader(cfg.train.batch_size // jax.process_count(), sites=sites, layers=layers,
+                        seed=cfg.seed)
+  norm = {site: store.norm_scale(site, layers) for site in sites}
+  return trainers.train(cfg.train, loader, norm, paths.train)
+
+
+def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = None) -> list:
+  """Release-format dictionaries (normalization folded in) from the run's latest checkpoint."""
+  from allscope.trainers.export import release_arrays
+
+  result = result or train(cfg)
+  return release.from_exported(
+      release_arrays(cfg.train, result.state, result.norm_scale, model_name=cfg.model.name))
+
+
+def heldout_tokens(cfg: RunConfig, tokenizer, arch) -> np.ndarray:
+  """Evaluation sequences the store does not hold: the harvest keeps the first `num_sequences`
+  packed sequences of the corpus, so these are the ones that follow, cut to evaluate.seq_len."""
+  from allscope.pipelines import corpus, job
+
+  h, n, seq = cfg.harvest, cfg.evaluate.n_sequences, cfg.evaluate.seq_len
+  if seq > h.context_length:
+    raise ValueError(f"evaluate.seq_len={seq} exceeds harvest.context_length={h.context_length}")
+  plan = job.plan(h, cfg.model, str(Paths(Path(cfg.output_dir)).store), arch=arch,
+                  tokenizer=tokenizer)
+  source = corpus.tfds_source(h.corpus) if h.corpus.kind == "tfds" else None
+  sequences = (tokens for unit in corpus.units(h.corpus) for tokens, _ in corpus.unit_sequences(
+      h.corpus, unit, tokenizer.encode, h.context_length, arch.bos_id, arch.eos_id, arch.pad_id,
+      source))
+  rows = list(itertools.islice(sequences, plan.num_sequences, plan.num_sequences + n))
+  if len(rows) < n:
+    raise ValueError(f"the corpus holds only {len(rows)} sequences after the {plan.num_sequences} "
+                     "the harvest used; lower evaluate.n_sequences or harvest.token_budget")
+  return np.stack(rows)[:, :seq]
+
+
+def evaluate(cfg: RunConfig, dictionaries: list | None = None) -> list[release.Evaluation]:
+  paths = Paths(Path(cfg.output_dir))
+  dictionaries = dictionaries or trained_dictionaries(cfg)
+  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  tokens = heldout_tokens(cfg, tokenizer, model.config)
+  evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
+                                 log_dir=paths.root / "tensorboard_eval")
+  paths.evaluation.write_text(json.dumps(
+      {"tokens": int(tokens.size), "dictionaries": [
+          {"path": e.path, "metrics": e.metrics} for e in evaluations]}, indent=2) + "\n")
+  return evaluations
+
+
+def release_stage(cfg: RunConfig, dictionaries: list | None = None,
+                  evaluations: list | None = None) -> Path:
+  paths = Paths(Path(cfg.output_dir))
+  dictionaries = dictionaries or trained_dictionaries(cfg)
+  if evaluations is None:
+    evaluations = evaluate(cfg, dictionaries)
+  manifest = pipelines.open_store(paths.store).manifest
+  info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
+          "corpus": dataclasses.asdict(cfg.harvest.corpus),
+          "train_tokens": cfg.train.steps * cfg.train.batch_size,
+          "eval_tokens": cfg.evaluate.n_sequences * cfg.evaluate.seq_len}
+  root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
+                               info=info)
+  if cfg.release.publish_to:
+    release.publish(root, cfg.release.publish_to, dry_run=cfg.release.dry_run,
+                    private=cfg.release.private)
+  return root
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+  """harvest -> train -> evaluate -> release, each resuming what is already done."""
+  start = time.perf_counter()
+  stamps = {}
+  manifest = harvest(cfg)
+  stamps["harvest"] = time.perf_counter() - start
+  result = train(cfg)
+  stamps["train"] = time.perf_counter() - start - sum(stamps.values())
+  dictionaries = trained_dictionaries(cfg, result)
+  evaluations = evaluate(cfg, dictionaries)
+  stamps["evaluate"] = time.perf_counter() - start - sum(stamps.values())
+  root = release_stage(cfg, dictionaries, evaluations)
+  stamps["release"] = time.perf_counter() - start - sum(stamps.values())
+  return {"store": Paths(Path(cfg.output_dir)).store, "tokens": manifest.get("num_tokens"),
+          "train": Paths(Path(cfg.output_dir)).train, "release": root,
+          "evaluations": evaluations, "seconds": stamps}

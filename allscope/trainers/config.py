@@ -1,0 +1,135 @@
+"""TrainConfig: what to train, how, and on which mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+KINDS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder")
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
+_DEFAULT_SITES = {"sae": ("resid_post", "resid_post"), "crosscoder": ("resid_post", "resid_post"),
+                  "transcoder": ("mlp_in", "mlp_out"), "skip_transcoder": ("mlp_in", "mlp_out"),
+                  "clt": ("mlp_in", "mlp_out")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One dictionary kind over one site pair and a set of layers.
+
+  Per-layer kinds (sae, transcoder, skip_transcoder) train one dictionary per layer, all in one
+  pass (stacked parameters). A clt has one encoder per layer writing to every later layer; a
+  crosscoder has one encoder over all listed layers.
+  """
+
+  kind: str = "sae"
+  activation: str = "jumprelu"
+  site_in: str | None = None  # None: the kind's default (resid_post, or mlp_in for transcoders)
+  site_out: str | None = None
+  layers: tuple[int, ...] = (0,)
+  width: int = 1024  # latents F per dictionary
+  d_in: int | None = None  # None: taken from the data (checked before compiling when given)
+  d_out: int | None = None
+
+  # Sparsity.
+  k: int = 32  # TopK / BatchTopK
+  target_l0: float = 32.0  # quadratic L0 penalty target; also sizes the JumpReLU capacity
+  capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0), at most width
+  l0_penalty: Literal["linear", "quadratic"] = "quadratic"
+  l0_coef: float = 1.0  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU)
+  sparsity_warmup_steps: int = 100
+  bandwidth: float = 0.05  # epsilon of the rectangle kernel, on normalized activations
+  threshold_init: float = 0.001  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
+  init_l0_multiple: float = 2.0  # calibrated thresholds fire init_l0_multiple * target_l0 at step 0
+  threshold_lr_multiple: float = 1.0  # log-threshold steps are this many times the learning rate
+  freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
+  freq_max: float = 0.1
+  aux_k: int = 256  # AuxK for TopK/BatchTopK
+  aux_coef: float = 1.0 / 32
+  dead_tokens: int = 1_000_000  # a latent that fired on none of the last N tokens is dead
+  matryoshka: tuple[int, ...] = ()  # nested prefix sizes (< width); the full width is implied
+
+  # Optimization.
+  steps: int = 1000
+  batch_size: int = 4096  # tokens per step
+  lr: float = 3e-4
+  lr_warmup_steps: int = 100
+  lr_decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  grad_clip: float = 1.0
+  decoder_norm: Literal["unit", "none"] = "unit"
+  init_decoder_norm: float = 0.1  # decoder row norm at init (ignored with decoder_norm="unit")
+  b_dec_init: Literal["mean", "zero"] = "mean"
+  matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+
+  # Mesh: -1 takes the devices left over.
+  mesh_data: int = -1
+  mesh_model: int = 1
+  mesh_layer: int = 1
+
+  # Bookkeeping.
+  seed: int = 0
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  log_every: int = 50
+
+  @property
+  def sites(self) -> tuple[str, str]:
+    default_in, default_out = _DEFAULT_SITES.get(self.kind, ("resid_post", "resid_post"))
+    site_in = self.site_in or default_in
+    site_out = self.site_out or (site_in if self.kind in ("sae", "crosscoder") else default_out)
+    return site_in, site_out
+
+  @property
+  def n_groups(self) -> int:
+    """Independent encoders: one per layer, except the crosscoder's single one."""
+    return 1 if self.kind == "crosscoder" else len(self.layers)
+
+  @property
+  def slots(self) -> int:
+    if self.capacity:
+      return self.capacity
+    base = self.k if self.activation in ("topk", "batchtopk") else int(round(self.target_l0))
+    if self.activation == "topk":
+      return min(self.k, self.width)
+    return min(max(4 * base, 8), self.width)
+
+  def validate(self) -> None:
+    if self.kind not in KINDS:
+      raise ValueError(f"train.kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(
+          f"train.activation={self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
+    if not self.layers or any(l < 0 for l in self.layers) or len(set(self.layers)) != len(self.layers):
+      raise ValueError(f"train.layers={self.layers} must be distinct non-negative layer indices")
+    if self.kind in ("clt", "crosscoder") and list(self.layers) != sorted(self.layers):
+      raise ValueError(f"train.layers={self.layers} must be increasing for a {self.kind}")
+    if self.kind == "sae" and self.sites[0] != self.sites[1]:
+      raise ValueError(f"an sae reads and writes one site; got {self.sites[0]} -> {self.sites[1]}")
+    for name in ("width", "steps", "batch_size", "k", "checkpoint_every", "keep_checkpoints",
+                 "log_every", "mesh_model", "mesh_layer"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"train.{name}={getattr(self, name)} must be positive")
+    if self.mesh_data == 0 or self.mesh_data < -1:
+      raise ValueError(f"train.mesh_data={self.mesh_data} must be positive or -1 (all devices)")
+    if self.activation in ("topk", "batchtopk") and self.k > self.width:
+      raise ValueError(f"train.k={self.k} exceeds train.width={self.width}")
+    if self.capacity < 0 or self.capacity > self.width:
+      raise ValueError(f"train.capacity={self.capacity} must be in [0, width={self.width}]")
+    if self.activation == "batchtopk" and self.capacity and self.capacity < self.k:
+      raise ValueError(f"train.capacity={self.capacity} is below train.k={self.k}")
+    if self.target_l0 <= 0 or self.bandwidth <= 0:
+      raise ValueError("train.target_l0 and train.bandwidth must be positive")
+    if self.width % self.mesh_model:
+      raise ValueError(f"train.width={self.width} is not divisible by train.mesh_model={self.mesh_model}")
+    if self.n_groups % self.mesh_layer:
+      raise ValueError(
+          f"{self.n_groups} dictionaries (train.layers) are not divisible by train.mesh_layer={self.mesh_layer}")
+    if self.mesh_data > 0 and self.batch_size % self.mesh_data:
+      raise ValueError(
+          f"train.batch_size={self.batch_size} is not divisible by train.mesh_data={self.mesh_data}")
+    if list(self.matryoshka) != sorted(set(self.matryoshka)) or any(
+        not 0 < m < self.width for m in self.matryoshka):
+      raise ValueError(f"train.matryoshka={self.matryoshka} must be increasing sizes in (0, width)")
+    if not 0 <= self.lr_decay_fraction <= 1:
+      raise ValueError(f"train.lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")

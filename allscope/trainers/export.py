@@ -1,0 +1,112 @@
+"""Export: trained state -> per-dictionary float32 arrays in the Gemma Scope 2 layout.
+
+`release_arrays` folds the per-(site, layer) normalization into the weights, so the exported
+dictionary acts on raw activations: with x = s_in * x_raw during training,
+  w_enc' = s_in * w_enc           (pre-activations, thresholds and b_enc unchanged)
+  w_dec' = w_dec / s_out,  b_dec' = b_dec / s_out,  affine_skip' = w_skip * s_in / s_out
+(per layer block for a CLT's targets and a crosscoder's input/output blocks).
+
+Activations: JumpReLU exports its thresholds; ReLU exports as JumpReLU with threshold 0;
+BatchTopK exports as JumpReLU whose threshold (every latent) is the running mean of the
+training batches' smallest kept value; TopK exports as architecture "topk" with `k` in the
+metadata and a zero threshold (f = relu of the k largest pre-activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from allscope.trainers.config import TrainConfig
+
+HF_HOOKS = {
+    "resid_post": "model.layers.{layer}.output",
+    "attn_out": "model.layers.{layer}.self_attn.o_proj.input",
+    "mlp_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
+    "mlp_out": "model.layers.{layer}.post_feedforward_layernorm.output",
+}
+
+
+@dataclasses.dataclass
+class ExportedDictionary:
+  name: str  # e.g. "mlp_in/layer_3_width_16384" or "clt/layer_3" (the release names folders)
+  arrays: dict[str, np.ndarray]  # Gemma Scope 2 keys, float32
+  metadata: dict[str, Any]
+
+
+def _np(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in tree.items()}
+
+
+def _architecture(cfg: TrainConfig) -> str:
+  return "topk" if cfg.activation == "topk" else "jump_relu"
+
+
+def _threshold(cfg: TrainConfig, params, state, g: int) -> np.ndarray:
+  if cfg.activation == "jumprelu":
+    return np.exp(params["log_threshold"][g])
+  if cfg.activation == "batchtopk":
+    return np.full(cfg.width, float(state["batch_thr"][g]))
+  return np.zeros(cfg.width)
+
+
+def release_arrays(cfg: TrainConfig, state: Mapping[str, Any], norm_scale: Mapping[str, Any],
+                   model_name: str = "gemma3-270m") -> list[ExportedDictionary]:
+  """One ExportedDictionary per trained dictionary (per layer; per source layer for a CLT).
+
+  state: TrainResult.state (or a restored train state); norm_scale: {site: [n_layers]}.
+  """
+  params = _np(state["params"])
+  l0 = np.asarray(jax.device_get(state["l0"]), np.float64)
+  site_in, site_out = cfg.sites
+  s_in = np.asarray(norm_scale[site_in], np.float64).reshape(-1)
+  s_out = np.asarray(norm_scale[site_out], np.float64).reshape(-1)
+  kind_type = {"sae": "sae", "transcoder": "transcoder", "skip_transcoder": "transcoder",
+               "clt": "clt", "crosscoder": "crosscoder"}[cfg.kind]
+  base = {"architecture": _architecture(cfg), "model_name": model_name, "width": cfg.width,
+          "type": kind_type, "kind": cfg.kind, "affine_connection": cfg.kind == "skip_transcoder",
+          "site_in": site_in, "site_out": site_out, "activation_trained": cfg.activation,
+          "normalization_folded": True}
+  if cfg.activation == "topk":
+    base["k"] = cfg.k
+  out = []
+  if cfg.kind == "crosscoder":
+    n, d_in = len(cfg.layers), params["w_enc"].shape[1] // len(cfg.layers)
+    d_out = params["w_dec"].shape[-1] // n
+    rows_in = np.repeat(s_in, d_in)
+    cols_out = np.repeat(s_out, d_out)
+    arrays = {"w_enc": params["w_enc"][0] * rows_in[:, None], "b_enc": params["b_enc"][0],
+              "w_dec": params["w_dec"][0] / cols_out[None, :], "b_dec": params["b_dec"][0] / cols_out,
+              "threshold": _threshold(cfg, params, state, 0)}
+    meta = {**base, "layers": list(cfg.layers), "l0": float(l0[0]),
+            "layout": "inputs and outputs are the listed layers concatenated, layer-major",
+            "hf_hook_point_in": [HF_HOOKS[site_in].format(layer=l) for l in cfg.layers],
+            "hf_hook_point_out": [HF_HOOKS[site_out].format(layer=l) for l in cfg.layers]}
+    return [ExportedDictionary(f"crosscoder/width_{cfg.width}", _f32(arrays), meta)]
+  for g, layer in enumerate(cfg.layers):
+    arrays = {"w_enc": params["w_enc"][g] * s_in[g], "b_enc": params["b_enc"][g],
+              "threshold": _threshold(cfg, params, state, g)}
+    if cfg.kind == "clt":
+      arrays["w_dec"] = params["w_dec"][g] / s_out[None, :, None]  # [F, L, d]; zero for t < g
+      arrays["b_dec"] = params["b_dec"][g] / s_out[g]
+      name = f"clt/layer_{layer}"
+    else:
+      arrays["w_dec"] = params["w_dec"][g] / s_out[g]
+      arrays["b_dec"] = params["b_dec"][g] / s_out[g]
+      name = f"{site_in}/layer_{layer}_width_{cfg.width}"
+    if "w_skip" in params:
+      arrays["affine_skip_connection"] = params["w_skip"][g] * s_in[g] / s_out[g]
+    meta = {**base, "layer": layer, "l0": float(l0[g]),
+            "hf_hook_point_in": HF_HOOKS[site_in].format(layer=layer),
+            "hf_hook_point_out": HF_HOOKS[site_out].format(layer=layer)}
+    if cfg.kind == "clt":
+      meta["target_layers"] = list(cfg.layers)
+    out.append(ExportedDictionary(name, _f32(arrays), meta))
+  return out
+
+
+def _f32(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}

@@ -1,0 +1,102 @@
+"""Training objectives on normalized activations.
+
+  loss = mse (+ Matryoshka prefixes) + sparsity + frequency + AuxK
+
+mse is the squared error summed over features, averaged over tokens, summed over dictionaries
+(each layer's dictionary gets its own gradient). Sparsity, per dictionary:
+  JumpReLU  linear:    c * L0                    quadratic: c * (L0 / target - 1)^2
+            (L0 through the step's pseudo-derivative, so only thresholds feel it)
+  ReLU      c * sum_f f * |w_dec_f|   (L1 weighted by decoder norm)
+  TopK/BatchTopK: none; AuxK: the top aux_k dead latents reconstruct the residual error,
+            aux_coef * |e - e_hat|^2 / |e - mean e|^2.
+Frequency (JumpReLU): freq_coef * sum_f relu(p_f - freq_max)^2, p_f = the batch firing rate
+through the step's pseudo-derivative. c ramps linearly over sparsity_warmup_steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from allscope import kernels
+from allscope.trainers import dictionaries
+from allscope.trainers.config import TrainConfig
+
+
+def sparsity_scale(cfg: TrainConfig, step: jax.Array) -> jax.Array:
+  warm = max(cfg.sparsity_warmup_steps, 1)
+  return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / warm)
+
+
+def _sq(v: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.square(v), axis=-1)  # over features -> [B, G]
+
+
+def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.Array,
+            dead: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """x [B, G, d_in], y [B, G_out, d_out] (normalized); dead [G, F] bool; scale: sparsity ramp."""
+  enc = dictionaries.encode(params, cfg, x)
+  y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
+  err = _sq(y - y_hat)  # [B, G_out]
+  mse = jnp.sum(jnp.mean(err, axis=0))
+  total_var = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)))
+  metrics = {"mse": mse, "fvu": jnp.sum(err) / jnp.maximum(total_var, 1e-12)}
+  loss = mse
+
+  for m in cfg.matryoshka:
+    acts_m = enc.acts * (enc.indices < m)
+    y_m = dictionaries.decode(params, cfg, x, enc.indices, acts_m)
+    loss = loss + jnp.sum(jnp.mean(_sq(y - y_m), axis=0))
+
+  l0 = jnp.mean(jnp.sum(enc.fired, axis=-1), axis=-1)  # [G]
+  metrics["l0"] = jnp.mean(l0)
+  metrics["l0_per_group"] = jax.lax.stop_gradient(l0)
+  batch = x.shape[0]
+  if cfg.activation == "jumprelu":
+    if cfg.l0_penalty == "linear":
+      sparsity = cfg.l0_coef * jnp.sum(l0)
+    else:
+      sparsity = cfg.l0_coef * jnp.sum(jnp.square(l0 / cfg.target_l0 - 1.0))
+    loss = loss + scale * sparsity
+    metrics["sparsity"] = sparsity
+    if cfg.freq_coef:
+      freq = jax.vmap(lambda i, v: jax.ops.segment_sum(v.reshape(-1), i.reshape(-1),
+                                                       num_segments=cfg.width))(
+          enc.indices, enc.fired) / batch  # [G, F]
+      freq_pen = cfg.freq_coef * jnp.sum(jnp.square(jax.nn.relu(freq - cfg.freq_max)))
+      loss = loss + scale * freq_pen
+      metrics["freq_penalty"] = freq_pen
+  elif cfg.activation == "relu":
+    norms = dictionaries.decoder_norms(params["w_dec"], cfg)  # [G, F]
+    w = jnp.take_along_axis(norms[:, None, :], enc.indices, axis=-1)
+    sparsity = cfg.l0_coef * jnp.sum(jnp.mean(jnp.sum(enc.acts * w, axis=-1), axis=-1))
+    loss = loss + scale * sparsity
+    metrics["sparsity"] = sparsity
+  else:
+    aux = _auxk(params, cfg, x, enc, jax.lax.stop_gradient(y - y_hat), dead)
+    loss = loss + cfg.aux_coef * aux
+    metrics["auxk"] = aux
+
+  metrics["overflow"] = enc.overflow
+  metrics["loss"] = loss
+  extras = {"indices": enc.indices, "fired": jax.lax.stop_gradient(enc.fired),
+            "batch_threshold": enc.batch_threshold}
+  return loss, (metrics, extras)
+
+
+def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual, dead) -> jax.Array:
+  """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024)."""
+  k_aux = min(cfg.aux_k, cfg.width)
+  xg = jnp.swapaxes(x, 0, 1)
+
+  def one(x_g, w_enc, b_enc, dense, dead_g):
+    sel = kernels.topk(jnp.where(dead_g[None, :], dense, -jnp.inf), k_aux)
+    pre = kernels.sparse_encode(x_g, w_enc, b_enc, dense, sel.indices)
+    ok = jnp.take_along_axis(jnp.broadcast_to(dead_g, dense.shape), sel.indices, axis=-1)
+    return sel.indices, jnp.where(ok, jax.nn.relu(pre), 0.0)
+
+  idx, acts = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], enc.dense_pre, dead)
+  e_hat = dictionaries.decode_latents(params, cfg, idx, acts)
+  num = jnp.sum(jnp.square(residual - e_hat))
+  den = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0, keepdims=True)))
+  return jnp.where(jnp.any(dead), num / jnp.maximum(den, 1e-12), 0.0)

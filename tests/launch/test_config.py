@@ -1,0 +1,70 @@
+"""The config system: typed files, dotted overrides, validation, and the saved resolved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from allscope.launch import config as config_lib
+from allscope.launch.config import ConfigError, RunConfig
+
+
+def test_named_config_file_loads_and_overrides_are_typed():
+  cfg = config_lib.load("sample", ["model.dtype=bfloat16", "seed=7", "output_dir=/tmp/x"])
+  assert cfg.model.dtype == "bfloat16" and cfg.seed == 7 and cfg.output_dir == "/tmp/x"
+
+
+def test_config_file_path_loads(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text(
+      "from allscope.launch.config import RunConfig\n"
+      "def get_config():\n  return RunConfig(seed=3)\n")
+  assert config_lib.load(str(path)).seed == 3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.dtyp=float32", r"unknown config key 'model.dtyp'.*name, dtype"),
+    ("seed=abc", r"seed: expected int, got 'abc'"),
+    ("model.dtype=float16", r"'float16' is not one of 'float32', 'bfloat16'"),
+    ("model=gemma", r"'model' is a value|expected ModelConfig|model"),
+    ("seed", r"not of the form section.field=value"),
+    ("model.name=gemma3-3b", r"unknown model name 'gemma3-3b'; valid names: gemma3-270m"),
+])
+def test_bad_overrides_get_clear_errors(override, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.load(None, [override])
+
+
+def test_unknown_config_name_lists_the_known_ones():
+  with pytest.raises(ConfigError, match="not found.*sample"):
+    config_lib.load("nonexistent")
+
+
+def test_resolved_config_round_trips_through_json(tmp_path):
+  cfg = config_lib.load("sample", ["seed=11", "model.dtype=bfloat16"])
+  path = config_lib.save(cfg, tmp_path / "out")
+  data = json.loads(path.read_text())
+  assert data["seed"] == 11 and data["model"]["dtype"] == "bfloat16"
+  assert config_lib.from_dict(RunConfig, data) == cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  layers: tuple[int, ...] = (0,)
+  limit: int | None = None
+  rate: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+  s: Section = Section()
+
+
+def test_sequences_and_optionals_are_coerced():
+  root = config_lib.apply_overrides(Root(), ["s.layers=[1,2,3]", "s.limit=none", "s.rate=2"])
+  assert root.s == Section(layers=(1, 2, 3), limit=None, rate=2.0)
+  assert config_lib.apply_overrides(Root(), ["s.layers=5"]).s.layers == (5,)
+  with pytest.raises(ConfigError, match="expected int"):
+    config_lib.apply_overrides(Root(), ["s.layers=[1,'a']"])

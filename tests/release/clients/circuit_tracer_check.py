@@ -1,0 +1,68 @@
+"""Loads allscope release folders with circuit-tracer and writes its encodings and reconstructions.
+
+Run in an environment that has circuit-tracer (no allscope needed):
+  python circuit_tracer_check.py <jobs.json> <inputs.npz> <outputs.npz>
+Jobs:
+  {"name", "loader": "transcoder", "path", "layer", "input"}        load_gemma_scope_2_transcoder
+  {"name", "loader": "transcoder_set", "paths": [...], "input"}     load_transcoder_set(gemma-scope-2)
+  {"name", "loader": "clt", "paths": [...], "input", "pad_key"}      load_gemma_scope_2_clt
+Inputs for sets and CLTs are [L, T, d] (one row block per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+  jobs_path, inputs_path, outputs_path = sys.argv[1:4]
+  jobs = json.loads(open(jobs_path).read())
+  inputs = np.load(inputs_path, allow_pickle=False)
+  from circuit_tracer.transcoder.cross_layer_transcoder import load_gemma_scope_2_clt
+  from circuit_tracer.transcoder.single_layer_transcoder import (
+      load_gemma_scope_2_transcoder, load_transcoder_set)
+
+  cpu, f32 = torch.device("cpu"), torch.float32
+  out, report = {}, {}
+  for job in jobs:
+    x = torch.from_numpy(inputs[job["input"]])
+    name = job["name"]
+    with torch.no_grad():
+      if job["loader"] == "transcoder":
+        tc = load_gemma_scope_2_transcoder(job["path"], job["layer"], device=cpu, dtype=f32)
+        feats = tc.encode(x)
+        recon = tc.decode(feats, x)
+      elif job["loader"] == "transcoder_set":
+        paths = {i: p for i, p in enumerate(job["paths"])}
+        ts = load_transcoder_set(paths, scan="allscope-test",
+                                 feature_input_hook="hook_resid_mid",
+                                 feature_output_hook="hook_mlp_out", device=cpu, dtype=f32,
+                                 special_load_fn="gemma-scope-2", lazy_encoder=False,
+                                 lazy_decoder=False)
+        feats = ts.encode(x)
+        recon = ts.decode(feats, x)
+      else:
+        paths = {i: p for i, p in enumerate(job["paths"])}
+        if job.get("pad_key"):
+          # load_gemma_scope_2_clt reads range(max(paths)) layers: one key past the last layer.
+          paths[len(paths)] = paths[len(paths) - 1]
+        try:
+          clt = load_gemma_scope_2_clt(paths, device=cpu, dtype=f32)
+        except Exception as e:  # the quirk under test: report it instead of crashing
+          report[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+          continue
+        feats = clt.encode(x)
+        recon = clt.decode(feats.to_sparse(), x)
+      out[f"{name}/features"] = feats.numpy()
+      out[f"{name}/reconstruction"] = recon.numpy()
+      report[name] = {"shape": list(recon.shape)}
+  np.savez(outputs_path, **out)
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,266 @@
+"""Evaluation metrics against a float64 numpy reference, and spliced LM loss on the real Gemma 3
+forward (a tiny random Gemma 3, and the real 270M for the identity check)."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tensorboardX.proto import event_pb2
+
+from allscope import models
+from allscope.release import CrossLayerTranscoder, Dictionary, EvalConfig, evaluate
+from allscope.release.evaluate import activation_metrics
+
+from .conftest import random_params
+from .reference import ref_clt, ref_decode, ref_encode, rel_err
+
+TINY = models.Gemma3Config(vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
+                           head_dim=16, d_ff=64, sliding_window=8)
+
+
+def ref_metrics(x, y, feats, recon, dense=0.1):
+  x, y, feats, recon = (np.asarray(a, np.float64) for a in (x, y, feats, recon))
+  y2 = y.reshape(len(y), -1)
+  fvu = np.sum((y - recon) ** 2) / np.sum((y2 - y2.mean(0)) ** 2)
+  fired = (feats != 0).reshape(len(feats), -1)
+  freq = fired.mean(0)
+  return {"fvu": fvu, "l0": fired.sum(1).mean(), "dead_fraction": np.mean(freq == 0),
+          "dense_fraction": np.mean(freq > dense)}, freq
+
+
+@pytest.mark.parametrize("architecture,affine", [("jump_relu", False), ("jump_relu", True),
+                                                 ("topk", False), ("relu", False)])
+def test_activation_metrics_match_float64_reference(rng, architecture, affine):
+  p = random_params(rng, 24, 96, 20, affine)
+  p["b_enc"][:10] += 3.0  # some dense latents
+  p["b_enc"][10:20] -= 30.0  # some dead latents
+  d = Dictionary(p, "transcoder", architecture, "tiny", 0, "mlp_in", "mlp_out", k=6)
+  x = rng.normal(0, 1, (700, 24)).astype(np.float32)
+  y = (rng.normal(0, 1, (700, 20)) + 0.5).astype(np.float32)
+  got, freq = activation_metrics(d, x, y, 0.1, batch=256)
+  f = ref_encode(p, x, architecture, 6)
+  want, want_freq = ref_metrics(x, y, f, ref_decode(p, f, x))
+  for key, value in want.items():
+    assert abs(got[key] - value) <= 1e-6 * max(1.0, abs(value)), (key, got[key], value)
+  np.testing.assert_array_equal(freq, want_freq)
+  assert got["n_dead"] >= 10 and got["n_dense"] >= 10
+  assert got["n_tokens"] == 700
+
+
+def test_clt_activation_metrics_match_float64_reference(rng):
+  n, d_model, width = 3, 16, 40
+  layers = tuple(random_params(rng, d_model, width, d_model, clt_layers=n, source=l) for l in range(n))
+  clt = CrossLayerTranscoder(layers, "jump_relu", "tiny")
+  x = rng.normal(0, 1, (300, n, d_model)).astype(np.float32)
+  y = rng.normal(0, 1, (300, n, d_model)).astype(np.float32)
+  got, freq = activation_metrics(clt, x, y)
+  feats, outs = ref_clt(layers, x.transpose(1, 0, 2))
+  want, want_freq = ref_metrics(x, y, feats.transpose(1, 0, 2), outs.transpose(1, 0, 2))
+  for key, value in want.items():
+    assert abs(got[key] - value) <= 1e-6 * max(1.0, abs(value)), (key, got[key], value)
+  np.testing.assert_array_equal(freq.reshape(-1), want_freq)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = models.Gemma3(TINY, jnp.float32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(3, TINY.vocab_size, (3, 12)).astype(np.int32)
+  tokens[:, 0] = TINY.bos_id
+  tokens[2, 9:] = TINY.pad_id  # a padded row
+  return model, tokens
+
+
+def _ce(logits, tokens):
+  """Reference CE over targets whose position and target are real tokens."""
+  logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], -1))
+  mask = tokens != TINY.pad_id
+  valid = mask[:, 1:] & mask[:, :-1]
+  nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  return float(nll[valid].mean())
+
+
+def _eager_logits(model, tokens, splice=None):
+  """Reference forwards run op by op: each uses fresh closures, which would each compile."""
+  with jax.disable_jit():
+    return model.logits(tokens, splice=splice)
+
+
+def _keep(tokens):
+  return (tokens != TINY.pad_id) & (tokens != TINY.bos_id)
+
+
+def _const_splice(value, tokens):
+  keep = jnp.asarray(_keep(tokens))[..., None]
+  return lambda a: jnp.where(keep, jnp.asarray(value, a.dtype), a)
+
+
+def identity_sae(d_model, site, layer, model_name="tiny"):
+  eye = np.eye(d_model, dtype=np.float32)
+  params = {"w_enc": np.concatenate([eye, -eye], 1), "w_dec": np.concatenate([eye, -eye], 0),
+            "b_enc": np.zeros(2 * d_model, np.float32), "b_dec": np.zeros(d_model, np.float32),
+            "threshold": np.zeros(2 * d_model, np.float32)}
+  return Dictionary(params, "sae", "jump_relu", model_name, layer, site, site)
+
+
+CFG = EvalConfig(n_sequences=3, seq_len=12, batch_size=2)
+
+
+def test_identity_sae_splice_leaves_the_loss_unchanged(tiny):
+  model, tokens = tiny
+  (r,) = evaluate(CFG, [identity_sae(32, "resid_post", 1)], model, tokens, progress=False)
+  m = r.metrics
+  assert abs(m["delta_lm_loss"]) < 1e-5 and m["kl"] < 1e-6 and m["fvu"] < 1e-10
+  assert abs(m["fraction_loss_recovered"] - 1.0) < 1e-4
+  assert m["n_tokens"] == int(_keep(tokens).sum())
+  assert m["ce_clean"] == pytest.approx(_ce(_eager_logits(model, tokens), tokens), rel=1e-5)
+
+
+def test_transcoder_splice_matches_a_reference_replacement(tiny, rng):
+  model, tokens = tiny
+  layer = 2
+  tc = Dictionary(random_params(rng, 32, 48, 32, affine=True), "transcoder", "jump_relu", "tiny",
+                  layer, "mlp_in", "mlp_out")
+  zero = Dictionary({**random_params(rng, 32, 48, 32), "w_dec": np.zeros((48, 32), np.float32),
+                     "b_dec": np.zeros(32, np.float32)}, "transcoder", "jump_relu", "tiny", 1,
+                    "mlp_in", "mlp_out")
+  r_tc, r_zero = evaluate(CFG, [tc, zero], model, tokens, progress=False)
+
+  x = np.asarray(model.capture(tokens, sites=("mlp_in",), layers=(layer,))["mlp_in"][:, :, 0])
+  recon = ref_decode(tc.params, ref_encode(tc.params, x), x)
+  logits = _eager_logits(model, tokens, {("mlp_out", layer): _const_splice(recon, tokens)})
+  assert rel_err(r_tc.metrics["ce_spliced"], _ce(logits, tokens)) < 1e-5
+  zero_logits = _eager_logits(model, tokens, {("mlp_out", layer): _const_splice(0.0, tokens)})
+  assert rel_err(r_tc.metrics["ce_zero_ablation"], _ce(zero_logits, tokens)) < 1e-5
+  clean = r_tc.metrics["ce_clean"]
+  assert r_tc.metrics["delta_lm_loss"] == pytest.approx(r_tc.metrics["ce_spliced"] - clean)
+  # a transcoder that outputs zeros is exactly zero ablation: nothing recovered
+  assert r_zero.metrics["ce_spliced"] == pytest.approx(r_zero.metrics["ce_zero_ablation"], rel=1e-6)
+  assert abs(r_zero.metrics["fraction_loss_recovered"]) < 1e-5
+
+
+def test_clt_replaces_every_layer_with_errors_feeding_forward(tiny, rng):
+  model, tokens = tiny
+  n = TINY.n_layers
+  layers = tuple(random_params(rng, 32, 24, 32, clt_layers=n, source=l) for l in range(n))
+  clt = CrossLayerTranscoder(layers, "jump_relu", "tiny")
+  (r,) = evaluate(CFG, [clt], model, tokens, progress=False)
+
+  # Reference replacement model, built layer by layer: mlp_in[l] is captured from the model with
+  # layers < l already replaced, then layer l's output comes from the float64 CLT math.
+  outs, xs = [], []
+  for l in range(n):
+    splice = {("mlp_out", j): _const_splice(outs[j], tokens) for j in range(l)}
+    xs.append(_capture_with_splice(model, tokens, l, splice))
+    _, ys = ref_clt(layers, _pad_layers(xs, n))
+    outs.append(ys[l])
+  splice = {("mlp_out", j): _const_splice(outs[j], tokens) for j in range(n)}
+  want = _ce(_eager_logits(model, tokens, splice), tokens)
+  assert rel_err(r.metrics["ce_spliced"], want) < 1e-5
+  zero = {("mlp_out", j): _const_splice(0.0, tokens) for j in range(n)}
+  assert rel_err(r.metrics["ce_zero_ablation"], _ce(_eager_logits(model, tokens, zero), tokens)) < 1e-5
+  assert r.metrics["kl"] > 0 and len(r.metrics["l0_per_layer"]) == n
+
+
+def _capture_with_splice(model, tokens, layer, splice):
+  """mlp_in[layer] of the model with `splice` applied upstream (via the public logits splice)."""
+  seen = {}
+  def record(a):
+    seen["x"] = a
+    return a
+  model_splice = {**splice, ("mlp_in", layer): record}
+  _eager_logits(model, tokens, model_splice)
+  return np.asarray(seen["x"], np.float64)
+
+
+def _pad_layers(xs, n):
+  """ref_clt wants every layer's input; layers not reached yet do not affect earlier outputs."""
+  return np.stack(xs + [np.zeros_like(xs[0])] * (n - len(xs)))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(layer=9), "transcoder mlp_in->mlp_out layer 9: layer 9 is out of range"),
+    (dict(width_in=31), "layer 0: w_enc has width 31 but mlp_in of the model has 32"),
+])
+def test_bad_dictionaries_are_refused_before_any_forward(tiny, rng, change, message):
+  model, tokens = tiny
+  d_in = change.get("width_in", 32)
+  d = Dictionary(random_params(rng, d_in, 16, 32), "transcoder", "jump_relu", "tiny",
+                 change.get("layer", 0), "mlp_in", "mlp_out")
+  with pytest.raises(ValueError, match=message):
+    evaluate(CFG, [d], model, tokens, progress=False)
+
+
+def test_bad_tokens_are_refused(tiny):
+  model, tokens = tiny
+  with pytest.raises(ValueError, match="token ids must lie in"):
+    evaluate(CFG, [identity_sae(32, "resid_post", 0)], model, tokens + 1000, progress=False)
+  with pytest.raises(ValueError, match="integer array"):
+    evaluate(CFG, [identity_sae(32, "resid_post", 0)], model, tokens.astype(np.float32), progress=False)
+
+
+def test_metrics_reach_tensorboard(tiny, tmp_path):
+  model, tokens = tiny
+  evaluate(EvalConfig(n_sequences=2, seq_len=12, batch_size=2, splice=False),
+           [identity_sae(32, "mlp_out", 3)], model, tokens, log_dir=tmp_path, progress=False)
+  tags = set()
+  for path in tmp_path.glob("events.out.tfevents.*"):  # TFRecord framing: len, crc, data, crc
+    data = path.read_bytes()
+    while data:
+      n = struct.unpack("<Q", data[:8])[0]
+      event = event_pb2.Event.FromString(data[12:12 + n])
+      tags.update(v.tag for v in event.summary.value)
+      data = data[12 + n + 4:]
+  assert any(t.endswith("/fvu") for t in tags) and any(t.endswith("/l0") for t in tags)
+
+
+@pytest.mark.slow
+def test_identity_sae_on_real_gemma3_270m(gemma270m):
+  model, tokenizer = gemma270m
+  ids = tokenizer.encode("The lighthouse keeper climbed the narrow stairs at dusk to light the "
+                         "great lamp, as his father had done every evening before him.", add_bos=True)
+  assert len(ids) >= 16
+  tokens = np.asarray([ids[:14], [tokenizer.bos_id] + ids[2:15]], np.int32)
+  (r,) = evaluate(EvalConfig(n_sequences=2, seq_len=14, batch_size=2),
+                  [identity_sae(640, "resid_post", 6, "gemma3-270m")], model, tokens, progress=False)
+  assert abs(r.metrics["delta_lm_loss"]) < 1e-4, r.metrics
+  assert r.metrics["ce_zero_ablation"] > r.metrics["ce_clean"] + 0.1, r.metrics
+  assert math.isfinite(r.metrics["ce_clean"]) and r.metrics["ce_clean"] < 8
+
+
+def test_evaluate_then_release_then_load(tiny, rng, tmp_path):
+  """The stage chain the CLI runs: evaluate -> write_release -> load, metrics carried along."""
+  from allscope.release import ReleaseConfig, load, write_release
+  model, tokens = tiny
+  dicts = [Dictionary(random_params(rng, 32, 48, 32), "transcoder", "jump_relu", "tiny", l,
+                      "mlp_in", "mlp_out") for l in range(TINY.n_layers)]
+  results = evaluate(CFG, dicts, model, tokens, progress=False)
+  root = write_release(ReleaseConfig(directory="rel"), dicts, tmp_path, evaluations=results)
+  release = load(root)
+  for r, metrics in zip(results, release.metrics()):
+    assert metrics["delta_lm_loss"] == r.metrics["delta_lm_loss"]
+    assert (root / r.path / "params.safetensors").exists()  # folder named by the measured L0
+  assert "| `transcoder/layer_0_width_48_l0_" in (root / "README.md").read_text()
+
+
+def test_clt_on_a_subset_of_layers_splices_only_those(tiny, rng):
+  model, tokens = tiny
+  layers = (1, 3)
+  parts = []
+  for i in range(len(layers)):
+    p = random_params(rng, 32, 24, 32, clt_layers=len(layers), source=i)
+    p["w_dec"][:] = 0.0
+    p["b_dec"][:] = 0.0
+    parts.append(p)
+  clt = CrossLayerTranscoder(tuple(parts), "jump_relu", "tiny", layers=layers)
+  (r,) = evaluate(CFG, [clt], model, tokens, progress=False)
+  zero = {("mlp_out", l): _const_splice(0.0, tokens) for l in layers}
+  want = _ce(_eager_logits(model, tokens, zero), tokens)
+  assert rel_err(r.metrics["ce_spliced"], want) < 1e-5
+  assert r.metrics["ce_zero_ablation"] == pytest.approx(r.metrics["ce_spliced"], rel=1e-6)

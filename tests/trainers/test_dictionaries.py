@@ -1,0 +1,50 @@
+"""The NNX module, shapes and initialization of every kind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from allscope.trainers import dictionaries
+from allscope.trainers.config import KINDS, TrainConfig
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_matches_pure_forward_and_initialization_conventions(kind):
+  cfg = TrainConfig(kind=kind, activation="topk", layers=(0, 3, 5), width=32, k=4)
+  module = dictionaries.Dictionary(cfg, 12, 12, rngs=nnx.Rngs(0))
+  params = module.params()
+  assert {k: v.shape for k, v in params.items()} == dictionaries.shapes(cfg, 12, 12)
+  x = jax.random.normal(jax.random.key(1), (8, 3, 12))
+  want, _ = dictionaries.forward(params, cfg, dictionaries.prepare(cfg, x))
+  np.testing.assert_array_equal(module(x), want)
+  norms = np.asarray(dictionaries.decoder_norms(params["w_dec"], cfg))
+  np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # unit decoder rows
+  if kind == "clt":  # a source layer never writes to earlier layers
+    w = np.asarray(params["w_dec"])
+    assert np.all(w[1, :, 0] == 0) and np.all(w[2, :, :2] == 0)
+    own = np.stack([w[g, :, g, :] for g in range(3)])
+    assert np.allclose(np.swapaxes(params["w_enc"], 1, 2),
+                       own / np.linalg.norm(own, axis=-1, keepdims=True), atol=1e-6)
+  else:
+    w_enc = np.asarray(params["w_enc"])
+    if w_enc.shape[1] == params["w_dec"].shape[-1]:
+      np.testing.assert_allclose(np.swapaxes(w_enc, 1, 2), params["w_dec"], atol=1e-6)
+  rebuilt = dictionaries.Dictionary(cfg, 12, 12, params=params)
+  np.testing.assert_array_equal(rebuilt(x), want)
+
+
+def test_bfloat16_encoder_product_stays_close_to_float32():
+  cfg = TrainConfig(kind="sae", activation="jumprelu", layers=(0,), width=64, capacity=64,
+                    threshold_init=0.05)
+  params = dictionaries.init_params(cfg, 32, 32, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 1, 32)) / np.sqrt(32)
+  y32, _ = dictionaries.forward(params, cfg, x)
+
+  y16, _ = dictionaries.forward(params, dataclasses.replace(cfg, matmul_dtype="bfloat16"), x)
+  assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 0.05

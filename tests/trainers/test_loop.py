@@ -1,0 +1,96 @@
+"""The train loop: non-finite values stop the run cleanly; bad input fails before compiling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorboardX  # noqa: F401  (the loop writes event files with it)
+
+from allscope.trainers import TrainConfig, TrainingDiverged, synthetic, train
+
+SRC = synthetic.SyntheticSource(synthetic.SyntheticSpec(d=16, n_features=32, n_layers=2, l0=3),
+                                n_rows=2048)
+CFG = TrainConfig(kind="sae", activation="topk", layers=(0, 1), width=32, k=3, batch_size=64,
+                  steps=12, lr=1e-3, lr_warmup_steps=1, checkpoint_every=4, log_every=100)
+
+
+class PoisonAt:
+  """A checkpointable source whose n-th batch (1-based) carries a NaN."""
+
+  def __init__(self, loader, n: int):
+    self.loader, self.n = loader, n
+
+  def __iter__(self):
+    return _Poisoned(iter(self.loader), self.n)
+
+
+class _Poisoned:
+  def __init__(self, it, n):
+    self.it, self.n, self.i = it, n, 0
+
+  def __next__(self):
+    batch = next(self.it)
+    self.i += 1
+    if self.i == self.n:
+      batch = {k: v.copy() for k, v in batch.items()}
+      batch["resid_post"][3, 1, 5] = np.nan
+    return batch
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def test_nan_input_stops_with_step_and_cause_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(TrainingDiverged, match=r"step 6: a non-finite value .* input batch.*step 4"):
+    train(CFG, PoisonAt(synthetic.loader(SRC, 64), 6), SRC.norm_scale(), tmp_path, progress=False)
+  mngr = ocp.CheckpointManager(tmp_path / "checkpoints")
+  assert mngr.all_steps() == [4]
+  restored = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  for v in restored["state"]["params"].values():
+    assert np.all(np.isfinite(v))
+
+
+def test_diverging_update_is_named(tmp_path):
+  cfg = dataclasses.replace(CFG, lr=1e38, grad_clip=1e38, decoder_norm="none", steps=4,
+                            checkpoint_every=100)
+  with pytest.raises(TrainingDiverged, match="non-finite (loss|gradient or parameter update)"):
+    train(cfg, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path, progress=False)
+
+
+def test_resume_with_a_different_dictionary_is_refused(tmp_path):
+  train(dataclasses.replace(CFG, steps=4), synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path,
+        progress=False)
+  with pytest.raises(ValueError, match="train.width=32.*64"):
+    train(dataclasses.replace(CFG, steps=8, width=64), synthetic.loader(SRC, 64),
+          SRC.norm_scale(), tmp_path, progress=False)
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(kind="autoencoder"), "train.kind='autoencoder' is unknown"),
+    (dict(activation="gelu"), "train.activation='gelu' is unknown"),
+    (dict(d_in=17), "width mismatch: site 'resid_post' has width 16 .* train.d_in=17"),
+    (dict(width=30, mesh_model=4), "width=30 is not divisible by train.mesh_model=4"),
+    (dict(batch_size=63), "loader yields batches of 64 rows on each of 1 process\\(es\\) but train.batch_size=63"),
+    (dict(kind="transcoder"), "the data has no site 'mlp_in' \\(the input of a transcoder\\)"),
+    (dict(layers=(0, 1, 2)), "holds 2 layers per row but train.layers lists 3"),
+    (dict(mesh_data=2), "does not fit 1 devices"),
+    (dict(mesh_data=3), "batch_size=64 is not divisible by train.mesh_data=3"),
+])
+def test_bad_input_is_reported_before_compiling(tmp_path, change, message):
+  cfg = dataclasses.replace(CFG, **change)
+  norm = {"mlp_in": np.ones(2), "mlp_out": np.ones(2), **SRC.norm_scale()}
+  with pytest.raises(ValueError, match=message):
+    train(cfg, synthetic.loader(SRC, 64), norm, tmp_path, progress=False)
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_norm_scale_must_cover_the_sites(tmp_path):
+  with pytest.raises(ValueError, match="norm_scale has no entry for site 'resid_post'"):
+    train(CFG, synthetic.loader(SRC, 64), {"mlp_in": np.ones(2)}, tmp_path, progress=False)

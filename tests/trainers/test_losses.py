@@ -1,0 +1,105 @@
+"""Every kind and activation: loss and gradients match the float64 numpy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from allscope.trainers import dictionaries, losses
+from allscope.trainers.config import KINDS, TrainConfig
+from tests.trainers import numpy_reference as ref
+
+B, D, F, L = 24, 12, 40, 3
+
+
+def rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def random_params(cfg: TrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  shp = dictionaries.shapes(cfg, D, D)
+  p = {"w_enc": rng.standard_normal(shp["w_enc"]) / np.sqrt(shp["w_enc"][1]),
+       "b_enc": 0.1 * rng.standard_normal(shp["b_enc"]),
+       "w_dec": rng.standard_normal(shp["w_dec"]) / np.sqrt(F),
+       "b_dec": 0.1 * rng.standard_normal(shp["b_dec"])}
+  if cfg.kind == "clt":
+    p["w_dec"] *= np.triu(np.ones((L, L)))[:, None, :, None]
+  if "log_threshold" in shp:
+    p["log_threshold"] = np.log(rng.uniform(0.2, 0.9, shp["log_threshold"]))
+  if "w_skip" in shp:
+    p["w_skip"] = 0.1 * rng.standard_normal(shp["w_skip"])
+  return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+CASES = [(kind, act) for kind in KINDS for act in ("jumprelu", "topk", "batchtopk", "relu")]
+
+
+def _check(cfg: TrainConfig, seed: int) -> dict[str, float]:
+  rng = np.random.default_rng(seed)
+  p = random_params(cfg, rng)
+  x = rng.standard_normal((B, L, D)).astype(np.float32)
+  y = rng.standard_normal((B, L, D)).astype(np.float32)
+  dead = rng.random((cfg.n_groups, F)) < 0.5
+  scale = 0.7
+  want_loss, want_m, want_g = ref.loss_and_grads(p, cfg, x, y, dead, scale)
+  jp = {k: jnp.asarray(v) for k, v in p.items()}
+  fn = lambda q: losses.loss_fn(q, cfg, dictionaries.prepare(cfg, jnp.asarray(x)),
+                                dictionaries.prepare(cfg, jnp.asarray(y)), jnp.asarray(dead),
+                                jnp.asarray(scale))
+  (loss, (metrics, _)), grads = jax.value_and_grad(fn, has_aux=True)(jp)
+  errors = {"loss": rel(loss, want_loss), "l0": rel(metrics["l0"], want_m["l0"]),
+            "fvu": rel(metrics["fvu"], want_m["fvu"])}
+  errors.update({f"d_{k}": rel(grads[k], want_g[k]) for k in want_g})
+  for k, v in want_g.items():
+    assert np.linalg.norm(v) > 0, f"reference gradient of {k} is zero: the test would be vacuous"
+  return errors
+
+
+@pytest.mark.parametrize("kind,activation", CASES)
+def test_loss_and_gradients_match_float64_reference(kind, activation):
+  cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
+                    capacity=F if activation != "topk" else 0, target_l0=6.0, bandwidth=0.3,
+                    aux_k=8, l0_coef=0.5)
+  errors = _check(cfg, seed=CASES.index((kind, activation)))
+  assert max(errors.values()) < 2e-5, errors
+
+
+@pytest.mark.parametrize("variant", [
+    dict(l0_penalty="linear"),
+    dict(freq_coef=3.0, freq_max=0.05),
+    dict(matryoshka=(8, 24)),
+])
+def test_jumprelu_penalty_variants_match_reference(variant):
+  cfg = TrainConfig(kind="transcoder", activation="jumprelu", layers=tuple(range(L)), width=F,
+                    capacity=F, target_l0=6.0, bandwidth=0.3, l0_coef=0.5, **variant)
+  errors = _check(cfg, seed=7)
+  assert max(errors.values()) < 2e-5, errors
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_matryoshka_with_topk_matches_reference(activation):
+  cfg = TrainConfig(kind="sae", activation=activation, layers=tuple(range(L)), width=F, k=5,
+                    capacity=F if activation == "batchtopk" else 0, matryoshka=(10, 20), aux_k=8)
+  errors = _check(cfg, seed=11)
+  assert max(errors.values()) < 2e-5, errors
+
+
+def test_threshold_gradient_is_only_the_pseudo_derivative():
+  """With no latent inside the window, the thresholds get exactly zero gradient."""
+  cfg = dataclasses.replace(TrainConfig(kind="sae", activation="jumprelu", layers=(0,), width=F,
+                                        capacity=F, bandwidth=1e-4))
+  rng = np.random.default_rng(3)
+  p = {k: jnp.asarray(v) for k, v in random_params(
+      dataclasses.replace(cfg, layers=tuple(range(L))), rng).items()}
+  p = {k: v[:1] for k, v in p.items()}
+  x = jnp.asarray(rng.standard_normal((B, 1, D)), jnp.float32)
+  pre = np.einsum("bgi,gif->gbf", x, p["w_enc"]) + p["b_enc"][:, None]
+  assert np.min(np.abs(pre - np.exp(p["log_threshold"])[:, None])) > 1e-4 / 2
+  g = jax.grad(lambda q: losses.loss_fn(q, cfg, x, x, jnp.zeros((1, F), bool), 1.0)[0])(p)
+  assert np.all(np.asarray(g["log_threshold"]) == 0)
+  assert np.linalg.norm(g["w_enc"]) > 0
