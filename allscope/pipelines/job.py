@@ -33,7 +33,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from allscope import models
-from allscope.models import loader
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
 from allscope.pipelines import store
