@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -32,7 +33,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from allscope import models
-from allscope.models import loader
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
 from allscope.pipelines import store
@@ -144,17 +144,17 @@ def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, arch=No
   # Estimate sequences per unit from the first unit with text, and read only as many units as
   # the budget needs (+25%); this is deterministic, so a re-run picks the same units.
   source = corpus_lib.tfds_source(cfg.corpus) if cfg.corpus.kind == "tfds" else None
+  num_sequences = math.ceil(cfg.token_budget / (cfg.context_length - 1))
   per_unit, first = 0, 0
   for first, unit in enumerate(units):
-    per_unit = sum(1 for _ in corpus_lib.unit_sequences(
+    per_unit = sum(1 for _ in itertools.islice(corpus_lib.unit_sequences(
         cfg.corpus, unit, lambda t: tokenizer.encode(t, add_bos=False), cfg.context_length,
-        arch.bos_id, arch.eos_id, arch.pad_id, source))
+        arch.bos_id, arch.eos_id, arch.pad_id, source), num_sequences))
     if per_unit:
       break
   if not per_unit:
     raise HarvestError(f"the corpus ({cfg.corpus.kind} {cfg.corpus.path!r}) holds no text: "
                        f"{len(units)} unit(s) read, all empty")
-  num_sequences = math.ceil(cfg.token_budget / (cfg.context_length - 1))
   n_units = min(len(units), first + 1 + math.ceil(1.25 * num_sequences / per_unit))
   widths = {s: arch.site_widths[s] for s in cfg.sites}
   harvest_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
@@ -226,6 +226,7 @@ class TokenizePack(beam.DoFn):
 
   def __init__(self, p: Plan, arch, tokenizer):
     self._corpus, self._ctx = p.cfg.corpus, p.cfg.context_length
+    self._limit = p.num_sequences  # a unit's sequence j >= this is never kept (id >= j)
     self._special = (arch.bos_id, arch.eos_id, arch.pad_id)
     self._tokenizer = tokenizer
 
@@ -237,7 +238,7 @@ class TokenizePack(beam.DoFn):
     encode = lambda t: self._tokenizer.encode(t, add_bos=False)
     seqs = corpus_lib.unit_sequences(self._corpus, unit, encode, self._ctx, *self._special,
                                      source=self._source)
-    for j, (tokens, n_valid) in enumerate(seqs):
+    for j, (tokens, n_valid) in enumerate(itertools.islice(seqs, self._limit)):
       yield u, j, tokens, n_valid
 
 
