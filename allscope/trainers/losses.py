@@ -73,7 +73,10 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
   else:
-    aux = _auxk(params, cfg, x, enc, jax.lax.stop_gradient(y - y_hat), dead)
+    # AuxK only matters once latents die; skipping it until then saves its aux_k-wide decode.
+    residual = jax.lax.stop_gradient(y - y_hat)
+    aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual, dead),
+                       lambda p: jnp.zeros((), jnp.float32), params)
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
 
@@ -99,4 +102,4 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual, dea
   e_hat = dictionaries.decode_latents(params, cfg, idx, acts)
   num = jnp.sum(jnp.square(residual - e_hat))
   den = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0, keepdims=True)))
-  return jnp.where(jnp.any(dead), num / jnp.maximum(den, 1e-12), 0.0)
+  return num / jnp.maximum(den, 1e-12)
