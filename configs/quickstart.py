@@ -27,8 +27,8 @@ def get_config() -> RunConfig:
           context_length=128, token_budget=24_576, batch_size=8),
       train=TrainConfig(
           kind="skip_transcoder", activation="topk", k=16, layers=LAYERS, width=1024,
-          batch_size=512, steps=240, lr=1e-3, lr_warmup_steps=20, checkpoint_every=120,
+          batch_size=512, steps=300, lr=1e-3, lr_warmup_steps=20, checkpoint_every=150,
           log_every=20),
-      evaluate=EvalConfig(n_sequences=8, seq_len=128, batch_size=8),
+      evaluate=EvalConfig(n_sequences=4, seq_len=128, batch_size=4),
       release=ReleaseConfig(name="gemma3-270m-quickstart"),
   )
