@@ -61,3 +61,13 @@ def test_second_run_resumes_and_redoes_nothing(quick):
   cfg, first = quick
   result = stages.train(cfg)
   assert result.resumed_from == cfg.train.steps
+
+
+def test_released_dictionaries_evaluate_as_they_did_in_the_run(quick):
+  """`allscope evaluate --release`: the published folder gives back the run's metrics."""
+  cfg, out = quick
+  reloaded = list(release.load(out["release"]).dictionaries)
+  again = {e.path: e.metrics for e in stages.evaluate(cfg, reloaded)}
+  for entry in json.loads(stages.Paths(out["store"].parent).evaluation.read_text())["dictionaries"]:
+    for key in ("fvu", "l0", "delta_lm_loss"):
+      assert again[entry["path"]][key] == pytest.approx(entry["metrics"][key], rel=1e-4, abs=1e-6)
