@@ -52,10 +52,7 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
     ax.grid(alpha=0.3)
   if groups:
     axes[1].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(release_dir / PLOTS[0], dpi=110)
-  plt.close(fig)
-  written.append(PLOTS[0])
+  written.append(_save(fig, release_dir, PLOTS[0]))
 
   fig, ax = plt.subplots(figsize=(7.5, 4.2))
   for label, group in groups.items():
@@ -71,10 +68,7 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(release_dir / PLOTS[1], dpi=110)
-  plt.close(fig)
-  written.append(PLOTS[1])
+  written.append(_save(fig, release_dir, PLOTS[1]))
 
   fig, ax = plt.subplots(figsize=(7.5, 4.2))
   all_freq = [np.asarray(f).reshape(-1) for f in frequencies if f is not None]
@@ -88,11 +82,17 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
   ax.axvline(-1, color="tab:red", linestyle="--", label="dense (10%)")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(release_dir / PLOTS[2], dpi=110)
-  plt.close(fig)
-  written.append(PLOTS[2])
+  written.append(_save(fig, release_dir, PLOTS[2]))
   return written
+
+
+def _save(fig, release_dir: Path, name: str) -> str:
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(release_dir / name, dpi=110)
+  plt.close(fig)
+  return name
 
 
 def readme(name: str, info: Mapping[str, Any], entries: Sequence[Mapping[str, Any]],

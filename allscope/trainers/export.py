@@ -22,13 +22,6 @@ import numpy as np
 
 from allscope.trainers.config import TrainConfig
 
-HF_HOOKS = {
-    "resid_post": "model.layers.{layer}.output",
-    "attn_out": "model.layers.{layer}.self_attn.o_proj.input",
-    "mlp_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
-    "mlp_out": "model.layers.{layer}.post_feedforward_layernorm.output",
-}
-
 
 @dataclasses.dataclass
 class ExportedDictionary:
@@ -82,9 +75,7 @@ def release_arrays(cfg: TrainConfig, state: Mapping[str, Any], norm_scale: Mappi
               "w_dec": params["w_dec"][0] / cols_out[None, :], "b_dec": params["b_dec"][0] / cols_out,
               "threshold": _threshold(cfg, params, state, 0)}
     meta = {**base, "layers": list(cfg.layers), "l0": float(l0[0]),
-            "layout": "inputs and outputs are the listed layers concatenated, layer-major",
-            "hf_hook_point_in": [HF_HOOKS[site_in].format(layer=l) for l in cfg.layers],
-            "hf_hook_point_out": [HF_HOOKS[site_out].format(layer=l) for l in cfg.layers]}
+            "layout": "inputs and outputs are the listed layers concatenated, layer-major"}
     return [ExportedDictionary(f"crosscoder/width_{cfg.width}", _f32(arrays), meta)]
   for g, layer in enumerate(cfg.layers):
     arrays = {"w_enc": params["w_enc"][g] * s_in[g], "b_enc": params["b_enc"][g],
@@ -99,9 +90,8 @@ def release_arrays(cfg: TrainConfig, state: Mapping[str, Any], norm_scale: Mappi
       name = f"{site_in}/layer_{layer}_width_{cfg.width}"
     if "w_skip" in params:
       arrays["affine_skip_connection"] = params["w_skip"][g] * s_in[g] / s_out[g]
-    meta = {**base, "layer": layer, "l0": float(l0[g]),
-            "hf_hook_point_in": HF_HOOKS[site_in].format(layer=layer),
-            "hf_hook_point_out": HF_HOOKS[site_out].format(layer=layer)}
+    # Hook names, folder names and config.json belong to the release step (release/layout.py).
+    meta = {**base, "layer": layer, "l0": float(l0[g])}
     if cfg.kind == "clt":
       meta["target_layers"] = list(cfg.layers)
     out.append(ExportedDictionary(name, _f32(arrays), meta))
