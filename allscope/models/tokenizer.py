@@ -39,6 +39,20 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self._backend.decode([int(i) for i in ids])
 
+  def piece_text(self, token_id: int) -> str:
+    """One token as display text: its vocabulary piece with SentencePiece's U+2581 back to a
+    space (so ' the' keeps its space, which `decode([id])` strips) and ASCII byte pieces
+    (`<0x0A>`) as their character. Control pieces (`<bos>`) stay as written."""
+    backend = self._backend
+    piece = (backend.tok.id_to_token(int(token_id)) if isinstance(backend, _HFTokenizers)
+             else backend.id_to_piece(int(token_id)))
+    if piece is None:
+      return ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+      byte = int(piece[3:5], 16)
+      return chr(byte) if byte < 0x80 else piece
+    return piece.replace("\u2581", " ")
+
   # -- constructors -----------------------------------------------------------------------------
 
   @classmethod
