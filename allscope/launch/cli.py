@@ -70,6 +70,18 @@ def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   print(f"release: {stages.release_stage(cfg)}")
 
 
+def browse(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  from allscope.launch import stages
+
+  release = Path(args.release) if args.release else None
+  store = args.store
+  if store is None and release is not None and (release.parent / "store" / "manifest.json").exists():
+    store = release.parent / "store"  # the run folder layout: <output_dir>/{store,release}
+  out = stages.browse(cfg, release, store)
+  print(f"browser: {out['path']}/index.html ({out['units']} dictionaries, {out['tokens']} tokens "
+        f"at {out['tokens_per_s']:.0f} tokens/s, {out['bytes'] / 1e6:.1f} MB)")
+
+
 def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
@@ -111,6 +123,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (train, "train dictionaries on the store; resumes from the latest checkpoint"),
     "evaluate": (evaluate, "FVU, L0, dead/dense latents and spliced delta LM loss"),
     "release": (release_, "write (and with --to, publish) the release folder"),
+    "browse": (browse, "write the offline feature browser into a release (<release>/browser/)"),
     "run": (run, "harvest, train, evaluate and release in one go"),
     "launch": (launch, "write a multi-host job script (SLURM or Cloud TPU) for a stage"),
 }
@@ -136,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--gpus-per-node", type=int, default=8)
       p.add_argument("--tpu-name", default="", help="TPU VM name (--cluster=tpu)")
       p.add_argument("--zone", default="", help="TPU VM zone (--cluster=tpu)")
+    if name == "browse":
+      p.add_argument("--release", help="release folder (default: the run's); also the first argument")
+      p.add_argument("--store", help="activation store (default: the run's, or <release>/../store)")
     if name == "release":
       p.add_argument("--to", help="publish to hf://org/repo, gs://bucket/prefix or a local folder")
       p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
@@ -147,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.overrides)
   if args.config is None and overrides and overrides[0].endswith(".py"):
     args.config = overrides.pop(0)  # `allscope run configs/quickstart.py`
+  if args.command == "browse" and args.release is None and overrides and "=" not in overrides[0]:
+    args.release = overrides.pop(0)  # `allscope browse outputs/quickstart/release`
   try:
     cfg = config_lib.load(args.config, overrides)
     if args.command not in ("sample", "launch"):

@@ -20,6 +20,7 @@ from typing import Any
 
 from allscope.models.loader import ModelConfig
 from allscope.pipelines.config import HarvestConfig
+from allscope.release.browser.config import BrowseConfig
 from allscope.release.config import EvalConfig, ReleaseConfig
 from allscope.trainers.config import TrainConfig
 
@@ -35,6 +36,7 @@ class RunConfig:
   train: TrainConfig = TrainConfig()
   evaluate: EvalConfig = EvalConfig()
   release: ReleaseConfig = ReleaseConfig()
+  browse: BrowseConfig = BrowseConfig()
   output_dir: str = "outputs/run"
   seed: int = 0
 

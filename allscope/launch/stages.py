@@ -119,10 +119,21 @@ def release_stage(cfg: RunConfig, dictionaries: list | None = None,
           "eval_tokens": cfg.evaluate.n_sequences * cfg.evaluate.seq_len}
   root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
                                info=info)
+  if cfg.browse.enabled:
+    browse(cfg, root)
   if cfg.release.publish_to:
     release.publish(root, cfg.release.publish_to, dry_run=cfg.release.dry_run,
                     private=cfg.release.private)
   return root
+
+
+def browse(cfg: RunConfig, release_root: Path | None = None, store: Path | None = None) -> dict:
+  """Writes `<release>/browser/` from a pass over the run's store (see docs/browse.md)."""
+  from allscope.release import browser
+
+  paths = Paths(Path(cfg.output_dir))
+  root = Path(release_root) if release_root else release.release_dir(cfg.release, paths.root)
+  return browser.browse(root, store or paths.store, cfg.browse)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ class BrowseConfig:
   """The feature browser (`<release>/browser/`).
 
   One pass over the first `max_tokens` rows of the activation store (0: all of it), in batches of
-  `batch_size` rows (a multiple of the store's rows_per_record). Per latent it keeps the `top_n`
+  `batch_size` rows (rounded up to whole records of the store). Per latent it keeps the `top_n`
   highest activations (top_n <= 16 keeps XLA's fast top_k path on GPU) with `before` and `after`
   tokens of context, a histogram of its non-zero activations in `bins_per_decade` log-spaced bins
   per decade over [10^min_log10, 10^max_log10], its firing frequency, and the `logit_tokens`

@@ -115,9 +115,8 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
 
   cfg.validate()
   r = store.rows_per_record
-  if cfg.batch_size % r:
-    raise ValueError(f"browse.batch_size={cfg.batch_size} must be a multiple of the store's "
-                     f"rows_per_record ({r})")
+  per_batch = -(-cfg.batch_size // r)  # whole records: batch_size rounded up
+  batch = per_batch * r
   if not units:
     raise ValueError("no dictionaries to browse")
   for u in units:
@@ -146,7 +145,6 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
   bins = (float(cfg.min_log10), int(cfg.bins_per_decade), cfg.n_bins)
   params = [{k: jnp.asarray(u.params[k]) for k in ("w_enc", "b_enc", "threshold")} for u in units]
   states = [_init_state(u.width, cfg.top_n, cfg.n_bins) for u in units]
-  per_batch = cfg.batch_size // r
   bar = tqdm(total=n_rows, desc="browse", unit="tok", unit_scale=True, disable=not progress)
   start = time.perf_counter()
   for rec0 in range(0, n_records, per_batch):
@@ -154,11 +152,10 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
     xs = {}
     for s, src in sources.items():
       rows = np.concatenate([src[i][s] for i in recs])
-      if len(rows) < cfg.batch_size:  # one batch shape, one compile
-        rows = np.concatenate([rows, np.zeros((cfg.batch_size - len(rows),) + rows.shape[1:],
-                                              rows.dtype)])
+      if len(rows) < batch:  # one batch shape, one compile
+        rows = np.concatenate([rows, np.zeros((batch - len(rows),) + rows.shape[1:], rows.dtype)])
       xs[s] = rows
-    valid = np.arange(cfg.batch_size) < len(recs) * r
+    valid = np.arange(batch) < len(recs) * r
     states = _step(states, params, xs, valid, jnp.int32(rec0 * r), specs=specs, bins=bins)
     bar.update(len(recs) * r)
   states = jax.device_get(states)

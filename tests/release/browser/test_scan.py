@@ -1,0 +1,79 @@
+"""The browser's pass over the store against a float64 numpy reference on the same rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from allscope.release.browser import BrowseConfig, scan, units_of
+from allscope.release.load import load
+from tests.release.reference import ref_encode
+
+from .helpers import LAYERS, R
+
+CFG = BrowseConfig(batch_size=12, top_n=5, bins_per_decade=4, min_log10=-2.0, max_log10=2.0)
+
+
+def _reference(unit, truth, n_rows, cfg):
+  x = truth[unit.site][:n_rows, LAYERS.index(unit.layer)]
+  f = ref_encode(unit.params, x, unit.architecture, unit.k)
+  on = f > 0
+  bins = np.clip(np.floor((np.log10(np.where(on, f, 1.0)) - cfg.min_log10) * cfg.bins_per_decade),
+                 0, cfg.n_bins - 1).astype(int)
+  hist = np.zeros((f.shape[1], cfg.n_bins), np.int64)
+  for j in range(f.shape[1]):
+    np.add.at(hist[j], bins[on[:, j], j], 1)
+  return f, on.sum(0), hist
+
+
+@pytest.mark.parametrize("max_tokens", [0, 50])
+def test_pass_matches_float64_reference(text_store, release_dir, max_tokens):
+  store, truth = text_store
+  root, _ = release_dir
+  rel = load(root)
+  units, skipped = units_of(rel.manifest["dictionaries"], rel.dictionaries)
+  assert [u.key.split("/")[0] for u in units] == ["transcoder", "mlp_out", "clt", "clt"]
+  assert not skipped
+  cfg = BrowseConfig(**{**CFG.__dict__, "max_tokens": max_tokens})
+  stats, timing = scan(units, store, cfg, progress=False)
+  n_rows = len(truth["index"]) if not max_tokens else -(-max_tokens // R) * R
+  assert timing["tokens"] == n_rows and timing["tokens_per_s"] > 0
+  for u, s in zip(units, stats):
+    f, fired, hist = _reference(u, truth, n_rows, cfg)
+    np.testing.assert_array_equal(s.fired, fired, err_msg=u.key)
+    np.testing.assert_allclose(s.act_sum, f.sum(0), rtol=1e-5, atol=1e-5, err_msg=u.key)
+    np.testing.assert_array_equal(s.hist, hist, err_msg=u.key)
+    assert s.hist.sum() == fired.sum()
+    for j in range(u.width):  # the bounded heap holds exactly the best rows of the whole pass
+      want = np.argsort(-f[:, j], kind="stable")[:cfg.top_n]
+      want = want[f[want, j] > 0]
+      got = s.top_rows[j][s.top_values[j] > 0]
+      assert sorted(got.tolist()) == sorted(want.tolist()), (u.key, j)
+      np.testing.assert_allclose(s.top_values[j][:len(want)], f[want, j], rtol=1e-5)
+  assert stats[1].fired[5] == 0 and stats[1].frequency[6] == 1.0  # the dead and the dense latent
+
+
+def test_planted_latent_peaks_on_its_token(text_store, release_dir, tokenizer):
+  store, truth = text_store
+  rel = load(release_dir[0])
+  units, _ = units_of(rel.manifest["dictionaries"], rel.dictionaries)
+  stats, _ = scan(units, store, CFG, progress=False)
+  for u, s in zip(units, stats):
+    if u.key.startswith("mlp_out"):
+      continue
+    rows = s.top_rows[0][s.top_values[0] > 0]
+    assert len(rows) > 0
+    assert {tokenizer.piece_text(int(t)) for t in truth["index"]["token"][rows]} == {"script"}
+
+
+def test_bad_stores_are_refused_before_the_pass(text_store, release_dir):
+  store, _ = text_store
+  rel = load(release_dir[0])
+  units, _ = units_of(rel.manifest["dictionaries"], rel.dictionaries)
+  moved = units[0].__class__(**{**units[0].__dict__, "layer": 7})
+  with pytest.raises(ValueError, match=r"reads mlp_in at layer 7, but the store .* holds sites"):
+    scan([moved], store, CFG, progress=False)
+  narrow = units[0].__class__(**{**units[0].__dict__,
+                                 "params": {**units[0].params, "w_enc": np.zeros((8, 40), np.float32)}})
+  with pytest.raises(ValueError, match="w_enc has d_in 8 but mlp_in in the store has width 24"):
+    scan([narrow], store, CFG, progress=False)
