@@ -37,6 +37,7 @@ def test_run_writes_store_checkpoints_metrics_and_a_loadable_release(quick):
   for entry in metrics["dictionaries"]:
     assert np.isfinite(entry["metrics"]["fvu"]) and entry["metrics"]["l0"] > 0
   assert (out["release"] / "README.md").exists()
+  assert (out["release"] / "browser" / "index.html").exists()  # the feature browser
   assert json.loads((out["store"].parent / "config.json").read_text())["train"]["steps"] == 12
 
 

@@ -73,6 +73,16 @@ def _script(key: str, payload: Any) -> str:
   return (f'allscopeData("{key}", "{base64.b64encode(gzip.compress(data, 6, mtime=0)).decode()}");\n')
 
 
+def read_script(path: str | Path) -> tuple[str, Any]:
+  """(key, payload) of a data file written by `_script` (for tools and tests)."""
+  text = Path(path).read_text()
+  prefix = 'allscopeData("'
+  if not text.startswith(prefix):
+    raise ValueError(f"{path}: not an allscope browser data file")
+  key, _, rest = text[len(prefix):].partition('", "')
+  return key, json.loads(gzip.decompress(base64.b64decode(rest[:rest.index('"')])))
+
+
 def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | None,
           cfg: BrowseConfig, *, dictionaries: Sequence[Any] | None = None,
           progress: bool = True, verify: str = "checksum") -> dict[str, Any]:

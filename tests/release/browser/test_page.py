@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from allscope.release.browser import BrowseConfig, Unembedding, build
+from allscope.release.browser.build import read_script
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,6 +73,16 @@ def test_browser_files_are_written(browser_dir):
   assert len(list((path / "data" / "u000").glob("block_*.js"))) == 3  # 40 latents / 16
   assert not list(path.parent.glob(".browser.*"))  # no temporary folder left behind
   assert browser_dir["units"] == 4 and browser_dir["tokens"] > 0
+  for file in (path / "data").rglob("*.js"):  # base64 payloads: no markup can reach the page
+    assert "<" not in file.read_text()
+  key, block = read_script(path / "data" / "u000" / "block_0.js")
+  latent = block["latents"][0]
+  assert key == "u000/block_0" and latent["i"] == 0 and len(latent["contexts"]) == CFG.top_n
+  for c in latent["contexts"]:
+    assert len(c["toks"]) == CFG.before + 1 + CFG.after
+    assert block["texts"][str(c["toks"][CFG.before])] == "script"
+    assert c["acts"][CFG.before] == c["act"] > 0
+  assert [v for _, v in latent["promoted"]] == sorted((v for _, v in latent["promoted"]), reverse=True)
 
 
 def test_latent_page_shows_contexts_from_disk(browser_dir, driver, tmp_path):
