@@ -31,7 +31,7 @@ from allscope.release import layout
 from allscope.release.browser import contexts as ctx_lib
 from allscope.release.browser.config import BrowseConfig
 from allscope.release.browser.logits import Unembedding, logit_effects
-from allscope.release.browser.scan import LatentStats, Unit, scan
+from allscope.release.browser.scan import LatentStats, Unit, pair_activations, scan
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
 from allscope.release.load import Release
 from allscope.release.load import load as load_release
@@ -124,7 +124,9 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
     for i, (u, s, r) in enumerate(zip(units, stats, residual)):
       uid = f"u{i:03d}"
       effects = (logit_effects(r, unembed, cfg.logit_tokens) if r is not None else None)
-      catalog.append(_write_unit(data / uid, uid, u, s, effects, located, windows, tokenizer, cfg))
+      acts = _window_acts(u, s, located, windows, store, verify)
+      catalog.append(_write_unit(data / uid, uid, u, s, effects, located, windows, acts,
+                                 tokenizer, cfg))
     facts = {"release": release.manifest.get("name", root.name), "store": str(store.path),
              "tokens": timing["tokens"], "tokens_per_s": _g(timing["tokens_per_s"]),
              "top_n": cfg.top_n, "before": cfg.before, "after": cfg.after,
@@ -153,22 +155,47 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
 
 
 def _contexts(stats: Sequence[LatentStats], store: Any, tokenizer: Any, cfg: BrowseConfig,
-              verify: str) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], np.ndarray]]:
-  """pass row -> (sequence, position), and (sequence, position) -> window token ids, for every
-  top row of every unit (one index read for all of them)."""
+              verify: str) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], tuple]]:
+  """pass row -> (sequence, position), and (sequence, position) -> (window token ids, their
+  shards, their rows in those shards), for every top row of every unit (one index read)."""
   rows = np.unique(np.concatenate([s.top_rows[s.top_values > 0] for s in stats]))
   if len(rows) == 0:
     return {}, {}
   entries = ctx_lib.locate(store, rows, verify)
   located = {int(r): (int(e["sequence"]), int(e["position"])) for r, e in zip(rows, entries)}
   pairs = np.array(sorted(set(located.values())), np.int64).reshape(-1, 2)
-  toks = ctx_lib.windows(store, pairs[:, 0], pairs[:, 1], cfg.before, cfg.after,
-                         tokenizer.bos_id, verify)
-  return located, {(int(a), int(b)): t for (a, b), t in zip(pairs, toks)}
+  toks, shards, in_shard = ctx_lib.windows(store, pairs[:, 0], pairs[:, 1], cfg.before, cfg.after,
+                                           tokenizer.bos_id, verify)
+  return located, {(int(a), int(b)): (t, s, r)
+                   for (a, b), t, s, r in zip(pairs, toks, shards, in_shard)}
+
+
+def _window_acts(u: Unit, s: LatentStats, located, windows, store: Any,
+                 verify: str) -> np.ndarray:
+  """The latent's activation on every token of each of its context windows: [F, N, W], NaN
+  where there is no stored row (BOS, outside the sequence, padding)."""
+  n_top, width = s.top_values.shape[1], len(next(iter(windows.values()))[0]) if windows else 0
+  acts = np.full((u.width, n_top, width), np.nan, np.float32)
+  f_idx, r_idx = np.nonzero(s.top_values > 0)
+  if len(f_idx) == 0:
+    return acts
+  where = [windows[located[int(row)]] for row in s.top_rows[f_idx, r_idx]]
+  shards = np.stack([w[1] for w in where])  # [contexts, W]
+  rows = np.stack([w[2] for w in where])
+  ok = shards != ctx_lib.MISSING
+  keys = np.stack([shards[ok], rows[ok]], axis=1)
+  unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+  x = ctx_lib.read_rows(store, u.site, u.layer, unique[:, 0], unique[:, 1], verify)
+  latents = np.broadcast_to(f_idx[:, None], ok.shape)[ok]
+  values = pair_activations(u, x, inverse.reshape(-1).astype(np.int32), latents.astype(np.int32))
+  ctx = np.full(ok.shape, np.nan, np.float32)
+  ctx[ok] = values
+  acts[f_idx, r_idx] = ctx
+  return acts
 
 
 def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, located, windows,
-                tokenizer, cfg: BrowseConfig) -> dict[str, Any]:
+                window_acts: np.ndarray, tokenizer, cfg: BrowseConfig) -> dict[str, Any]:
   folder.mkdir()
   freq = s.frequency
   mean = np.where(s.fired > 0, s.act_sum / np.maximum(s.fired, 1), 0.0)
@@ -191,18 +218,16 @@ def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, locate
         break
       seq, pos = located[int(row)]
       contexts.append((float(v), seq, pos))
-    # Per-token highlighting: the peak, plus other tokens of the window that are themselves
-    # among this latent's top activations (the pass keeps no other per-token values).
-    by_pos = {(seq, pos): v for v, seq, pos in contexts}
     items = []
-    for v, seq, pos in contexts:
-      ids = windows[(seq, pos)]
-      acts = [_g(by_pos.get((seq, pos + o), 0.0)) for o in range(-cfg.before, cfg.after + 1)]
+    for rank, (v, seq, pos) in enumerate(contexts):
+      ids = windows[(seq, pos)][0]
+      acts = [None if np.isnan(a) else _g(a) for a in window_acts[f, rank]]
+      acts[cfg.before] = _g(v)  # the pass's own value at the peak
       items.append({"act": _g(v), "seq": seq, "pos": pos, "toks": [int(t) for t in ids],
                     "acts": acts})
       for t in ids:
         text(int(t))
-    top_token.append(text(int(windows[(contexts[0][1], contexts[0][2])][cfg.before]))
+    top_token.append(text(int(windows[(contexts[0][1], contexts[0][2])][0][cfg.before]))
                      if contexts else "")
     latent = {"i": f, "freq": _g(freq[f]), "max": _g(peak[f]), "mean": _g(mean[f]),
               "hist": [int(c) for c in s.hist[f]], "contexts": items}

@@ -27,7 +27,8 @@ def write_text_store(root, tokenizer, seed=0, seqs_per_shard=3):
   """Packs TEXTS into sequences, shuffles rows within shards, writes them with random
   activations (+ a planted direction on every `PLANT` token). Returns (manifest, truth) where
   truth holds the rows the browser pass serves (full records, in order): index, and per
-  site float32 [rows, n_layers, D]; and `sequences`, the packed token lists."""
+  site float32 [rows, n_layers, D]; `sequences`, the packed token lists; and `by_position`,
+  every stored row (partial records too) as (sequence, position) -> {site: [n_layers, D]}."""
   rng = np.random.default_rng(seed)
   ids = [t for text in TEXTS for t in tokenizer.encode(text)]
   seqs = [ids[i:i + CONTEXT - 1] for i in range(0, len(ids) - CONTEXT + 1, CONTEXT - 1)]
@@ -35,6 +36,7 @@ def write_text_store(root, tokenizer, seed=0, seqs_per_shard=3):
   assert plant_ids, "the tokenizer has no 'script' piece"
   direction = planted_direction()
   receipts, truth = [], {"index": [], **{s: [] for s in SITES}}
+  by_position = {}
   for k, first in enumerate(range(0, len(seqs), seqs_per_shard)):
     group = seqs[first:first + seqs_per_shard]
     index = np.zeros(sum(map(len, group)), store.INDEX_DTYPE)
@@ -49,6 +51,9 @@ def write_text_store(root, tokenizer, seed=0, seqs_per_shard=3):
     receipt, _ = store.write_shard(str(root), store.ShardRows(k, index, acts, LAYERS), R,
                                    {"sequences": [first, first + len(group)]})
     receipts.append(receipt)
+    for i, e in enumerate(index):
+      by_position[(int(e["sequence"]), int(e["position"]))] = {
+          s: acts[s][i].astype(np.float32) for s in SITES}
     full = len(index) // R * R
     truth["index"].append(index[:full])
     for s in SITES:
@@ -56,7 +61,8 @@ def write_text_store(root, tokenizer, seed=0, seqs_per_shard=3):
   identity = {"format": store.FORMAT, "schema_version": store.SCHEMA_VERSION, "test": True}
   manifest = store.finish(str(root), identity, receipts, sites=SITES, layers=LAYERS,
                           widths={s: D for s in SITES}, rows_per_record=R, context_length=CONTEXT)
-  return manifest, {**{k: np.concatenate(v) for k, v in truth.items()}, "sequences": seqs}
+  return manifest, {**{k: np.concatenate(v) for k, v in truth.items()}, "sequences": seqs,
+                    "by_position": by_position}
 
 
 def planted_direction():

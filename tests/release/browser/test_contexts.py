@@ -26,10 +26,16 @@ def test_windows_rebuild_the_packed_text(text_store, tokenizer):
   rng = np.random.default_rng(1)
   which = rng.integers(0, len(seqs), 40)
   pos = np.array([rng.integers(1, len(seqs[s]) + 1) for s in which])
-  pos[:3] = [1, len(seqs[which[1]]), 2]  # sequence edges
-  got = contexts.windows(store, which, pos, 5, 3, tokenizer.bos_id)
+  pos[:3] = [1, len(seqs[which[1]]), 2]  # sequence edges: neighbours must not leak in
+  got, shards, rows = contexts.windows(store, which, pos, 5, 3, tokenizer.bos_id)
   want = [_window(seqs[s], p, 5, 3, tokenizer.bos_id) for s, p in zip(which, pos)]
   np.testing.assert_array_equal(got, np.array(want))
+  # each stored window token is located at its own row of its shard's files
+  stored = shards != contexts.MISSING
+  assert stored.sum() > 200 and np.all(rows[~stored] == contexts.MISSING)
+  files = {s["shard"]: contexts.read_index(store, s) for s in store.manifest["shards"]}
+  for shard, row, token in zip(shards[stored], rows[stored], got[stored]):
+    assert files[int(shard)][row]["token"] == token
 
 
 def test_token_texts_keep_spaces_and_markup_as_plain_text(tokenizer):

@@ -82,6 +82,7 @@ def test_browser_files_are_written(browser_dir):
     assert len(c["toks"]) == CFG.before + 1 + CFG.after
     assert block["texts"][str(c["toks"][CFG.before])] == "script"
     assert c["acts"][CFG.before] == c["act"] > 0
+  assert any(a is None for c in latent["contexts"] for a in c["acts"])  # BOS / outside
   assert [v for _, v in latent["promoted"]] == sorted((v for _, v in latent["promoted"]), reverse=True)
 
 

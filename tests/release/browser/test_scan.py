@@ -77,3 +77,32 @@ def test_bad_stores_are_refused_before_the_pass(text_store, release_dir):
                                  "params": {**units[0].params, "w_enc": np.zeros((8, 40), np.float32)}})
   with pytest.raises(ValueError, match="w_enc has d_in 8 but mlp_in in the store has width 24"):
     scan([narrow], store, CFG, progress=False)
+
+
+def test_every_window_token_gets_its_activation(text_store, release_dir, tokenizer):
+  """Per-token highlighting: the latent's activation on each token around each top context,
+  against the float64 reference on the stored rows (partial records included)."""
+  from allscope.release.browser.build import _contexts, _window_acts
+
+  store, truth = text_store
+  rel = load(release_dir[0])
+  units, _ = units_of(rel.manifest["dictionaries"], rel.dictionaries)
+  cfg = BrowseConfig(**{**CFG.__dict__, "before": 4, "after": 2})
+  stats, _ = scan(units, store, cfg, progress=False)
+  located, windows = _contexts(stats, store, tokenizer, cfg, "checksum")
+  checked = 0
+  for u, s in zip(units, stats):
+    acts = _window_acts(u, s, located, windows, store, "checksum")
+    j = LAYERS.index(u.layer)
+    for f in range(u.width):
+      for rank in np.flatnonzero(s.top_values[f] > 0):
+        seq, pos = located[int(s.top_rows[f, rank])]
+        for o, got in zip(range(-4, 3), acts[f, rank]):
+          row = truth["by_position"].get((seq, pos + o))
+          if row is None:
+            assert np.isnan(got)
+            continue
+          want = ref_encode(u.params, row[u.site][j][None], u.architecture, u.k)[0, f]
+          assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (u.key, f, rank, o, got, want)
+          checked += 1
+  assert checked > 500

@@ -191,6 +191,7 @@ function renderLatent(unit, block, lat) {
     c.toks.forEach((tok, k) => {
       if (tok < 0) { row.append(el("span", { class: "token missing", text: "" })); return; }
       const a = c.acts[k], span = el("span", { class: "token", text: shown(texts[tok] ?? "") });
+      if (a !== null) span.title = `activation ${fmt(a)}`;
       if (a > 0) span.style.background = `rgba(249,115,22,${(0.15 + 0.85 * a / lat.max).toFixed(3)})`;
       if (k === facts.before) span.classList.add("peak");
       row.append(span);
