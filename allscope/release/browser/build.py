@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from allscope.release import layout
+from allscope.release.browser import neuronpedia
 from allscope.release.browser import contexts as ctx_lib
 from allscope.release.browser.config import BrowseConfig
 from allscope.release.browser.logits import Unembedding, logit_effects
@@ -121,12 +122,25 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
     data = tmp / "data"
     data.mkdir()
     catalog = []
+    span = int(store.manifest["context_length"])
+    np_info = {"model_id": str(release.manifest.get("model_name", "")).split("/")[-1],
+               "n_prompts": -(-timing["tokens"] // max(span - 1, 1)), "n_tokens_in_prompt": span,
+               "dataset": json.dumps(release.manifest.get("corpus", ""), sort_keys=True),
+               "bins": {"min_log10": cfg.min_log10, "per_decade": cfg.bins_per_decade,
+                        "n": cfg.n_bins}}
     for i, (u, s, r) in enumerate(zip(units, stats, residual)):
       uid = f"u{i:03d}"
       effects = (logit_effects(r, unembed, cfg.logit_tokens) if r is not None else None)
       acts = _window_acts(u, s, located, windows, store, verify)
       catalog.append(_write_unit(data / uid, uid, u, s, effects, located, windows, acts,
                                  tokenizer, cfg))
+      if cfg.neuronpedia:
+        _, blocks = zip(*(read_script(f) for f in sorted((data / uid).glob("block_*.js"),
+                                                            key=lambda f: int(f.stem[6:]))))
+        texts = {int(t): v for b in blocks for t, v in b["texts"].items()}
+        neuronpedia.write_batches(
+            tmp / "neuronpedia" / uid, [lat for b in blocks for lat in b["latents"]], texts,
+            layer=u.layer, sae_set=u.key, per_batch=cfg.block_size, before=cfg.before, **np_info)
     facts = {"release": release.manifest.get("name", root.name), "store": str(store.path),
              "tokens": timing["tokens"], "tokens_per_s": _g(timing["tokens_per_s"]),
              "top_n": cfg.top_n, "before": cfg.before, "after": cfg.after,

@@ -17,6 +17,7 @@ class BrowseConfig:
   output tokens its decoder direction promotes and suppresses most (`logits=false` skips these
   and the model load). Latents firing on more than `dense_threshold` of tokens are listed as
   dense, ones that never fired as dead. Output is sharded in blocks of `block_size` latents.
+  `neuronpedia` also writes SAEDashboard's Neuronpedia batch files (browser/neuronpedia/).
   """
 
   enabled: bool = True
@@ -32,6 +33,7 @@ class BrowseConfig:
   logit_tokens: int = 10
   dense_threshold: float = 0.1
   block_size: int = 256
+  neuronpedia: bool = False
 
   @property
   def n_bins(self) -> int:

@@ -4,6 +4,7 @@ console stays free of errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1280,900")
-CFG = BrowseConfig(batch_size=12, top_n=5, block_size=16, logit_tokens=4)
+CFG = BrowseConfig(batch_size=12, top_n=5, block_size=16, logit_tokens=4, neuronpedia=True)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,24 @@ def test_browser_files_are_written(browser_dir):
     assert c["acts"][CFG.before] == c["act"] > 0
   assert any(a is None for c in latent["contexts"] for a in c["acts"])  # BOS / outside
   assert [v for _, v in latent["promoted"]] == sorted((v for _, v in latent["promoted"]), reverse=True)
+
+
+def test_neuronpedia_batches_hold_the_same_features(browser_dir):
+  path = browser_dir["path"]
+  files = sorted((path / "neuronpedia" / "u000").glob("batch-*.json"))
+  assert [f.name for f in files] == ["batch-0.json", "batch-1.json", "batch-2.json"]
+  batch = json.loads(files[0].read_text())
+  assert batch["layer"] == 1 and batch["sae_set"].startswith("transcoder/")
+  assert batch["model_id"] == "gemma-3-270m" and len(batch["features"]) == CFG.block_size
+  _, block = read_script(path / "data" / "u000" / "block_0.js")
+  feat, latent = batch["features"][0], block["latents"][0]
+  assert feat["feature_index"] == 0 and feat["frac_nonzero"] == latent["freq"]
+  assert feat["pos_values"] == [v for _, v in latent["promoted"]]
+  assert len(feat["freq_hist_data_bar_values"]) == len(feat["freq_hist_data_bar_heights"])
+  for act, c in zip(feat["activations"], latent["contexts"]):
+    assert act["tokens"][act["qualifying_token_index"]] == "script"
+    assert act["values"][act["qualifying_token_index"]] == c["act"]
+    assert len(act["tokens"]) == len(act["values"]) == sum(t >= 0 for t in c["toks"])
 
 
 def test_latent_page_shows_contexts_from_disk(browser_dir, driver, tmp_path):
