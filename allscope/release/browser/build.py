@@ -69,6 +69,16 @@ def _g(x: float) -> float:
   return float(f"{float(x):.4g}")
 
 
+def _g_list(a: np.ndarray) -> list[float | None]:
+  """`_g` over an array (NaN -> None), vectorized: the window activations are most of the data."""
+  a = np.asarray(a, np.float64)
+  finite = np.isfinite(a) & (a != 0)
+  digits = np.where(finite, 3 - np.floor(np.log10(np.abs(np.where(finite, a, 1.0)))), 0)
+  scale = 10.0 ** digits
+  rounded = np.round(a * scale) / scale
+  return [None if v != v else v for v in rounded.tolist()]
+
+
 def _script(key: str, payload: Any) -> str:
   data = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
   return (f'allscopeData("{key}", "{base64.b64encode(gzip.compress(data, 6, mtime=0)).decode()}");\n')
@@ -235,7 +245,7 @@ def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, locate
     items = []
     for rank, (v, seq, pos) in enumerate(contexts):
       ids = windows[(seq, pos)][0]
-      acts = [None if np.isnan(a) else _g(a) for a in window_acts[f, rank]]
+      acts = _g_list(window_acts[f, rank])
       acts[cfg.before] = _g(v)  # the pass's own value at the peak
       items.append({"act": _g(v), "seq": seq, "pos": pos, "toks": [int(t) for t in ids],
                     "acts": acts})

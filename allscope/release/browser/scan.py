@@ -168,50 +168,33 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
   return stats, {"tokens": n_rows, "seconds": seconds, "tokens_per_s": n_rows / seconds}
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _kth(params, x, k):
-  """Per row, a cut between the k-th and (k+1)-th largest pre-activation: the pairs' own dot
-  products round differently from this matmul, so comparing them with the k-th value itself
-  could drop it."""
-  pre = x.astype(jnp.float32) @ params["w_enc"] + params["b_enc"]
-  if k >= pre.shape[-1]:
-    return jnp.full(pre.shape[:1], -jnp.inf)
-  top = jax.lax.top_k(pre, k + 1)[0]
-  return (top[:, -2] + top[:, -1]) / 2
-
-
-@functools.partial(jax.jit, static_argnames=("architecture",))
-def _at(params, x, kth, rows, latents, architecture):
-  """Activation of latent latents[p] on row rows[p] of x, one dot product per pair."""
-  pre = jnp.einsum("pd,pd->p", x[rows].astype(jnp.float32), params["w_enc"].T[latents],
-                   precision="highest") + params["b_enc"][latents]
-  if architecture == "jump_relu":
-    return pre * (pre > params["threshold"][latents])
-  relu = jnp.maximum(pre, 0.0)
-  return relu * (pre >= kth[rows]) if architecture == "topk" else relu
+@functools.partial(jax.jit, static_argnames=("architecture", "k"))
+def _gather(params, x, rows, latents, architecture, k):
+  """Activations f[rows[p], latents[p]] of one chunk of rows x, the release math on whole rows."""
+  f = dict_math.encode(params, x.astype(jnp.float32), architecture, k, jnp)
+  return f[rows, latents]
 
 
 def pair_activations(unit: Unit, x: np.ndarray, rows: np.ndarray, latents: np.ndarray,
-                     chunk: int = 1 << 14) -> np.ndarray:
-  """Activations [P] of `latents[p]` on `x[rows[p]]` (x [n, d_in] store rows), the release math
-  (`dictionary.activate`) for one latent at a time: the window tokens around top contexts, where
-  a full [rows, F] encode would mostly be thrown away. TopK needs each row's k-th largest
-  pre-activation, which costs one [chunk, F] encode per chunk of rows."""
+                     chunk: int = 1024) -> np.ndarray:
+  """Activations [P] of `latents[p]` on store rows `x[rows[p]]` (x [n, d_in]): the tokens around
+  top contexts. Rows are encoded whole, `chunk` at a time (the release's own activation, TopK
+  included), and only the wanted pairs come back; cost: one encode of each distinct row."""
   params = {k: jnp.asarray(unit.params[k]) for k in ("w_enc", "b_enc", "threshold")}
-  kth = np.zeros(len(x), np.float32)
-  if unit.architecture == "topk":
-    step = max(1, chunk // 16)
-    for i in range(0, len(x), step):
-      part = x[i:i + step]
-      kth[i:i + len(part)] = np.asarray(_kth(params, _pad(part, step), unit.k))[:len(part)]
-  xd, kth = jnp.asarray(x), jnp.asarray(kth)
-  out = []
-  for i in range(0, len(rows), chunk):
-    r, l = rows[i:i + chunk], latents[i:i + chunk]
-    got = _at(params, xd, kth, jnp.asarray(_pad(r, chunk)), jnp.asarray(_pad(l, chunk)),
-              architecture=unit.architecture)
-    out.append(np.asarray(got)[:len(r)])
-  return np.concatenate(out) if out else np.zeros(0, np.float32)
+  order = np.argsort(rows, kind="stable")
+  out = np.zeros(len(rows), np.float32)
+  bounds = np.searchsorted(rows[order], np.arange(0, len(x) + chunk, chunk))
+  for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    if a == b:
+      continue
+    pick = order[a:b]
+    size = 1 << int(np.ceil(np.log2(b - a)))  # few pair-count shapes, few compiles
+    got = _gather(params, jnp.asarray(_pad(x[c * chunk:(c + 1) * chunk], chunk)),
+                  jnp.asarray(_pad(rows[pick] - c * chunk, size)),
+                  jnp.asarray(_pad(latents[pick], size)), architecture=unit.architecture,
+                  k=unit.k)
+    out[pick] = np.asarray(got)[:b - a]
+  return out
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:
