@@ -167,8 +167,9 @@ function renderLatent(unit, block, lat) {
     hist.append(el("div", { style: `height:${(80 * c / top).toFixed(1)}px`,
                             title: `${c} activations >= ${fmt(lo)}` }));
   });
-  view.append(hist, el("div", { class: "hist-axis" },
-    el("span", { text: `10^${b.min_log10}` }), el("span", { text: `10^${b.min_log10 + b.n / b.per_decade}` })));
+  view.append(el("div", { class: "histbox" }, hist, el("div", { class: "hist-axis" },
+    el("span", { text: `10^${b.min_log10}` }), el("span", { text: "activation" }),
+    el("span", { text: `10^${b.min_log10 + b.n / b.per_decade}` }))));
 
   if (lat.promoted) {
     const table = (cls, title, rows) => {
