@@ -1,6 +1,7 @@
 """Feature-browser cost: the pass's tokens/s against its floors, and output size against weights.
 
-A synthetic store (random bf16 mlp_in rows, random token ids, real ArrayRecord shards) and a
+A synthetic store (random bf16 mlp_in rows, real ArrayRecord shards, token ids of the built-in
+English corpus so that token texts repeat as in real text) and a
 release of random JumpReLU transcoders (one per layer, ~2% of latents firing) go through
 `allscope.release.browser.build`. Floors, on the same batches:
 
@@ -27,18 +28,32 @@ from pathlib import Path
 import numpy as np
 
 
+def corpus_tokens(tokenizer, n: int) -> np.ndarray:
+  """The first n tokens of the built-in corpus (CPython's English documentation)."""
+  from allscope.pipelines import corpus
+  from allscope.pipelines.config import CorpusConfig
+  cfg, ids = CorpusConfig(kind="builtin"), []
+  for unit in corpus.units(cfg):
+    for text in corpus.documents(cfg, unit):
+      ids += tokenizer.encode(text)
+      if len(ids) >= n:
+        return np.asarray(ids[:n])
+  return np.resize(np.asarray(ids), n)
+
+
 def write_store(root: Path, tokens: int, layers: int, d: int, context: int, rows_per_record: int,
-                seqs_per_shard: int, vocab: int, seed: int = 0) -> None:
+                seqs_per_shard: int, stream: np.ndarray, seed: int = 0) -> None:
   from allscope.pipelines import store
   rng = np.random.default_rng(seed)
   n_seqs = -(-tokens // (context - 1))
+  stream = np.resize(stream, n_seqs * (context - 1))
   receipts = []
   for k, first in enumerate(range(0, n_seqs, seqs_per_shard)):
     n = min(seqs_per_shard, n_seqs - first)
     index = np.zeros(n * (context - 1), store.INDEX_DTYPE)
     index["sequence"] = first + np.repeat(np.arange(n), context - 1)
     index["position"] = np.tile(np.arange(1, context), n)
-    index["token"] = rng.integers(3, vocab, len(index))
+    index["token"] = stream[first * (context - 1):(first + n) * (context - 1)]
     index = index[rng.permutation(len(index))]
     acts = {"mlp_in": rng.normal(0, 1, (len(index), layers, d)).astype(store.DTYPE)}
     receipt, _ = store.write_shard(str(root), store.ShardRows(k, index, acts, tuple(range(layers))),
@@ -83,12 +98,13 @@ def main() -> None:
   from allscope.release.browser import BrowseConfig, Unembedding, build
 
   work = Path(args.dir or tempfile.mkdtemp(prefix="allscope-browser-bench-"))
+  _, tokenizer = models.describe("gemma3-270m")
   t = time.perf_counter()
-  write_store(work / "store", args.tokens, args.layers, args.d, args.context, 32, 16, args.vocab)
+  write_store(work / "store", args.tokens, args.layers, args.d, args.context, 32, 16,
+              corpus_tokens(tokenizer, args.tokens))
   root = write_release(work, args.layers, args.d, args.width)
   print(f"store + release written in {time.perf_counter() - t:.0f}s under {work}")
   store = pipelines.open_store(work / "store")
-  _, tokenizer = models.describe("gemma3-270m")
   cfg = BrowseConfig(max_tokens=args.tokens, batch_size=args.batch, logits=args.logits)
 
   # floor 1: reading the batches
