@@ -9,7 +9,8 @@ import dataclasses
 class BrowseConfig:
   """The feature browser (`<release>/browser/`).
 
-  One pass over the first `max_tokens` rows of the activation store (0: all of it), in batches of
+  One pass over `max_tokens` rows of the activation store (0: all of it) after its first
+  `skip_tokens` (e.g. the rows training did not reach: a held-out slice), in batches of
   `batch_size` rows (rounded up to whole records of the store). Per latent it keeps the `top_n`
   highest activations (top_n <= 16 keeps XLA's fast top_k path on GPU) with `before` and `after`
   tokens of context, a histogram of its non-zero activations in `bins_per_decade` log-spaced bins
@@ -22,6 +23,7 @@ class BrowseConfig:
 
   enabled: bool = True
   max_tokens: int = 1_000_000
+  skip_tokens: int = 0
   batch_size: int = 1024
   top_n: int = 16
   before: int = 12
@@ -43,7 +45,7 @@ class BrowseConfig:
     for name in ("batch_size", "top_n", "bins_per_decade", "logit_tokens", "block_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"browse.{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("max_tokens", "before", "after"):
+    for name in ("max_tokens", "skip_tokens", "before", "after"):
       if getattr(self, name) < 0:
         raise ValueError(f"browse.{name} must be >= 0, got {getattr(self, name)}")
     if not self.max_log10 > self.min_log10:

@@ -2,14 +2,15 @@
 
 Per latent of every unit (a per-layer dictionary, or one source layer of a CLT) it keeps:
 
-  top_values, top_rows [F, N]   the N largest activations and the rows (of this pass) they came
-                                from: a bounded heap, merged batch by batch with lax.top_k
+  top_values, top_rows [F, N]   the N largest activations and the rows they came from
+                                (record * rows_per_record + slot over full records): a bounded heap, merged batch by batch with lax.top_k
   hist [F, n_bins]              counts of non-zero activations in log-spaced bins
   fired [F], act_sum [F]        how often it fired and the sum of its activations
 
 Encoding is the release's own math (`release.dictionary.encode`), jitted once for all units, with
 the state donated. A row of the pass is `record * rows_per_record + slot` over the store's full
-records in order, so the store's index gives back its (sequence, position, token).
+records in order (from `skip_tokens`), so the store's index gives back its (sequence,
+position, token).
 """
 
 from __future__ import annotations
@@ -131,13 +132,16 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
   layers = {s: tuple(sorted({u.layer for u in units if u.site == s}))
             for s in dict.fromkeys(u.site for u in units)}
   sources = {s: store.source((s,), ls, verify) for s, ls in layers.items()}
-  n_records = len(next(iter(sources.values())))
+  total = len(next(iter(sources.values())))
+  first = cfg.skip_tokens // r
+  n_records = total - first
   if cfg.max_tokens:
     n_records = min(n_records, -(-cfg.max_tokens // r))
-  if n_records == 0:
-    raise ValueError(f"{store.path} has no full record to browse")
+  if n_records <= 0:
+    raise ValueError(f"{store.path} has {total * r} rows in full records; browse.skip_tokens="
+                     f"{cfg.skip_tokens} leaves none to browse")
   n_rows = n_records * r
-  if n_rows >= 2**31:
+  if (first + n_records) * r >= 2**31:
     raise ValueError(f"browse.max_tokens: a pass of {n_rows} rows exceeds int32 row ids; "
                      "lower browse.max_tokens")
 
@@ -147,8 +151,8 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
   states = [_init_state(u.width, cfg.top_n, cfg.n_bins) for u in units]
   bar = tqdm(total=n_rows, desc="browse", unit="tok", unit_scale=True, disable=not progress)
   start = time.perf_counter()
-  for rec0 in range(0, n_records, per_batch):
-    recs = range(rec0, min(rec0 + per_batch, n_records))
+  for rec0 in range(first, first + n_records, per_batch):
+    recs = range(rec0, min(rec0 + per_batch, first + n_records))
     xs = {}
     for s, src in sources.items():
       rows = np.concatenate([src[i][s] for i in recs])

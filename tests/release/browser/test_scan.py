@@ -14,8 +14,8 @@ from .helpers import LAYERS, R
 CFG = BrowseConfig(batch_size=12, top_n=5, bins_per_decade=4, min_log10=-2.0, max_log10=2.0)
 
 
-def _reference(unit, truth, n_rows, cfg):
-  x = truth[unit.site][:n_rows, LAYERS.index(unit.layer)]
+def _reference(unit, truth, rows, cfg):
+  x = truth[unit.site][rows, LAYERS.index(unit.layer)]
   f = ref_encode(unit.params, x, unit.architecture, unit.k)
   on = f > 0
   bins = np.clip(np.floor((np.log10(np.where(on, f, 1.0)) - cfg.min_log10) * cfg.bins_per_decade),
@@ -26,20 +26,22 @@ def _reference(unit, truth, n_rows, cfg):
   return f, on.sum(0), hist
 
 
-@pytest.mark.parametrize("max_tokens", [0, 50])
-def test_pass_matches_float64_reference(text_store, release_dir, max_tokens):
+@pytest.mark.parametrize("skip,max_tokens", [(0, 0), (0, 50), (21, 40)])
+def test_pass_matches_float64_reference(text_store, release_dir, skip, max_tokens):
   store, truth = text_store
   root, _ = release_dir
   rel = load(root)
   units, skipped = units_of(rel.manifest["dictionaries"], rel.dictionaries)
   assert [u.key.split("/")[0] for u in units] == ["transcoder", "mlp_out", "clt", "clt"]
   assert not skipped
-  cfg = BrowseConfig(**{**CFG.__dict__, "max_tokens": max_tokens})
+  cfg = BrowseConfig(**{**CFG.__dict__, "max_tokens": max_tokens, "skip_tokens": skip})
   stats, timing = scan(units, store, cfg, progress=False)
-  n_rows = len(truth["index"]) if not max_tokens else -(-max_tokens // R) * R
-  assert timing["tokens"] == n_rows and timing["tokens_per_s"] > 0
+  first = skip // R * R  # whole records
+  end = len(truth["index"]) if not max_tokens else first + -(-max_tokens // R) * R
+  rows = np.arange(first, end)  # global pass row ids: record * R + slot
+  assert timing["tokens"] == len(rows) and timing["tokens_per_s"] > 0
   for u, s in zip(units, stats):
-    f, fired, hist = _reference(u, truth, n_rows, cfg)
+    f, fired, hist = _reference(u, truth, rows, cfg)
     np.testing.assert_array_equal(s.fired, fired, err_msg=u.key)
     np.testing.assert_allclose(s.act_sum, f.sum(0), rtol=1e-5, atol=1e-5, err_msg=u.key)
     np.testing.assert_array_equal(s.hist, hist, err_msg=u.key)
@@ -48,7 +50,7 @@ def test_pass_matches_float64_reference(text_store, release_dir, max_tokens):
       want = np.argsort(-f[:, j], kind="stable")[:cfg.top_n]
       want = want[f[want, j] > 0]
       got = s.top_rows[j][s.top_values[j] > 0]
-      assert sorted(got.tolist()) == sorted(want.tolist()), (u.key, j)
+      assert sorted(got.tolist()) == sorted(rows[want].tolist()), (u.key, j)
       np.testing.assert_allclose(s.top_values[j][:len(want)], f[want, j], rtol=1e-5)
   assert stats[1].fired[5] == 0 and stats[1].frequency[6] == 1.0  # the dead and the dense latent
 
@@ -77,6 +79,8 @@ def test_bad_stores_are_refused_before_the_pass(text_store, release_dir):
                                  "params": {**units[0].params, "w_enc": np.zeros((8, 40), np.float32)}})
   with pytest.raises(ValueError, match="w_enc has d_in 8 but mlp_in in the store has width 24"):
     scan([narrow], store, CFG, progress=False)
+  with pytest.raises(ValueError, match="browse.skip_tokens=100000 leaves none to browse"):
+    scan(units, store, BrowseConfig(**{**CFG.__dict__, "skip_tokens": 100000}), progress=False)
 
 
 def test_every_window_token_gets_its_activation(text_store, release_dir, tokenizer):
