@@ -14,6 +14,7 @@ reaches the page only through textContent, never as markup.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import json
 import logging
@@ -122,7 +123,7 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
 
   stats, timing = scan(units, store, cfg, progress=progress, verify=verify)
   start = time.perf_counter()
-  located, windows = _contexts(stats, store, tokenizer, cfg, verify)
+  ctx = _contexts(stats, store, tokenizer, cfg, verify)
 
   final = root / FOLDER
   tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", suffix=".tmp", dir=root))
@@ -141,9 +142,8 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
     for i, (u, s, r) in enumerate(zip(units, stats, residual)):
       uid = f"u{i:03d}"
       effects = (logit_effects(r, unembed, cfg.logit_tokens) if r is not None else None)
-      acts = _window_acts(u, s, located, windows, store, verify)
-      catalog.append(_write_unit(data / uid, uid, u, s, effects, located, windows, acts,
-                                 tokenizer, cfg))
+      acts = _window_acts(u, s, ctx, store, verify)
+      catalog.append(_write_unit(data / uid, uid, u, s, effects, ctx, acts, tokenizer, cfg))
       if cfg.neuronpedia:
         _, blocks = zip(*(read_script(f) for f in sorted((data / uid).glob("block_*.js"),
                                                             key=lambda f: int(f.stem[6:]))))
@@ -178,47 +178,66 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
   return out
 
 
+@dataclasses.dataclass
+class _Contexts:
+  """Every top row of every unit (sorted `rows`), with its (sequence, position) [n, 2] and its
+  window: token ids, their shard and row in that shard [n, W] (MISSING where not stored)."""
+
+  rows: np.ndarray
+  seqpos: np.ndarray
+  tokens: np.ndarray
+  shards: np.ndarray
+  in_shard: np.ndarray
+
+  def at(self, rows: np.ndarray) -> np.ndarray:
+    return np.searchsorted(self.rows, rows)
+
+
 def _contexts(stats: Sequence[LatentStats], store: Any, tokenizer: Any, cfg: BrowseConfig,
-              verify: str) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], tuple]]:
-  """pass row -> (sequence, position), and (sequence, position) -> (window token ids, their
-  shards, their rows in those shards), for every top row of every unit (one index read)."""
+              verify: str) -> _Contexts:
+  """The windows of all top rows, from one read of the index."""
   rows = np.unique(np.concatenate([s.top_rows[s.top_values > 0] for s in stats]))
+  width = cfg.before + 1 + cfg.after
   if len(rows) == 0:
-    return {}, {}
+    empty = np.zeros((0, width), np.int64)
+    return _Contexts(rows, np.zeros((0, 2), np.int64), empty, empty, empty)
   entries = ctx_lib.locate(store, rows, verify)
-  located = {int(r): (int(e["sequence"]), int(e["position"])) for r, e in zip(rows, entries)}
-  pairs = np.array(sorted(set(located.values())), np.int64).reshape(-1, 2)
-  toks, shards, in_shard = ctx_lib.windows(store, pairs[:, 0], pairs[:, 1], cfg.before, cfg.after,
-                                           tokenizer.bos_id, verify)
-  return located, {(int(a), int(b)): (t, s, r)
-                   for (a, b), t, s, r in zip(pairs, toks, shards, in_shard)}
+  seqpos = np.stack([entries["sequence"], entries["position"]], axis=1).astype(np.int64)
+  toks, shards, in_shard = ctx_lib.windows(store, seqpos[:, 0], seqpos[:, 1], cfg.before,
+                                           cfg.after, tokenizer.bos_id, verify)
+  return _Contexts(rows, seqpos, toks, shards, in_shard)
 
 
-def _window_acts(u: Unit, s: LatentStats, located, windows, store: Any,
-                 verify: str) -> np.ndarray:
+def _window_acts(u: Unit, s: LatentStats, ctx: _Contexts, store: Any, verify: str) -> np.ndarray:
   """The latent's activation on every token of each of its context windows: [F, N, W], NaN
   where there is no stored row (BOS, outside the sequence, padding)."""
-  n_top, width = s.top_values.shape[1], len(next(iter(windows.values()))[0]) if windows else 0
-  acts = np.full((u.width, n_top, width), np.nan, np.float32)
+  acts = np.full(s.top_values.shape + (ctx.tokens.shape[1],), np.nan, np.float32)
   f_idx, r_idx = np.nonzero(s.top_values > 0)
   if len(f_idx) == 0:
     return acts
-  where = [windows[located[int(row)]] for row in s.top_rows[f_idx, r_idx]]
-  shards = np.stack([w[1] for w in where])  # [contexts, W]
-  rows = np.stack([w[2] for w in where])
+  k = ctx.at(s.top_rows[f_idx, r_idx])
+  shards, rows = ctx.shards[k], ctx.in_shard[k]  # [contexts, W]
   ok = shards != ctx_lib.MISSING
-  keys = np.stack([shards[ok], rows[ok]], axis=1)
-  unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-  x = ctx_lib.read_rows(store, u.site, u.layer, unique[:, 0], unique[:, 1], verify)
+  keys = shards[ok] * (1 << 40) + rows[ok]  # one int64 key per stored row
+  unique, inverse = np.unique(keys, return_inverse=True)
+  x = ctx_lib.read_rows(store, u.site, u.layer, unique >> 40, unique & ((1 << 40) - 1), verify)
   latents = np.broadcast_to(f_idx[:, None], ok.shape)[ok]
   values = pair_activations(u, x, inverse.reshape(-1).astype(np.int32), latents.astype(np.int32))
-  ctx = np.full(ok.shape, np.nan, np.float32)
-  ctx[ok] = values
-  acts[f_idx, r_idx] = ctx
+  window = np.full(ok.shape, np.nan, np.float32)
+  window[ok] = values
+  acts[f_idx, r_idx] = window
   return acts
 
 
-def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, located, windows,
+def _nested(a: np.ndarray) -> list:
+  """`_g_list` of an array of any shape, as nested lists (NaN -> None)."""
+  flat = _g_list(a.reshape(-1))
+  out = np.empty(len(flat), object)
+  out[:] = flat
+  return out.reshape(a.shape).tolist()
+
+
+def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, ctx: _Contexts,
                 window_acts: np.ndarray, tokenizer, cfg: BrowseConfig) -> dict[str, Any]:
   folder.mkdir()
   freq = s.frequency
@@ -226,42 +245,33 @@ def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, locate
   peak = s.top_values[:, 0]
   dead = np.flatnonzero(s.fired == 0)
   dense = np.flatnonzero(freq > cfg.dense_threshold)
-  texts: dict[int, str] = {}
+  valid = s.top_values > 0  # [F, N], a prefix of each row (top_k sorts)
+  k = ctx.at(np.where(valid, s.top_rows, ctx.rows[0] if len(ctx.rows) else 0))
+  window_acts[:, :, cfg.before] = np.where(valid, s.top_values, np.nan)  # the pass's own peak
+  acts = _nested(window_acts)
+  values = _g_list(s.top_values.reshape(-1))
+  tokens = ctx.tokens[k] if len(ctx.rows) else np.zeros(valid.shape + (0,), np.int64)
+  ids = [tokens[valid].reshape(-1)]
+  if effects is not None:
+    ids += [effects[0].reshape(-1), effects[2].reshape(-1)]
+  texts = {t: tokenizer.piece_text(t) for t in np.unique(np.concatenate(ids)).tolist() if t >= 0}
+  texts[ctx_lib.MISSING] = ""
+  n_top = valid.shape[1]
 
-  def text(token: int) -> str:
-    if token not in texts:
-      texts[token] = tokenizer.piece_text(token) if token >= 0 else ""
-    return texts[token]
-
-  top_token = []
   latents = []
   for f in range(u.width):
-    contexts = []
-    for v, row in zip(s.top_values[f], s.top_rows[f]):
-      if v <= 0:
-        break
-      seq, pos = located[int(row)]
-      contexts.append((float(v), seq, pos))
-    items = []
-    for rank, (v, seq, pos) in enumerate(contexts):
-      ids = windows[(seq, pos)][0]
-      acts = _g_list(window_acts[f, rank])
-      acts[cfg.before] = _g(v)  # the pass's own value at the peak
-      items.append({"act": _g(v), "seq": seq, "pos": pos, "toks": [int(t) for t in ids],
-                    "acts": acts})
-      for t in ids:
-        text(int(t))
-    top_token.append(text(int(windows[(contexts[0][1], contexts[0][2])][0][cfg.before]))
-                     if contexts else "")
+    n = int(valid[f].sum())
+    items = [{"act": values[f * n_top + r], "seq": int(ctx.seqpos[k[f, r], 0]),
+              "pos": int(ctx.seqpos[k[f, r], 1]), "toks": tokens[f, r].tolist(),
+              "acts": acts[f][r]} for r in range(n)]
     latent = {"i": f, "freq": _g(freq[f]), "max": _g(peak[f]), "mean": _g(mean[f]),
-              "hist": [int(c) for c in s.hist[f]], "contexts": items}
+              "hist": s.hist[f].tolist(), "contexts": items}
     if effects is not None:
       pos_i, pos_v, neg_i, neg_v = effects
       latent["promoted"] = [[int(t), _g(v)] for t, v in zip(pos_i[f], pos_v[f])]
       latent["suppressed"] = [[int(t), _g(v)] for t, v in zip(neg_i[f], neg_v[f])]
-      for t in list(pos_i[f]) + list(neg_i[f]):
-        text(int(t))
     latents.append(latent)
+  top_token = [texts[int(tokens[f, 0, cfg.before])] if valid[f, 0] else "" for f in range(u.width)]
 
   n_blocks = -(-u.width // cfg.block_size)
   for b in range(n_blocks):
@@ -272,10 +282,9 @@ def _write_unit(folder: Path, uid: str, u: Unit, s: LatentStats, effects, locate
                                                       if t >= 0},
                "latents": block}
     (folder / f"block_{b}.js").write_text(_script(f"{uid}/block_{b}", payload))
-  promoted = ([text(int(t)) for t in effects[0][:, 0]] if effects is not None else [])
-  summary = {"freq": [_g(v) for v in freq], "max": [_g(v) for v in peak],
-             "top_token": top_token, "promoted": promoted,
-             "dead": dead.tolist(), "dense": dense.tolist()}
+  promoted = ([texts[int(t)] for t in effects[0][:, 0]] if effects is not None else [])
+  summary = {"freq": _g_list(freq), "max": _g_list(peak), "top_token": top_token,
+             "promoted": promoted, "dead": dead.tolist(), "dense": dense.tolist()}
   (folder / "summary.js").write_text(_script(f"{uid}/summary", summary))
   return {"id": uid, "key": u.key, "label": u.label, "site": u.site, "layer": u.layer,
           "out_site": u.out_site, "width": u.width, "n_tokens": s.n_tokens,

@@ -93,14 +93,14 @@ def test_every_window_token_gets_its_activation(text_store, release_dir, tokeniz
   units, _ = units_of(rel.manifest["dictionaries"], rel.dictionaries)
   cfg = BrowseConfig(**{**CFG.__dict__, "before": 4, "after": 2})
   stats, _ = scan(units, store, cfg, progress=False)
-  located, windows = _contexts(stats, store, tokenizer, cfg, "checksum")
+  ctx = _contexts(stats, store, tokenizer, cfg, "checksum")
   checked = 0
   for u, s in zip(units, stats):
-    acts = _window_acts(u, s, located, windows, store, "checksum")
+    acts = _window_acts(u, s, ctx, store, "checksum")
     j = LAYERS.index(u.layer)
     for f in range(u.width):
       for rank in np.flatnonzero(s.top_values[f] > 0):
-        seq, pos = located[int(s.top_rows[f, rank])]
+        seq, pos = ctx.seqpos[ctx.at(s.top_rows[f, rank])]
         for o, got in zip(range(-4, 3), acts[f, rank]):
           row = truth["by_position"].get((seq, pos + o))
           if row is None:
