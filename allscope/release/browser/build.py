@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from allscope.release import layout
 from allscope.release.browser import neuronpedia
 from allscope.release.browser import contexts as ctx_lib
 from allscope.release.browser.config import BrowseConfig
 from allscope.release.browser.logits import Unembedding, logit_effects
-from allscope.release.browser.scan import LatentStats, Unit, pair_activations, scan
+from allscope.release.browser.scan import LatentStats, Unit, check, pair_activations, scan
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
 from allscope.release.load import Release
 from allscope.release.load import load as load_release
@@ -96,8 +95,8 @@ def read_script(path: str | Path) -> tuple[str, Any]:
 
 
 def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | None,
-          cfg: BrowseConfig, *, dictionaries: Sequence[Any] | None = None,
-          progress: bool = True, verify: str = "checksum") -> dict[str, Any]:
+          cfg: BrowseConfig, *, progress: bool = True, verify: str = "checksum"
+          ) -> dict[str, Any]:
   """Writes `<root>/browser/` for the release at `root` from one pass over `store` (an
   `ActivationStore`). `tokenizer` decodes contexts; `unembed` (None: no logit effects) gives the
   promoted and suppressed tokens. Returns facts about the pass and the output sizes."""
@@ -107,7 +106,7 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
   if not isinstance(release, Release):
     raise ValueError(f"{root} is a dictionary folder; give the release folder (with manifest.json)")
   entries = release.manifest["dictionaries"]
-  units, skipped = units_of(entries, dictionaries or release.dictionaries)
+  units, skipped = units_of(entries, release.dictionaries)
   if not units:
     raise ValueError(f"{root}: nothing to browse ({'; '.join(skipped)})")
   residual = []
@@ -128,17 +127,18 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
   final = root / FOLDER
   tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", suffix=".tmp", dir=root))
   try:
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the published folder from other readers
     for name in PAGE_FILES:
       shutil.copyfile(STATIC / name, tmp / name)
     data = tmp / "data"
     data.mkdir()
     catalog = []
     span = int(store.manifest["context_length"])
+    bins = {"min_log10": cfg.min_log10, "per_decade": cfg.bins_per_decade, "n": cfg.n_bins}
     np_info = {"model_id": str(release.manifest.get("model_name", "")).split("/")[-1],
                "n_prompts": -(-timing["tokens"] // max(span - 1, 1)), "n_tokens_in_prompt": span,
                "dataset": json.dumps(release.manifest.get("corpus", ""), sort_keys=True),
-               "bins": {"min_log10": cfg.min_log10, "per_decade": cfg.bins_per_decade,
-                        "n": cfg.n_bins}}
+               "bins": bins}
     for i, (u, s, r) in enumerate(zip(units, stats, residual)):
       uid = f"u{i:03d}"
       effects = (logit_effects(r, unembed, cfg.logit_tokens) if r is not None else None)
@@ -154,9 +154,7 @@ def build(root: str | Path, store: Any, tokenizer: Any, unembed: Unembedding | N
     facts = {"release": release.manifest.get("name", root.name), "store": str(store.path),
              "tokens": timing["tokens"], "tokens_per_s": _g(timing["tokens_per_s"]),
              "top_n": cfg.top_n, "before": cfg.before, "after": cfg.after,
-             "dense_threshold": cfg.dense_threshold, "skipped": skipped,
-             "bins": {"min_log10": cfg.min_log10, "per_decade": cfg.bins_per_decade,
-                      "n": cfg.n_bins}}
+             "dense_threshold": cfg.dense_threshold, "skipped": skipped, "bins": bins}
     (data / "catalog.js").write_text(_script("catalog", {"facts": facts, "units": catalog}))
     old = None
     if final.exists():
@@ -307,10 +305,12 @@ def browse(release_root: str | Path, store_path: str | Path, cfg: BrowseConfig, 
   if not (root / "manifest.json").exists():
     raise FileNotFoundError(f"{root}: no manifest.json; give a release folder written by "
                             "`allscope release`")
-  layout.inside(root, FOLDER)
   store = pipelines.open_store(store_path)
-  if model_name is None:
-    model_name = json.loads((root / "manifest.json").read_text()).get("allscope_model")
+  release = load_release(root)
+  check(units_of(release.manifest["dictionaries"], release.dictionaries)[0], store)  # before loads
+  model_name = model_name or release.manifest.get("allscope_model")
+  if not model_name:
+    raise ValueError(f"{root}/manifest.json names no allscope_model; pass the model (model.name)")
   if tokenizer is None:
     _, tokenizer = models.describe(model_name)
   unembed = None

@@ -108,16 +108,8 @@ def _step(states, params, xs, valid, offset, *, specs, bins):
   return out
 
 
-def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool = True,
-         verify: str = "checksum") -> tuple[list[LatentStats], dict[str, float]]:
-  """The pass over `store` (an `ActivationStore`); returns per-unit stats and timing
-  ({"tokens", "seconds", "tokens_per_s"}, compile included)."""
-  from tqdm.auto import tqdm
-
-  cfg.validate()
-  r = store.rows_per_record
-  per_batch = -(-cfg.batch_size // r)  # whole records: batch_size rounded up
-  batch = per_batch * r
+def check(units: Sequence[Unit], store: Any) -> None:
+  """Every unit readable from `store`: its site and layer stored, at its input width."""
   if not units:
     raise ValueError("no dictionaries to browse")
   for u in units:
@@ -129,6 +121,19 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
     if u.params["w_enc"].shape[0] != d:
       raise ValueError(f"{u.key}: w_enc has d_in {u.params['w_enc'].shape[0]} but {u.site} in "
                        f"the store has width {d}; was it trained on another model?")
+
+
+def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool = True,
+         verify: str = "checksum") -> tuple[list[LatentStats], dict[str, float]]:
+  """The pass over `store` (an `ActivationStore`); returns per-unit stats and timing
+  ({"tokens", "seconds", "tokens_per_s"}, compile included)."""
+  from tqdm.auto import tqdm
+
+  cfg.validate()
+  r = store.rows_per_record
+  per_batch = -(-cfg.batch_size // r)  # whole records: batch_size rounded up
+  batch = per_batch * r
+  check(units, store)
   layers = {s: tuple(sorted({u.layer for u in units if u.site == s}))
             for s in dict.fromkeys(u.site for u in units)}
   sources = {s: store.source((s,), ls, verify) for s, ls in layers.items()}
