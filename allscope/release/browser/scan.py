@@ -77,7 +77,6 @@ def _init_state(width: int, n_top: int, n_bins: int):
 
 def _update(state, f, offset, bins: tuple[float, int, int]):
   """Adds one batch of activations f [B, F] (zero on padding rows) to a unit's state."""
-
   lo, per_decade, n_bins = bins
   width, n_top = state["top_values"].shape
   on = f > 0
