@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from allscope import models, pipelines
@@ -24,5 +26,5 @@ def text_store(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def release_dir(text_store):
   store, _ = text_store
-  root, dicts = random_release(__import__("pathlib").Path(store.path).parent)
+  root, dicts = random_release(Path(store.path).parent)
   return root, dicts
