@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   site_in, site_out = cfg.sites
 
   batch_sh = mesh_lib.batch_sharding(mesh)
-  row_start, row_stop = process_rows(batch_sh, (cfg.batch_size, 1, 1))
+  row_start, row_stop = process_rows(batch_sh, (cfg.batch_size, len(cfg.layers), 1))
   iterator = source.local(row_start, row_stop).to_iter_dataset(_READ).__iter__()
   if latest is not None and not checkpoint.restore_data(mngr, latest, iterator):
     iterator.set_state(_position(iterator, latest))
