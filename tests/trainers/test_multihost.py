@@ -6,7 +6,7 @@ from a real activation store on a (data=2, model=2) mesh of 4 devices:
 - SIGKILL at random moments and inside a checkpoint write, restarted each time: the run ends
   bitwise equal to the uninterrupted one;
 - SIGTERM to one process: both save the same step and exit with preemption.EXIT_CODE; that
-  2-process checkpoint resumes on 2, 1 and 4 processes, which all end bitwise equal to the
+  2-process checkpoint resumes on 1 and on 4 processes, which both end bitwise equal to the
   uninterrupted run (the data position is the step, over the seeded global order).
 """
 
@@ -39,11 +39,15 @@ class Job:
 
   def __init__(self, n: int, out: Path, store: Path, *args: str, logs: Path):
     port = portpicker.pick_unused_port()
+    cache = logs.parent / "jax_cache"  # every run compiles the same programs: compile once
     devices = 4 // n
     self.logs = [logs / f"{out.name}.{time.monotonic_ns()}.{i}.log" for i in range(n)]
     self.procs = []
     for i, log in enumerate(self.logs):
-      env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+      env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+             "JAX_COMPILATION_CACHE_DIR": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
       if n > 1:
         env.update(ALLSCOPE_COORDINATOR=f"127.0.0.1:{port}", ALLSCOPE_NUM_PROCESSES=str(n),
                    ALLSCOPE_PROCESS_ID=str(i))
@@ -145,7 +149,7 @@ def test_sigkill_at_random_moments_then_restart_ends_bitwise_equal(straight):
   _equal(straight / "straight.npz", straight / "killed.npz")
 
 
-def test_sigterm_checkpoints_every_process_at_one_step_and_resumes_on_2_1_and_4(straight):
+def test_sigterm_checkpoints_every_process_at_one_step_and_resumes_on_1_and_on_4(straight):
   out, store, logs = straight / "term", straight / "store", straight / "logs"
   job = Job(2, out, store, "--sleep", "0.3", logs=logs)
   job.wait_for_step(4)
@@ -158,9 +162,8 @@ def test_sigterm_checkpoints_every_process_at_one_step_and_resumes_on_2_1_and_4(
   assert 4 <= step < STEPS
   assert f"resume by running the same command again (it continues from step {step})" in job.text()
   assert max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == step
-  for n in (1, 4):
-    shutil.copytree(out, straight / f"term{n}")
-  for n, folder in ((2, out), (1, straight / "term1"), (4, straight / "term4")):
+  shutil.copytree(out, straight / "term4")
+  for n, folder in ((1, out), (4, straight / "term4")):
     info = _finish(n, folder, store, logs, straight / f"term_{n}.npz")
     assert info["resumed_from"] == step and info["process_count"] == n
     _equal(straight / "straight.npz", straight / f"term_{n}.npz")
