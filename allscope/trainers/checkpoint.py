@@ -37,8 +37,10 @@ def manager(directory: str | Path, cfg: TrainConfig | None = None,
       save_interval_steps=1,  # the loop decides when; every call it makes is a save
       max_to_keep=cfg.keep_checkpoints if cfg else None, enable_async_checkpointing=True,
       create=not read_only, read_only=read_only)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+              "data": grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                               item_names=("state", "data", "config"))
+                               item_handlers=handlers)
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
