@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -80,3 +82,23 @@ def test_bad_input_is_reported_before_compiling(tmp_path, change, message):
 def test_norm_scale_must_cover_the_sites(tmp_path):
   with pytest.raises(ValueError, match="norm_scale has no entry for site 'resid_post'"):
     train(CFG, synthetic.loader(SRC, 64), {"mlp_in": np.ones(2)}, tmp_path, progress=False)
+
+
+def test_sigint_checkpoints_at_the_next_step_and_the_restart_ends_where_it_would_have(tmp_path):
+  from allscope.trainers import preemption
+
+  def interrupt(step, ctx):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C; the loop sees it at the next boundary
+
+  straight = train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "a",
+                   progress=False)
+  with pytest.raises(preemption.Preempted, match=r"checkpoint at step 6 .* same command again"):
+    train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "b", hooks=[interrupt],
+          progress=False)
+  assert ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 6
+  resumed = train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "b",
+                  progress=False)
+  assert resumed.resumed_from == 6
+  for k, v in straight.params.items():
+    assert np.array_equal(v, resumed.params[k]), k
