@@ -251,7 +251,7 @@ class ActivationStore:
 class GlobalBatches:
   """The data position of a training run: a seeded global order of records, cut into batches.
 
-  Epoch e is a permutation of all n records (numpy's default generator seeded with (seed, e));
+  Epoch e is a permutation of all n records (Grain's index_shuffle keyed by (seed, e));
   its first floor(n / m) * m records form steps_per_epoch global batches of m = global_batch /
   rows_per_record records, the rest of the epoch is skipped. Global batch k is therefore fixed by
   (store, seed, global_batch, k) alone, whatever the number of processes: a process reads the
@@ -272,22 +272,20 @@ class GlobalBatches:
       raise ValueError(f"the data holds {len(source)} records of {rows_per_record} rows, fewer "
                        f"than one global batch of {global_batch} rows; lower the batch size or "
                        "harvest more tokens")
-    self._orders: dict[int, np.ndarray] = {}
 
-  def _order(self, epoch: int) -> np.ndarray:
-    order = self._orders.get(epoch)
-    if order is None:
-      n = len(self.source)
-      order = (np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle
-               else np.arange(n))
-      self._orders = {epoch: order}  # one epoch at a time; the key is recomputed on rollover
-    return order
-
-  def records(self, step: int) -> np.ndarray:
-    """Record indices of global batch `step` (0-based), in row order."""
+  def records(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Record indices [start, stop) of global batch `step` (0-based), in row order."""
     epoch, k = divmod(int(step), self.steps_per_epoch)
     m = self.records_per_batch
-    return self._order(epoch)[k * m:(k + 1) * m]
+    stop = m if stop is None else stop
+    positions = range(k * m + start, k * m + stop)
+    if not self.shuffle:
+      return np.asarray(positions, np.int64)
+    # Grain's Feistel index shuffle: a permutation of the epoch in O(1) memory.
+    seed = int(np.random.SeedSequence((self.seed, epoch)).generate_state(1)[0])
+    last = len(self.source) - 1
+    return np.asarray([grain.experimental.index_shuffle(i, max_index=last, seed=seed, rounds=4)
+                       for i in positions], np.int64)
 
   def local(self, row_start: int, row_stop: int) -> grain.MapDataset:
     """Element k: rows [row_start, row_stop) of global batch k, {site: [rows, n_layers, width]}."""
@@ -298,7 +296,7 @@ class GlobalBatches:
                        f"(batch_size / mesh_data) a multiple of {r}")
 
     def read(step: int) -> dict[str, np.ndarray]:
-      ids = self.records(step)[row_start // r:row_stop // r]
+      ids = self.records(step, row_start // r, row_stop // r)
       parts = [self.source[int(i)] for i in ids]
       return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
