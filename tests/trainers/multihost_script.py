@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def config(steps: int, checkpoint_every: int):
@@ -59,8 +60,8 @@ def main() -> int:
 
     def save(self, directory, *a, **kw):
       handler_save(self, directory, *a, **kw)
-      print(f"saved data in {directory}", file=sys.stderr, flush=True)
-      if str(directory).split("/")[-2].split(".")[0] == str(args.kill_in_save):
+      step_dir = Path(directory).parent.name  # "<step>.orbax-checkpoint-tmp..." while writing
+      if step_dir.split(".")[0] == str(args.kill_in_save):
         os.kill(os.getpid(), signal.SIGKILL)
 
     grain.checkpoint.CheckpointHandler.save = save
