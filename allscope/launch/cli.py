@@ -46,18 +46,21 @@ def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
   result = stages.train(cfg)
-  print(f"checkpoints and TensorBoard logs: {stages.Paths(Path(cfg.output_dir)).train}")
-  print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+  if _primary():
+    print(f"checkpoints and TensorBoard logs: {stages.Paths(Path(cfg.output_dir)).train}")
+    print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
 
 
 def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
+  """Evaluates the latest checkpoint (never trains) or, with --release, a release folder."""
   from allscope import release
   from allscope.launch import stages
 
   dictionaries = release.load(args.release).dictionaries if args.release else None
-  evaluations = stages.evaluate(cfg, dictionaries)
-  _print_metrics(evaluations)
-  print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
+  evaluations = stages.evaluate(cfg, dictionaries, allow_partial=args.allow_partial)
+  if _primary():
+    _print_metrics(evaluations)
+    print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
 
 
 def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -67,7 +70,9 @@ def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
     cfg = dataclasses.replace(cfg, release=dataclasses.replace(
         cfg.release, publish_to=args.to, dry_run=args.dry_run or cfg.release.dry_run))
     config_lib.validate(cfg)
-  print(f"release: {stages.release_stage(cfg)}")
+  root = stages.release_stage(cfg, allow_partial=args.allow_partial)
+  if _primary():
+    print(f"release: {root}")
 
 
 def browse(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -78,14 +83,17 @@ def browse(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   if store is None and release is not None and (release.parent / "store" / "manifest.json").exists():
     store = release.parent / "store"  # the run folder layout: <output_dir>/{store,release}
   out = stages.browse(cfg, release, store)
-  print(f"browser: {out['path']}/index.html ({out['units']} dictionaries, {out['tokens']} tokens "
-        f"at {out['tokens_per_s']:.0f} tokens/s, {out['bytes'] / 1e6:.1f} MB)")
+  if out is not None:
+    print(f"browser: {out['path']}/index.html ({out['units']} dictionaries, {out['tokens']} tokens "
+          f"at {out['tokens_per_s']:.0f} tokens/s, {out['bytes'] / 1e6:.1f} MB)")
 
 
 def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
   out = stages.run(cfg)
+  if not _primary():
+    return
   _print_metrics(out["evaluations"])
   print(f"\nactivation store : {out['store']} ({out['tokens']} tokens)")
   print(f"checkpoints, logs: {out['train']}  (tensorboard --logdir {cfg.output_dir})")
@@ -97,13 +105,21 @@ def launch(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   """Writes a job script that runs `allscope <stage>` on every host of a cluster."""
   from allscope.launch import clusters
 
+  config = str(config_lib.resolve_path(args.config).resolve()) if args.config else None
+  overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
   text = clusters.job_script(
-      args.cluster, args.stage, args.config, args.overrides, output_dir=cfg.output_dir,
+      args.cluster, args.stage, config, overrides, output_dir=str(Path(cfg.output_dir).resolve()),
       nodes=args.nodes, gpus_per_node=args.gpus_per_node, tpu_name=args.tpu_name, zone=args.zone)
   path = clusters.write_job_script(text, cfg.output_dir, args.cluster, args.stage)
   config_lib.save(cfg, cfg.output_dir)
   print(f"job script: {path}")
   print(f"submit with: {'sbatch' if args.cluster == 'slurm' else 'bash'} {path}")
+
+
+def _primary() -> bool:
+  import jax
+
+  return jax.process_index() == 0
 
 
 def _print_metrics(evaluations) -> None:
@@ -142,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     if name == "evaluate":
       p.add_argument("--release", help="evaluate this release folder instead of the checkpoint")
+    if name in ("evaluate", "release"):
+      p.add_argument("--allow-partial", action="store_true",
+                     help="use the latest checkpoint of an unfinished run (else: stop and say so)")
     if name == "launch":
       p.add_argument("--stage", default="run", help="harvest, train, evaluate, release or run")
       p.add_argument("--cluster", default="slurm", choices=("slurm", "tpu"))
@@ -165,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.config = overrides.pop(0)  # `allscope run configs/quickstart.py`
   if args.command == "browse" and args.release is None and overrides and "=" not in overrides[0]:
     args.release = overrides.pop(0)  # `allscope browse outputs/quickstart/release`
+  args.overrides = overrides
+  from allscope.trainers import preemption
+
   try:
     cfg = config_lib.load(args.config, overrides)
     if args.command not in ("sample", "launch"):
@@ -173,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"allscope {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except preemption.Preempted as e:
+    print(f"allscope {args.command}: {e}", file=sys.stderr)
+    return preemption.EXIT_CODE
   return 0
 
 

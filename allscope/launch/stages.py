@@ -7,6 +7,10 @@
   <output_dir>/release/        the release folder (release)
 
 Each stage reads what the previous one wrote, so any of them can be re-run or resumed alone.
+On a multi-host job every process runs every stage; the stages writing shared outputs (harvest,
+evaluate, release) do their work on process 0 while the others wait (distributed.on_primary),
+and evaluate/release restore the latest checkpoint (trainers.checkpoint.restore_latest), never
+train.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from allscope import models, pipelines, release, trainers
-from allscope.launch import config as config_lib
+from allscope.launch import config as config_lib, distributed
 from allscope.launch.config import RunConfig
 
 
@@ -43,33 +49,55 @@ class Paths:
 
 
 def harvest(cfg: RunConfig) -> dict:
+  """Process 0 runs the harvest (a Beam job writing the shared store); the others wait."""
   paths = Paths(Path(cfg.output_dir))
-  config_lib.save(cfg, paths.root)
-  return pipelines.harvest(cfg.harvest, cfg.model, str(paths.store))
+
+  def work():
+    config_lib.save(cfg, paths.root)
+    return pipelines.harvest(cfg.harvest, cfg.model, str(paths.store))
+
+  distributed.on_primary("harvest", work)
+  return pipelines.open_store(paths.store).manifest
 
 
 def train(cfg: RunConfig) -> trainers.TrainResult:
-  """Trains (or resumes, or, when finished, restores) the run's dictionaries from its store."""
-  import jax
+  """Trains (or resumes, or, when finished, restores) the run's dictionaries from its store.
 
+  Every process runs it; each reads its rows of every global batch. Raises
+  trainers.Preempted after checkpointing on SIGTERM/SIGINT.
+  """
   paths = Paths(Path(cfg.output_dir))
-  config_lib.save(cfg, paths.root)
+  distributed.on_primary("train config", lambda: config_lib.save(cfg, paths.root))
   store = pipelines.open_store(paths.store)
-  layers = cfg.train.layers
   sites = tuple(dict.fromkeys(cfg.train.sites))
-  loader = store.loader(cfg.train.batch_size // jax.process_count(), sites=sites, layers=layers,
-                        seed=cfg.seed)
-  norm = {site: store.norm_scale(site, layers) for site in sites}
-  return trainers.train(cfg.train, loader, norm, paths.train)
+  batches = store.global_batches(cfg.train.batch_size, sites=sites, layers=cfg.train.layers,
+                                 seed=cfg.seed)
+  norm = {site: store.norm_scale(site, cfg.train.layers) for site in sites}
+  return trainers.train(cfg.train, batches, norm, paths.train)
 
 
-def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = None) -> list:
-  """Release-format dictionaries (normalization folded in) from the run's latest checkpoint."""
+def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = None, *,
+                         allow_partial: bool = False) -> list:
+  """Release-format dictionaries (normalization folded in): from `result`, or restored from the
+  run's latest checkpoint without training (an unfinished run raises UnfinishedRun unless
+  allow_partial). Every process calls it (restoring and gathering are collective)."""
+  from allscope.trainers import checkpoint
   from allscope.trainers.export import release_arrays
 
-  result = result or train(cfg)
+  if result is not None:
+    state, norm = result.state, result.norm_scale
+  else:
+    paths = Paths(Path(cfg.output_dir))
+    restored = checkpoint.restore_latest(paths.train / "checkpoints", cfg.train,
+                                         allow_partial=allow_partial)
+    if not restored.finished:
+      print(f"evaluating the unfinished run at step {restored.step} of {cfg.train.steps} "
+            "(--allow-partial)", file=sys.stderr)
+    store = pipelines.open_store(paths.store)
+    state = restored.state
+    norm = {site: store.norm_scale(site, cfg.train.layers) for site in set(cfg.train.sites)}
   return release.from_exported(
-      release_arrays(cfg.train, result.state, result.norm_scale, model_name=cfg.model.name))
+      release_arrays(cfg.train, state, norm, model_name=cfg.model.name))
 
 
 def heldout_tokens(cfg: RunConfig, tokenizer, arch) -> np.ndarray:
@@ -93,25 +121,39 @@ def heldout_tokens(cfg: RunConfig, tokenizer, arch) -> np.ndarray:
   return np.stack(rows)[:, :seq]
 
 
-def evaluate(cfg: RunConfig, dictionaries: list | None = None) -> list[release.Evaluation]:
+def evaluate(cfg: RunConfig, dictionaries: list | None = None, *,
+             allow_partial: bool = False) -> list[release.Evaluation] | None:
+  """Metrics of the run's latest checkpoint (or of `dictionaries`), on process 0, into
+  evaluation.json; the other processes wait and get None."""
+  dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
+  return distributed.on_primary("evaluate", lambda: _evaluate(cfg, dictionaries))
+
+
+def _evaluate(cfg: RunConfig, dictionaries: list) -> list[release.Evaluation]:
   paths = Paths(Path(cfg.output_dir))
-  dictionaries = dictionaries or trained_dictionaries(cfg)
   model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
   tokens = heldout_tokens(cfg, tokenizer, model.config)
   evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
                                  log_dir=paths.root / "tensorboard_eval")
-  paths.evaluation.write_text(json.dumps(
-      {"tokens": int(tokens.size), "dictionaries": [
-          {"path": e.path, "metrics": e.metrics} for e in evaluations]}, indent=2) + "\n")
+  tmp = paths.evaluation.with_name(f".{paths.evaluation.name}.tmp")
+  tmp.write_text(json.dumps({"tokens": int(tokens.size), "dictionaries": [
+      {"path": e.path, "metrics": e.metrics} for e in evaluations]}, indent=2) + "\n")
+  os.replace(tmp, paths.evaluation)
   return evaluations
 
 
 def release_stage(cfg: RunConfig, dictionaries: list | None = None,
-                  evaluations: list | None = None) -> Path:
+                  evaluations: list | None = None, *, allow_partial: bool = False) -> Path:
+  """Writes (and publishes) the release of the latest checkpoint on process 0; the others wait."""
+  dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
+  root = distributed.on_primary("release", lambda: _release(cfg, dictionaries, evaluations))
+  return root or release.release_dir(cfg.release, Path(cfg.output_dir))
+
+
+def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Path:
   paths = Paths(Path(cfg.output_dir))
-  dictionaries = dictionaries or trained_dictionaries(cfg)
   if evaluations is None:
-    evaluations = evaluate(cfg, dictionaries)
+    evaluations = _evaluate(cfg, dictionaries)
   manifest = pipelines.open_store(paths.store).manifest
   info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
           "corpus": dataclasses.asdict(cfg.harvest.corpus),
@@ -120,15 +162,21 @@ def release_stage(cfg: RunConfig, dictionaries: list | None = None,
   root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
                                info=info)
   if cfg.browse.enabled:
-    browse(cfg, root)
+    _browse(cfg, root)
   if cfg.release.publish_to:
     release.publish(root, cfg.release.publish_to, dry_run=cfg.release.dry_run,
                     private=cfg.release.private)
   return root
 
 
-def browse(cfg: RunConfig, release_root: Path | None = None, store: Path | None = None) -> dict:
-  """Writes `<release>/browser/` from a pass over the run's store (see docs/browse.md)."""
+def browse(cfg: RunConfig, release_root: Path | None = None,
+           store: Path | None = None) -> dict | None:
+  """Writes `<release>/browser/` from a pass over the run's store (see docs/browse.md), on
+  process 0; the others wait and get None."""
+  return distributed.on_primary("browse", lambda: _browse(cfg, release_root, store))
+
+
+def _browse(cfg: RunConfig, release_root: Path | None, store: Path | None) -> dict:
   from allscope.release import browser
 
   paths = Paths(Path(cfg.output_dir))
@@ -145,9 +193,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   result = train(cfg)
   stamps["train"] = time.perf_counter() - start - sum(stamps.values())
   dictionaries = trained_dictionaries(cfg, result)
-  evaluations = evaluate(cfg, dictionaries)
+  evaluations = evaluate(cfg, dictionaries) or []
   stamps["evaluate"] = time.perf_counter() - start - sum(stamps.values())
-  root = release_stage(cfg, dictionaries, evaluations)
+  root = release_stage(cfg, dictionaries, evaluations or None)
   stamps["release"] = time.perf_counter() - start - sum(stamps.values())
   return {"store": Paths(Path(cfg.output_dir)).store, "tokens": manifest.get("num_tokens"),
           "train": Paths(Path(cfg.output_dir)).train, "release": root,

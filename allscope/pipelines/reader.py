@@ -7,6 +7,9 @@
     state = it.get_state()            # bytes; it.set_state(state) resumes exactly there
     scale = store.norm_scale("mlp_in", (3,))  # [1] float32: mean |scale * x|^2 == 1
 
+    batches = store.global_batches(4096, sites=("mlp_in", "mlp_out"), layers=(3,), seed=0)
+    rows_k = batches.local(0, 2048)[k]  # rows [0, 2048) of global batch k (what the trainer reads)
+
 The unit of random access is a record (`rows_per_record` rows, already shuffled across
 sequences at harvest time); the loader shuffles records globally and shards them over JAX
 processes. Only the chosen (site, layer) files are opened. Each file is checked against the
@@ -208,6 +211,18 @@ class ActivationStore:
     """Where every row came from; record i matches record i of every source."""
     return IndexSource(self.path, self.manifest, verify)
 
+  def global_batches(self, global_batch: int, sites: Sequence[str] = ("mlp_in", "mlp_out"),
+                     layers: Sequence[int] | None = None, *, seed: int = 0, shuffle: bool = True,
+                     verify: str = "checksum") -> GlobalBatches:
+    """The training data position over this store (see GlobalBatches); full records only."""
+    if global_batch <= 0 or global_batch % self.rows_per_record:
+      raise ValueError(f"batch_size={global_batch} must be a positive multiple of the store's "
+                       f"rows_per_record ({self.rows_per_record})")
+    src = self.source(sites, layers, verify)
+    if len(src) == 0:
+      raise ValueError(f"{self.path} has no full record to serve")
+    return GlobalBatches(src, self.rows_per_record, global_batch, seed, shuffle)
+
   def loader(self, batch_size: int, sites: Sequence[str] = ("mlp_in", "mlp_out"),
              layers: Sequence[int] | None = None, *, seed: int = 0, shuffle: bool = True,
              num_epochs: int | None = None, shard_options: grain.sharding.ShardOptions | None = None,
@@ -231,6 +246,65 @@ class ActivationStore:
            _Flatten()]
     return grain.DataLoader(data_source=src, sampler=sampler, operations=ops,
                             worker_count=worker_count)
+
+
+class GlobalBatches:
+  """The data position of a training run: a seeded global order of records, cut into batches.
+
+  Epoch e is a permutation of all n records (Grain's index_shuffle keyed by (seed, e));
+  its first floor(n / m) * m records form steps_per_epoch global batches of m = global_batch /
+  rows_per_record records, the rest of the epoch is skipped. Global batch k is therefore fixed by
+  (store, seed, global_batch, k) alone, whatever the number of processes: a process reads the
+  rows of global batch k that its devices hold (`local`), and a checkpoint at step k resumes any
+  number of processes at global batch k.
+  """
+
+  def __init__(self, source, rows_per_record: int, global_batch: int, seed: int = 0,
+               shuffle: bool = True):
+    if global_batch <= 0 or global_batch % rows_per_record:
+      raise ValueError(f"batch_size={global_batch} must be a positive multiple of the store's "
+                       f"rows_per_record ({rows_per_record})")
+    self.source, self.rows_per_record, self.global_batch = source, rows_per_record, global_batch
+    self.seed, self.shuffle = seed, shuffle
+    self.records_per_batch = global_batch // rows_per_record
+    self.steps_per_epoch = len(source) // self.records_per_batch
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"the data holds {len(source)} records of {rows_per_record} rows, fewer "
+                       f"than one global batch of {global_batch} rows; lower the batch size or "
+                       "harvest more tokens")
+
+  def records(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Record indices [start, stop) of global batch `step` (0-based), in row order."""
+    epoch, k = divmod(int(step), self.steps_per_epoch)
+    m = self.records_per_batch
+    stop = m if stop is None else stop
+    positions = range(k * m + start, k * m + stop)
+    if not self.shuffle:
+      return np.asarray(positions, np.int64)
+    # Grain's Feistel index shuffle: a permutation of the epoch in O(1) memory.
+    seed = int(np.random.SeedSequence((self.seed, epoch)).generate_state(1)[0])
+    last = len(self.source) - 1
+    return np.asarray([grain.experimental.index_shuffle(i, max_index=last, seed=seed, rounds=4)
+                       for i in positions], np.int64)
+
+  def local(self, row_start: int, row_stop: int) -> grain.MapDataset:
+    """Element k: rows [row_start, row_stop) of global batch k, {site: [rows, n_layers, width]}."""
+    r = self.rows_per_record
+    if not 0 <= row_start < row_stop <= self.global_batch or row_start % r or row_stop % r:
+      raise ValueError(f"rows [{row_start}, {row_stop}) of a {self.global_batch}-row batch do not "
+                       f"fall on records of {r} rows; make the per-device batch "
+                       f"(batch_size / mesh_data) a multiple of {r}")
+
+    def read(step: int) -> dict[str, np.ndarray]:
+      ids = self.records(step, row_start // r, row_stop // r)
+      parts = [self.source[int(i)] for i in ids]
+      return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return grain.MapDataset.range(0, 1 << 62).map(read)
+
+  def __repr__(self) -> str:
+    return (f"GlobalBatches({self.source!r}, global_batch={self.global_batch}, seed={self.seed}, "
+            f"shuffle={self.shuffle})")
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

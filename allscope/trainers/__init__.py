@@ -2,5 +2,7 @@
 
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.loop import TrainingDiverged, TrainResult, train
+from allscope.trainers.preemption import Preempted
+from allscope.trainers.state import TrainState
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = ["Preempted", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged", "train"]

@@ -19,8 +19,10 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from allscope.trainers.config import TrainConfig
+from allscope.trainers.state import TrainState
 
 
 @dataclasses.dataclass
@@ -30,8 +32,10 @@ class ExportedDictionary:
   metadata: dict[str, Any]
 
 
-def _np(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in tree.items()}
+def _np(a: jax.Array) -> np.ndarray:
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    a = multihost_utils.process_allgather(a, tiled=True)
+  return np.asarray(jax.device_get(a), np.float64)
 
 
 def _architecture(cfg: TrainConfig) -> str:
@@ -42,18 +46,19 @@ def _threshold(cfg: TrainConfig, params, state, g: int) -> np.ndarray:
   if cfg.activation == "jumprelu":
     return np.exp(params["log_threshold"][g])
   if cfg.activation == "batchtopk":
-    return np.full(cfg.width, float(state["batch_thr"][g]))
+    return np.full(cfg.width, float(_np(state.batch_thr)[g]))
   return np.zeros(cfg.width)
 
 
-def release_arrays(cfg: TrainConfig, state: Mapping[str, Any], norm_scale: Mapping[str, Any],
+def release_arrays(cfg: TrainConfig, state: TrainState, norm_scale: Mapping[str, Any],
                    model_name: str = "gemma3-270m") -> list[ExportedDictionary]:
   """One ExportedDictionary per trained dictionary (per layer; per source layer for a CLT).
 
-  state: TrainResult.state (or a restored train state); norm_scale: {site: [n_layers]}.
+  state: TrainResult.state or checkpoint.restore_latest(...).state (the one conversion from a
+  train state to release arrays); norm_scale: {site: [n_layers]}.
   """
-  params = _np(state["params"])
-  l0 = np.asarray(jax.device_get(state["l0"]), np.float64)
+  params = {k: _np(v) for k, v in state.params.items()}
+  l0 = _np(state.l0)
   site_in, site_out = cfg.sites
   s_in = np.asarray(norm_scale[site_in], np.float64).reshape(-1)
   s_out = np.asarray(norm_scale[site_out], np.float64).reshape(-1)

@@ -1,32 +1,35 @@
-"""Train state: parameters, optimizer state, step, RNG and the per-latent counters.
+"""Train state: one typed pytree (`TrainState`) that optax, Orbax, jit and the shardings all see.
 
-The state is a plain dict of arrays so that optax, Orbax and the shardings all see one pytree:
-  params        dictionaries.Params
-  opt_state     optax state (sharded like params)
-  step          int32
-  rng           uint32 key data (jax.random.key_data), split once per step
-  since_fired   [G, F] int32 tokens since each latent last fired (saturates at 2^30)
-  batch_thr     [G] float32 running mean of BatchTopK's batch threshold (its JumpReLU export)
-  l0            [G] float32 running mean of L0, per dictionary
-  bad_step      int32, -1 while every step was finite; else the first non-finite step
-  bad_cause     int32, 0 ok, 1 non-finite input, 2 non-finite loss, 3 non-finite gradient/update
+A `TrainState` of arrays is the state; a `TrainState` of `NamedSharding`s is its placement; a
+`TrainState` of `ShapeDtypeStruct`s is its abstract shape (Orbax restores onto that).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from allscope.trainers import dictionaries, mesh as mesh_lib
 from allscope.trainers.config import TrainConfig
 
-State = dict[str, Any]
 CAUSES = {1: "a non-finite value (NaN/Inf) in the input batch",
           2: "a non-finite loss", 3: "a non-finite gradient or parameter update"}
+
+
+@struct.dataclass
+class TrainState:
+  params: dictionaries.Params  # dictionaries.Params, sharded on (layer, model)
+  opt_state: optax.OptState  # sharded like params
+  step: jax.Array  # int32: steps applied
+  rng: jax.Array  # uint32 key data (jax.random.key_data), split once per step
+  since_fired: jax.Array  # [G, F] int32 tokens since each latent last fired (saturates at 2^30)
+  batch_thr: jax.Array  # [G] float32 running mean of BatchTopK's threshold (its JumpReLU export)
+  l0: jax.Array  # [G] float32 running mean of L0, per dictionary
+  bad_step: jax.Array  # int32: -1 while every step was finite; else the first non-finite step
+  bad_cause: jax.Array  # int32: 0 ok, else a key of CAUSES
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -44,29 +47,33 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                      optax.adam(schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2))
 
 
-def init_state(cfg: TrainConfig, params: dictionaries.Params, key: jax.Array) -> State:
+def init_state(cfg: TrainConfig, params: dictionaries.Params, key: jax.Array) -> TrainState:
   g, f = cfg.n_groups, cfg.width
-  return {
-      "params": params,
-      "opt_state": optimizer(cfg).init(params),
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(key),
-      "since_fired": jnp.zeros((g, f), jnp.int32),
-      "batch_thr": jnp.zeros((g,), jnp.float32),
-      "l0": jnp.zeros((g,), jnp.float32),
-      "bad_step": jnp.full((), -1, jnp.int32),
-      "bad_cause": jnp.zeros((), jnp.int32),
-  }
+  return TrainState(
+      params=params, opt_state=optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(key), since_fired=jnp.zeros((g, f), jnp.int32),
+      batch_thr=jnp.zeros((g,), jnp.float32), l0=jnp.zeros((g,), jnp.float32),
+      bad_step=jnp.full((), -1, jnp.int32), bad_cause=jnp.zeros((), jnp.int32))
 
 
-def shardings(cfg: TrainConfig, abstract: State, mesh: Mesh) -> State:
+def abstract_state(cfg: TrainConfig, params: dictionaries.Params) -> TrainState:
+  """The TrainState of ShapeDtypeStructs for parameters shaped like `params` (arrays or shapes)."""
+  return jax.eval_shape(lambda p: init_state(cfg, p, jax.random.key(0)), params)
+
+
+def shardings(cfg: TrainConfig, abstract: TrainState, mesh: Mesh) -> TrainState:
   """A NamedSharding for every leaf: parameters and their Adam moments on (layer, model)."""
   param_sh = {k: NamedSharding(mesh, mesh_lib.param_spec(k, v.ndim))
-              for k, v in abstract["params"].items()}
+              for k, v in abstract.params.items()}
   rep = mesh_lib.replicated(mesh)
-  opt_sh = optax.tree_map_params(optimizer(cfg), lambda _, s: s, abstract["opt_state"], param_sh,
+  opt_sh = optax.tree_map_params(optimizer(cfg), lambda _, s: s, abstract.opt_state, param_sh,
                                  transform_non_params=lambda _: rep)
-  lf = NamedSharding(mesh, P("layer", "model"))
-  return {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep, "since_fired": lf,
-          "batch_thr": NamedSharding(mesh, P("layer")), "l0": NamedSharding(mesh, P("layer")),
-          "bad_step": rep, "bad_cause": rep}
+  per_layer = NamedSharding(mesh, P("layer"))
+  return TrainState(params=param_sh, opt_state=opt_sh, step=rep, rng=rep,
+                    since_fired=NamedSharding(mesh, P("layer", "model")), batch_thr=per_layer,
+                    l0=per_layer, bad_step=rep, bad_cause=rep)
+
+
+def replicated(abstract: TrainState, mesh: Mesh) -> TrainState:
+  """Every leaf whole on every device (what evaluation and export read on any one process)."""
+  return jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)

@@ -19,8 +19,8 @@ def _finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array,
-               norm_in: jax.Array, norm_out: jax.Array) -> tuple[state_lib.State, dict]:
+def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.Array,
+               norm_in: jax.Array, norm_out: jax.Array) -> tuple[state_lib.TrainState, dict]:
   """One update. x [B, L, d_in], y [B, L, d_out] raw (any float dtype); norm_* [L] scalars.
 
   A step whose input, loss or update is not finite leaves the state unchanged and records the
@@ -29,9 +29,9 @@ def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array
   """
   x = dictionaries.prepare(cfg, x.astype(jnp.float32) * norm_in[None, :, None])
   y = dictionaries.prepare(cfg, y.astype(jnp.float32) * norm_out[None, :, None])
-  params = st["params"]
-  dead = st["since_fired"] >= cfg.dead_tokens
-  scale = losses.sparsity_scale(cfg, st["step"])
+  params = st.params
+  dead = st.since_fired >= cfg.dead_tokens
+  scale = losses.sparsity_scale(cfg, st.step)
   grad_fn = jax.grad(losses.loss_fn, has_aux=True)
   grads, (metrics, extras) = grad_fn(params, cfg, x, y, dead, scale)
   if cfg.decoder_norm == "unit":
@@ -41,7 +41,7 @@ def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array
     par = jnp.sum(grads["w_dec"] * w, axis=axes, keepdims=True)
     grads = {**grads, "w_dec": grads["w_dec"] - par * w}
   tx = state_lib.optimizer(cfg)
-  updates, opt_state = tx.update(grads, st["opt_state"], params)
+  updates, opt_state = tx.update(grads, st.opt_state, params)
   if "log_threshold" in updates and cfg.threshold_lr_multiple != 1.0:
     updates = {**updates, "log_threshold": updates["log_threshold"] * cfg.threshold_lr_multiple}
   new_params = optax.apply_updates(params, updates)
@@ -52,36 +52,36 @@ def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array
   fired = jax.vmap(lambda i, v: jax.ops.segment_max(v.reshape(-1), i.reshape(-1),
                                                     num_segments=cfg.width))(
       extras["indices"], extras["fired"]) > 0  # [G, F]
-  since = jnp.where(fired, 0, jnp.minimum(st["since_fired"] + batch, _SATURATE))
-  first = st["step"] == 0
+  since = jnp.where(fired, 0, jnp.minimum(st.since_fired + batch, _SATURATE))
+  first = st.step == 0
   batch_thr = jnp.where(first, extras["batch_threshold"],
-                        0.99 * st["batch_thr"] + 0.01 * extras["batch_threshold"])
-  l0 = jnp.where(first, metrics["l0_per_group"], 0.99 * st["l0"] + 0.01 * metrics["l0_per_group"])
+                        0.99 * st.batch_thr + 0.01 * extras["batch_threshold"])
+  l0 = jnp.where(first, metrics["l0_per_group"], 0.99 * st.l0 + 0.01 * metrics["l0_per_group"])
 
   ok_in = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
   ok_loss = jnp.isfinite(metrics["loss"])
   ok_update = _finite(new_params) & _finite(opt_state)
   cause = jnp.where(~ok_in, 1, jnp.where(~ok_loss, 2, jnp.where(~ok_update, 3, 0)))
-  good = (cause == 0) & (st["bad_step"] < 0)
+  good = (cause == 0) & (st.bad_step < 0)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(good, a, b), new, old)
-  new = {
-      "params": keep(new_params, params),
-      "opt_state": keep(opt_state, st["opt_state"]),
-      "step": st["step"] + good.astype(jnp.int32),
-      "rng": keep(jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0]),
-                  st["rng"]),
-      "since_fired": keep(since, st["since_fired"]),
-      "batch_thr": keep(batch_thr, st["batch_thr"]),
-      "l0": keep(l0, st["l0"]),
-      "bad_step": jnp.where((cause != 0) & (st["bad_step"] < 0), st["step"], st["bad_step"]),
-      "bad_cause": jnp.where((cause != 0) & (st["bad_step"] < 0), cause, st["bad_cause"]),
-  }
+  new = state_lib.TrainState(
+      params=keep(new_params, params),
+      opt_state=keep(opt_state, st.opt_state),
+      step=st.step + good.astype(jnp.int32),
+      rng=keep(jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st.rng))[0]),
+               st.rng),
+      since_fired=keep(since, st.since_fired),
+      batch_thr=keep(batch_thr, st.batch_thr),
+      l0=keep(l0, st.l0),
+      bad_step=jnp.where((cause != 0) & (st.bad_step < 0), st.step, st.bad_step),
+      bad_cause=jnp.where((cause != 0) & (st.bad_step < 0), cause, st.bad_cause),
+  )
   out = {k: metrics[k] for k in ("loss", "mse", "fvu", "l0", "overflow")}
   out["dead"] = jnp.mean((since >= cfg.dead_tokens).astype(jnp.float32))
   return new, out
 
 
-def compile_step(cfg: TrainConfig, mesh: Mesh, state_sh: state_lib.State) -> Callable:
+def compile_step(cfg: TrainConfig, mesh: Mesh, state_sh: state_lib.TrainState) -> Callable:
   """jit(train_step) with explicit shardings; the state argument is donated."""
   rep = mesh_lib.replicated(mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)

@@ -5,16 +5,17 @@ magnitude 1 + |N(0, 0.5)|) and writes
   site_in[l]  = c[l] @ D_in[l]                  (unit-norm true features)
   site_out[l] = c[l] @ D_out[l]                 (per-layer kinds)
   site_out[t] = sum_{s <= t} c[s] @ D_clt[s, t]   (mode="clt")
-so a dictionary that learns the truth reconstructs the data exactly. The source is random-access and any position of a Grain loader over it is
-reproducible from its saved state. Rows are drawn once, vectorized, and held in memory.
+so a dictionary that learns the truth reconstructs the data exactly. The source is random-access
+and served in global batches exactly like an activation store (pipelines.reader.GlobalBatches). Rows are drawn once, vectorized, and held in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import grain
 import numpy as np
+
+from allscope.pipelines.reader import GlobalBatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +94,10 @@ class SyntheticSource:
                                         axis=0)) for site, col in self.columns.items()}
 
 
-class _Flatten(grain.transforms.Map):
-  def map(self, element):
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in element.items()}
-
-
 def loader(source: SyntheticSource, batch_size: int, seed: int = 0,
-           shuffle: bool = True) -> grain.DataLoader:
-  """A checkpointable Grain loader of batches {site: [batch_size, n_layers, d]}."""
+           shuffle: bool = True) -> GlobalBatches:
+  """Global batches {site: [batch_size, n_layers, d]} in a seeded order (what `train` reads)."""
   if batch_size % source.rows_per_record:
     raise ValueError(
         f"batch_size={batch_size} is not a multiple of rows_per_record={source.rows_per_record}")
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
-      num_epochs=None, seed=seed)
-  return grain.DataLoader(data_source=source, sampler=sampler,
-                          operations=[grain.transforms.Batch(batch_size // source.rows_per_record,
-                                                              drop_remainder=True), _Flatten()],
-                          worker_count=0)
+  return GlobalBatches(source, source.rows_per_record, batch_size, seed, shuffle)

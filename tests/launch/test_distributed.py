@@ -22,6 +22,11 @@ def test_explicit_coordinator_and_detected_clusters():
   assert cluster_from_env(env) == {"coordinator_address": "h0:1234", "num_processes": 4,
                                    "process_id": 2}
   assert cluster_from_env({"SLURM_NTASKS": "8"}) == {}
+  # One task per node sees every GPU of its node (not JAX's default, GPU SLURM_LOCALID only).
+  assert cluster_from_env({"SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"}) == {
+      "local_device_ids": list(range(8))}
+  assert cluster_from_env({"SLURM_NTASKS": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == {
+      "local_device_ids": [0, 1, 2, 3]}
   assert cluster_from_env({"TPU_WORKER_HOSTNAMES": "a,b"}) == {}
   with pytest.raises(ValueError, match="ALLSCOPE_PROCESS_ID"):
     cluster_from_env({"ALLSCOPE_COORDINATOR": "h0:1", "ALLSCOPE_NUM_PROCESSES": "2"})

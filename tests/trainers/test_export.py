@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allscope.trainers import dictionaries, export
+from allscope.trainers import dictionaries, export, state as state_lib
 from allscope.trainers.config import TrainConfig
 
 B, D, F, L = 16, 10, 24, 3
@@ -22,8 +22,9 @@ def _state(cfg: TrainConfig, rng: np.random.Generator):
   if "log_threshold" in params:
     params["log_threshold"] = jnp.log(jnp.asarray(rng.uniform(0.05, 0.4, (cfg.n_groups, F)),
                                                   jnp.float32))
-  return {"params": params, "l0": jnp.arange(cfg.n_groups, dtype=jnp.float32) + 3.0,
-          "batch_thr": jnp.full((cfg.n_groups,), 0.2)}
+  st = state_lib.init_state(cfg, params, jax.random.key(0))
+  return st.replace(l0=jnp.arange(cfg.n_groups, dtype=jnp.float32) + 3.0,
+                    batch_thr=jnp.full((cfg.n_groups,), 0.2))
 
 
 def _apply(arrays, meta, x_raw):
@@ -52,7 +53,7 @@ def test_exported_arrays_act_on_raw_activations(kind, activation):
   state = _state(cfg, rng)
   x_raw = rng.standard_normal((B, L, D)) * 4.0
   x_norm = x_raw * norm[site_in][None, :, None]
-  y_norm, _ = dictionaries.forward(state["params"], cfg,
+  y_norm, _ = dictionaries.forward(state.params, cfg,
                                    dictionaries.prepare(cfg, jnp.asarray(x_norm, jnp.float32)))
   y_norm = np.asarray(y_norm, np.float64)
   exported = export.release_arrays(cfg, state, norm)
@@ -90,7 +91,7 @@ def test_batchtopk_exports_jumprelu_with_running_threshold():
   cfg = TrainConfig(kind="sae", activation="batchtopk", layers=(0, 1, 2), width=F, k=4)
   rng = np.random.default_rng(0)
   state = _state(cfg, rng)
-  state["batch_thr"] = jnp.asarray([0.1, 0.2, 0.3])
+  state = state.replace(batch_thr=jnp.asarray([0.1, 0.2, 0.3]))
   norm = {"resid_post": np.ones(L)}
   exported = export.release_arrays(cfg, state, norm)
   for g, e in enumerate(exported):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -18,32 +20,18 @@ CFG = TrainConfig(kind="sae", activation="topk", layers=(0, 1), width=32, k=3, b
 
 
 class PoisonAt:
-  """A checkpointable source whose n-th batch (1-based) carries a NaN."""
+  """Global batches whose n-th batch (1-based) carries a NaN."""
 
-  def __init__(self, loader, n: int):
-    self.loader, self.n = loader, n
+  def __init__(self, batches, n: int):
+    self.batches, self.n, self.global_batch = batches, n, batches.global_batch
 
-  def __iter__(self):
-    return _Poisoned(iter(self.loader), self.n)
-
-
-class _Poisoned:
-  def __init__(self, it, n):
-    self.it, self.n, self.i = it, n, 0
-
-  def __next__(self):
-    batch = next(self.it)
-    self.i += 1
-    if self.i == self.n:
-      batch = {k: v.copy() for k, v in batch.items()}
-      batch["resid_post"][3, 1, 5] = np.nan
-    return batch
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
+  def local(self, row_start, row_stop):
+    def poison(k, batch):
+      if k == self.n - 1:
+        batch = {key: v.copy() for key, v in batch.items()}
+        batch["resid_post"][3, 1, 5] = np.nan
+      return batch
+    return self.batches.local(row_start, row_stop).map_with_index(poison)
 
 
 def test_nan_input_stops_with_step_and_cause_and_keeps_last_good_checkpoint(tmp_path):
@@ -52,7 +40,7 @@ def test_nan_input_stops_with_step_and_cause_and_keeps_last_good_checkpoint(tmp_
   mngr = ocp.CheckpointManager(tmp_path / "checkpoints")
   assert mngr.all_steps() == [4]
   restored = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  for v in restored["state"]["params"].values():
+  for v in restored["state"]["params"].values():  # readable without the TrainState class
     assert np.all(np.isfinite(v))
 
 
@@ -77,7 +65,7 @@ def test_resume_with_a_different_dictionary_is_refused(tmp_path):
     (dict(activation="gelu"), "train.activation='gelu' is unknown"),
     (dict(d_in=17), "width mismatch: site 'resid_post' has width 16 .* train.d_in=17"),
     (dict(width=30, mesh_model=4), "width=30 is not divisible by train.mesh_model=4"),
-    (dict(batch_size=63), "loader yields batches of 64 rows on each of 1 process\\(es\\) but train.batch_size=63"),
+    (dict(batch_size=63), "serves global batches of 64 rows but train.batch_size=63"),
     (dict(kind="transcoder"), "the data has no site 'mlp_in' \\(the input of a transcoder\\)"),
     (dict(layers=(0, 1, 2)), "holds 2 layers per row but train.layers lists 3"),
     (dict(mesh_data=2), "does not fit 1 devices"),
@@ -94,3 +82,23 @@ def test_bad_input_is_reported_before_compiling(tmp_path, change, message):
 def test_norm_scale_must_cover_the_sites(tmp_path):
   with pytest.raises(ValueError, match="norm_scale has no entry for site 'resid_post'"):
     train(CFG, synthetic.loader(SRC, 64), {"mlp_in": np.ones(2)}, tmp_path, progress=False)
+
+
+def test_sigint_checkpoints_at_the_next_step_and_the_restart_ends_where_it_would_have(tmp_path):
+  from allscope.trainers import preemption
+
+  def interrupt(step, ctx):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C; the loop sees it at the next boundary
+
+  straight = train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "a",
+                   progress=False)
+  with pytest.raises(preemption.Preempted, match=r"checkpoint at step 6 .* same command again"):
+    train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "b", hooks=[interrupt],
+          progress=False)
+  assert ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 6
+  resumed = train(CFG, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "b",
+                  progress=False)
+  assert resumed.resumed_from == 6
+  for k, v in straight.params.items():
+    assert np.array_equal(v, resumed.params[k]), k

@@ -18,7 +18,7 @@ def test_transcoder_trains_and_resumes_exactly_from_the_store(tmp_path):
                     target_l0=4, batch_size=8, steps=6, lr=1e-3, lr_warmup_steps=1,
                     checkpoint_every=3, log_every=3)
   norm = {site: store.norm_scale(site, LAYERS) for site in cfg.sites}
-  loader = lambda: store.loader(8, sites=("mlp_in", "mlp_out"), layers=LAYERS, seed=1)
+  loader = lambda: store.global_batches(8, sites=("mlp_in", "mlp_out"), layers=LAYERS, seed=1)
 
   straight = train(cfg, loader(), norm, tmp_path / "straight", progress=False)
   train(dataclasses.replace(cfg, steps=3), loader(), norm, tmp_path / "split", progress=False)

@@ -51,9 +51,9 @@ def main() -> None:
 
   result = train(cfg, synthetic.loader(src, 64, seed=3), src.norm_scale(), args.out,
                  hooks=[hook] if args.kill_at else [], progress=False)
-  shardings = {k: list(v.sharding.spec) for k, v in result.state["params"].items()}
+  shardings = {k: list(v.sharding.spec) for k, v in result.state.params.items()}
   print(json.dumps({"resumed_from": result.resumed_from, "n_devices": len(jax.devices()),
-                    "mesh_devices": int(result.state["params"]["w_enc"].sharding.mesh.size),
+                    "mesh_devices": int(result.state.params["w_enc"].sharding.mesh.size),
                     "shardings": shardings}))
   if args.params:
     np.savez(args.params, **result.params)
