@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
 from allscope.pipelines import store
@@ -42,3 +45,22 @@ def write_random_store(root, shard_rows=(37, 40, 29), seed=0, sites=SITES, layer
                           widths={s: WIDTHS[s] for s in sites}, rows_per_record=rows_per_record,
                           context_length=9, codec=codec)
   return manifest, {s: np.concatenate(v) for s, v in truth.items()}
+
+
+def file_digests(root: Path) -> dict[str, str]:
+  """Every file of a store (temporary files would show up here too) with its sha256."""
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def all_rows(root: Path, manifest: dict, site: str, layer: int):
+  """Every stored row (partial records included) with its index entry, in store order."""
+  idx, rows = [], []
+  for shard in manifest["shards"]:
+    name = store.shard_name(shard["shard"])
+    idx += [np.frombuffer(b, store.INDEX_DTYPE)
+            for b in store.open_reader(str(root / "index" / name)).read_all()]
+    reader = store.open_reader(str(root / store.layer_dir(site, layer) / name))
+    rows += [np.frombuffer(b, store.DTYPE).reshape(-1, manifest["widths"][site])
+             for b in reader.read_all()]
+  return np.concatenate(idx), np.concatenate(rows).astype(np.float32)
