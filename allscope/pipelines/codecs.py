@@ -6,6 +6,7 @@
   int8  per-channel symmetric int8 (1 byte/value): scale[c] = max |x[:, c]| / 127 over the
         shard's rows of one (site, layer) file
   fp8   float8 e4m3fn with per-channel scales: scale[c] = max |x[:, c]| / 448
+  int8_zstd, fp8_zstd   the quantized bytes, then zstd level 3 (below 1 byte per value)
 
 Scales are per channel, not per row: Gemma's residual streams have a few channels hundreds of
 times larger than the rest, and a per-row scale set by them rounds every other channel to zero.
@@ -19,10 +20,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-CODECS = ("bf16", "zstd", "int8", "fp8")
-LOSSY = ("int8", "fp8")
+CODECS = ("bf16", "zstd", "int8", "fp8", "int8_zstd", "fp8_zstd")
+LOSSY = ("int8", "fp8", "int8_zstd", "fp8_zstd")
 BF16 = ml_dtypes.bfloat16
 _QMAX = {"int8": 127.0, "fp8": float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)}
+_QDTYPE = {"int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}
 _ZSTD_LEVEL = 3
 
 
@@ -36,7 +38,7 @@ def scales(codec: str, x: np.ndarray) -> np.ndarray | None:
   if codec not in LOSSY:
     return None
   peak = np.max(np.abs(x.astype(np.float32)), axis=0) if len(x) else np.zeros(x.shape[1], np.float32)
-  s = peak / np.float32(_QMAX[codec])
+  s = peak / np.float32(_QMAX[codec.removesuffix("_zstd")])
   return np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
 
 
@@ -45,20 +47,26 @@ def encode(codec: str, x: np.ndarray, scale: np.ndarray | None = None) -> bytes:
   if codec == "bf16":
     return np.ascontiguousarray(x, BF16).tobytes()
   if codec == "zstd":
-    import zstandard
-
     planes = np.ascontiguousarray(x, BF16).view(np.uint8).reshape(-1, 2).T  # [lo; hi] little-endian
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(np.ascontiguousarray(planes[::-1]).tobytes())
+    return _compress(np.ascontiguousarray(planes[::-1]).tobytes())
+  base = codec.removesuffix("_zstd")
   q = x.astype(np.float32) / scale
-  if codec == "int8":
-    return np.clip(np.rint(q), -127, 127).astype(np.int8).tobytes()
-  return q.astype(ml_dtypes.float8_e4m3fn).tobytes()
+  if base == "int8":
+    q = np.clip(np.rint(q), -127, 127)
+  data = q.astype(_QDTYPE[base]).tobytes()
+  return _compress(data) if codec.endswith("_zstd") else data
+
+
+def _compress(data: bytes) -> bytes:
+  import zstandard
+
+  return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data)
 
 
 def decode(codec: str, data: bytes, rows: int, width: int,
            scale: np.ndarray | None = None) -> np.ndarray:
   """bytes -> bf16 [rows, width]; raises ValueError when the bytes cannot be that block."""
-  if codec == "zstd":
+  if codec.endswith("zstd"):
     import zstandard
 
     data = zstandard.ZstdDecompressor().decompress(data, max_output_size=rows * width * 2)
@@ -70,8 +78,7 @@ def decode(codec: str, data: bytes, rows: int, width: int,
   if codec == "zstd":
     hi, lo = np.frombuffer(data, np.uint8).reshape(2, -1)
     return np.stack([lo, hi], axis=1).reshape(-1).view(BF16).reshape(rows, width)
-  dtype = np.int8 if codec == "int8" else ml_dtypes.float8_e4m3fn
-  q = np.frombuffer(data, dtype).reshape(rows, width).astype(np.float32)
+  q = np.frombuffer(data, _QDTYPE[codec.removesuffix("_zstd")]).reshape(rows, width).astype(np.float32)
   return (q * scale).astype(BF16)
 
 

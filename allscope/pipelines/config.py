@@ -46,7 +46,8 @@ class HarvestConfig:
   sequences_per_shard: int = 16  # one shard = this many sequences, shuffled together, in memory
   rows_per_record: int = 32  # rows per ArrayRecord record (the reader's unit of random access)
   seed: int = 0  # row shuffle within shards
-  codec: Literal["bf16", "zstd", "int8", "fp8"] = "bf16"  # record encoding (pipelines/codecs.py)
+  # Record encoding (pipelines/codecs.py): bf16, zstd, int8, fp8, int8_zstd, fp8_zstd.
+  codec: str = "bf16"
   # Worker processes per host: FnApiRunner starts this many; with any runner, the processes of
   # one host split its devices between them (each claims its own `devices_per_worker`).
   num_workers: int = 1
@@ -80,6 +81,6 @@ class HarvestConfig:
     if self.mesh_data > 0 and self.batch_size % self.mesh_data:
       raise ValueError(f"harvest.batch_size={self.batch_size} is not divisible by "
                        f"harvest.mesh_data={self.mesh_data}")
-    if self.codec not in ("bf16", "zstd", "int8", "fp8"):
-      raise ValueError(f"harvest.codec={self.codec!r} is not one of bf16, zstd, int8, fp8")
+    from allscope.pipelines import codecs
+    codecs.check(self.codec)
     self.corpus.validate()

@@ -57,14 +57,15 @@ def test_lossless_codecs_serve_the_exact_rows(tmp_path, codec):
                                   _full_record_rows(manifest, truth[site]))
 
 
-def test_zstd_is_smaller_than_raw_bf16(tmp_path):
+@pytest.mark.parametrize("codec, ratio", [("zstd", 1.1), ("int8_zstd", 2.05), ("fp8_zstd", 2.05)])
+def test_compressed_codecs_are_smaller_than_raw_bf16(tmp_path, codec, ratio):
   c = _uneven(WIDTHS["mlp_in"], 2)
   # Records of 200 rows (compression is per record, as random access needs).
   raw, _ = write_random_store(tmp_path / "raw", seed=4, channel_scales=c, shard_rows=(400, 400),
                               rows_per_record=200)
-  packed, _ = write_random_store(tmp_path / "z", seed=4, channel_scales=c, codec="zstd",
+  packed, _ = write_random_store(tmp_path / "z", seed=4, channel_scales=c, codec=codec,
                                  shard_rows=(400, 400), rows_per_record=200)
-  assert _activation_bytes(tmp_path / "z", packed) < 0.9 * _activation_bytes(tmp_path / "raw", raw)
+  assert _activation_bytes(tmp_path / "raw", raw) / _activation_bytes(tmp_path / "z", packed) > ratio
 
 
 def _per_channel_reference(x: np.ndarray, qmax: float) -> np.ndarray:
@@ -107,7 +108,8 @@ def test_per_channel_scales_survive_massive_channels_where_per_row_ones_fail():
   assert row_err > 0.1  # per-row int8 rounds the ordinary channels to (almost) nothing
 
 
-@pytest.mark.parametrize("codec, ratio", [("int8", 1.9), ("fp8", 1.9)])
+@pytest.mark.parametrize("codec, ratio", [("int8", 1.9), ("fp8", 1.9), ("int8_zstd", None),
+                                          ("fp8_zstd", None)])
 def test_quantized_store_serves_its_decoding_and_its_statistics(tmp_path, codec, ratio):
   c = _uneven(WIDTHS["mlp_in"], 6)
   rows = (370, 400, 290)  # enough rows that the float32 scales are a small part
@@ -117,7 +119,8 @@ def test_quantized_store_serves_its_decoding_and_its_statistics(tmp_path, codec,
   files = {rel for s in manifest["shards"] for rel in s["files"]}
   assert files == {rel for k in range(3) for rel in store.shard_files(SITES, LAYERS, k, codec)}
   assert "scales/shard_00000.safetensors" in files
-  assert _activation_bytes(tmp_path / "raw", raw) / _activation_bytes(tmp_path / codec, manifest) > ratio
+  if ratio:  # (zstd on 4-row records: see test_compressed_codecs_are_smaller_than_raw_bf16)
+    assert _activation_bytes(tmp_path / "raw", raw) / _activation_bytes(tmp_path / codec, manifest) > ratio
   served = _served(tmp_path / codec)
   start = 0
   for shard in manifest["shards"]:  # scales are per shard: decode each shard on its own
@@ -162,7 +165,7 @@ def test_a_missing_scales_file_is_reported(tmp_path):
 
 
 def test_unknown_codec_is_refused_before_any_work(tmp_path):
-  with pytest.raises(ValueError, match="harvest.codec='lz4' is not one of bf16, zstd, int8, fp8"):
+  with pytest.raises(ValueError, match="harvest.codec=.lz4. is not one of bf16, zstd, int8, fp8, int8_zstd, fp8_zstd"):
     HarvestConfig(codec="lz4").validate()
   with pytest.raises(ValueError, match="harvest.codec='lz4'"):
     write_random_store(tmp_path / "x", codec="lz4")
