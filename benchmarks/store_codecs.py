@@ -83,7 +83,7 @@ def main() -> None:
 
   print(f"\nstore codecs: {args.model}, sites {','.join(sites)}, layers {layers}, "
         f"{n_train} training tokens in {len(train_shards)} shards, {len(held_x[sites[0]])} held out")
-  print(f"{'codec':6s} {'bytes/token':>12s} {'vs bf16':>8s} {'write tok/s':>12s} {'write MB/s':>11s} "
+  print(f"{'codec':10s} {'bytes/token':>12s} {'vs bf16':>8s} {'write tok/s':>12s} {'write MB/s':>11s} "
         f"{'read tok/s':>11s} {'read MB/s':>10s}")
   stores, bf16_bpt = {}, 0.0
   for codec in pipelines.codecs.CODECS:  # bf16 first: the others' size ratio is against it
@@ -116,7 +116,7 @@ def main() -> None:
     stores[codec] = st
     bpt = acts_bytes / n_train
     bf16_bpt = bf16_bpt if codec != "bf16" else bpt
-    print(f"{codec:6s} {bpt:12.1f} {bf16_bpt / bpt:7.2f}x {n_train / write_s:12.0f} "
+    print(f"{codec:10s} {bpt:12.1f} {bf16_bpt / bpt:7.2f}x {n_train / write_s:12.0f} "
           f"{n_train * floor / write_s / 1e6:11.1f} {served / read_s:11.0f} "
           f"{served * floor / read_s / 1e6:10.1f}")
   print(f"(bytes/token: activation files + scales, ArrayRecord overhead included; floor "
