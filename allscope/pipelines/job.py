@@ -476,7 +476,12 @@ def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=No
       pipeline = beam.Pipeline(runner=_runner(options), options=options)
       build(pipeline, p, arch, tokenizer, handles, job_id)
       result = pipeline.run()
-      result.wait_until_finish()
+      try:
+        result.wait_until_finish()
+      finally:
+        client = getattr(result, "client", None)  # DaskRunner leaves its Dask client connected
+        if client is not None:
+          client.close()
   finally:
     shutil.rmtree(devices.slot_folder(job_id), ignore_errors=True)
   counters = {"wall_s": time.perf_counter() - start}
