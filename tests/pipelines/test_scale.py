@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from allscope.models import ModelConfig
-from allscope.pipelines import job
+from allscope.pipelines import devices, job
 from allscope.pipelines.config import HarvestConfig
 from tests.pipelines.helpers import all_rows, file_digests
 
@@ -51,6 +52,7 @@ def _claims(workers: int, n_devices: int, **env) -> list[dict]:
     for p in procs:
       p.stdin.close()
       p.wait(timeout=60)
+    shutil.rmtree(devices.slot_folder(job_id), ignore_errors=True)
 
 
 def test_local_worker_processes_each_take_their_own_block_of_devices():
@@ -68,10 +70,6 @@ def test_on_gpu_hosts_a_worker_sees_only_its_own_gpus():
 
 
 def test_more_worker_processes_than_slots_or_devices_is_refused():
-  import shutil
-
-  from allscope.pipelines import devices
-
   job_id = uuid.uuid4().hex
   held = [devices.claim(job_id, 2), devices.claim(job_id, 2)]  # two locks, as two processes hold
   try:
