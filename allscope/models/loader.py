@@ -55,6 +55,26 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="float32", sharding: Placement
   return _load_directory(path, jnp.dtype(dtype), sharding)
 
 
+def init_random(cfg: Gemma3Config | str, dtype="float32", sharding: Placement = None,
+                seed: int = 0) -> Gemma3:
+  """A model of `cfg` (or a preset name) with random weights, built through the same placement
+  hook as `load`, one tensor at a time: for sharding tests and benchmarks of sizes that are not
+  downloaded. Weights are N(0, 1/fan_in) in float32, then cast."""
+  cfg = preset(cfg) if isinstance(cfg, str) else cfg
+  shapes = {name: tuple(p.get_value().shape[::-1] if linear else p.get_value().shape)
+            for name, (p, linear) in _targets(nnx.eval_shape(
+                lambda: Gemma3(cfg, dtype, rngs=nnx.Rngs(0)))).items()}
+
+  def tensors():
+    for k, (name, shape) in enumerate(sorted(shapes.items(), key=lambda kv: _natural(kv[0]))):
+      rng = np.random.default_rng([seed, k])
+      scale = 0.1 if name.endswith("norm.weight") else (
+          1.0 if name == "embed_tokens.weight" else shape[-1] ** -0.5)  # torch layout [out, in]
+      yield name, rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+  return _assemble(cfg, jnp.dtype(dtype), tensors(), Path(f"<random {cfg.d_model}>"), sharding)
+
+
 def resolve(name_or_path: str) -> Path:
   """A local file or directory for a model name or path; only `gemma3-270m` is bundled offline."""
   path = Path(name_or_path).expanduser()

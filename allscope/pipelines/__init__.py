@@ -21,6 +21,7 @@ _LAZY = {
     "IndexSource": "allscope.pipelines.reader", "open_store": "allscope.pipelines.reader",
     "StoreError": "allscope.pipelines.store", "IncompleteStoreError": "allscope.pipelines.store",
     "CorruptShardError": "allscope.pipelines.store",
+    "codecs": "allscope.pipelines.codecs", "store": "allscope.pipelines.store",
 }
 
 __all__ = ["SITES", "CorpusConfig", "HarvestConfig", *_LAZY]
@@ -28,5 +29,6 @@ __all__ = ["SITES", "CorpusConfig", "HarvestConfig", *_LAZY]
 
 def __getattr__(name: str):
   if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    module = importlib.import_module(_LAZY[name])
+    return module if module.__name__.endswith("." + name) else getattr(module, name)
   raise AttributeError(f"module 'allscope.pipelines' has no attribute {name!r}")

@@ -46,7 +46,14 @@ class HarvestConfig:
   sequences_per_shard: int = 16  # one shard = this many sequences, shuffled together, in memory
   rows_per_record: int = 32  # rows per ArrayRecord record (the reader's unit of random access)
   seed: int = 0  # row shuffle within shards
-  num_workers: int = 1  # local worker processes (FnApiRunner); ignored by cluster runners
+  # Record encoding (pipelines/codecs.py): bf16, zstd, int8, fp8, int8_zstd, fp8_zstd.
+  codec: str = "bf16"
+  # Worker processes per host: FnApiRunner starts this many; with any runner, the processes of
+  # one host split its devices between them (each claims its own `devices_per_worker`).
+  num_workers: int = 1
+  devices_per_worker: int = 0  # 0: the host's devices divided evenly among num_workers
+  mesh_data: int = -1  # per-worker mesh over its devices: batch rows (-1: what model leaves)
+  mesh_model: int = 1  # tensor parallel over attention heads and MLP width
   overwrite: bool = False  # replace a different store found at the output path
   progress: bool = True
   beam_args: tuple[str, ...] = ()  # standard Beam pipeline options, e.g. ("--runner=DataflowRunner",)
@@ -63,7 +70,17 @@ class HarvestConfig:
     if self.context_length < 2:
       raise ValueError(f"harvest.context_length={self.context_length} must be >= 2 (BOS + a token)")
     for name in ("token_budget", "batch_size", "sequences_per_shard", "rows_per_record",
-                 "num_workers"):
+                 "num_workers", "mesh_model"):
       if getattr(self, name) < 1:
         raise ValueError(f"harvest.{name}={getattr(self, name)} must be >= 1")
+    if self.devices_per_worker < 0:
+      raise ValueError(f"harvest.devices_per_worker={self.devices_per_worker} must be >= 0 "
+                       "(0: divide the host's devices among num_workers)")
+    if self.mesh_data == 0 or self.mesh_data < -1:
+      raise ValueError(f"harvest.mesh_data={self.mesh_data} must be >= 1, or -1 (fill)")
+    if self.mesh_data > 0 and self.batch_size % self.mesh_data:
+      raise ValueError(f"harvest.batch_size={self.batch_size} is not divisible by "
+                       f"harvest.mesh_data={self.mesh_data}")
+    from allscope.pipelines import codecs
+    codecs.check(self.codec)
     self.corpus.validate()

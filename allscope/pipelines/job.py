@@ -7,14 +7,15 @@ Sequence ids are global ranks in (unit, position) order, so shard contents do no
 how the work is spread. A shard is the unit of work, of shuffling and of resume: its files are
 written under temporary names and renamed, then its receipt is written; a re-run skips shards
 with an intact receipt. The manifest is written last, by the one task that sees every receipt.
-Locally the pipeline runs on Beam's FnApiRunner (N processes); `beam_args` send it elsewhere.
+Locally the pipeline runs on Beam's FnApiRunner (N processes); `beam_args` send it elsewhere
+(DaskRunner, Dataflow, Flink, Spark). Each worker process claims its own devices
+(pipelines/devices.py) and shards the model over them (models/sharding.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -23,25 +24,28 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from typing import Any
 
 import apache_beam as beam
 import jax
-import jax.numpy as jnp
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
 from allscope import models
+from allscope.models import sharding
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
-from allscope.pipelines import store
+from allscope.pipelines import devices, store
 from allscope.pipelines.config import SITES, HarvestConfig
 
 log = logging.getLogger(__name__)
 
 # Settings that change how a harvest runs but not the bytes it writes.
-_RUNTIME_FIELDS = ("num_workers", "overwrite", "progress", "beam_args")
+# A mesh changes only the order of split sums, so rows agree to bf16 rounding across meshes.
+_RUNTIME_FIELDS = ("num_workers", "devices_per_worker", "mesh_data", "mesh_model", "overwrite",
+                   "progress", "beam_args")
 
 
 class HarvestError(ValueError):
@@ -56,38 +60,25 @@ def describe(model_cfg: ModelConfig):
   return models.describe(model_cfg.name)
 
 
-def load_model(model_cfg: ModelConfig):
-  model, _ = models.load(model_cfg.name, dtype=model_cfg.dtype)
+def load_model(model_cfg: ModelConfig, placement=None):
+  """The model's weights, each placed by `placement` (models.load's sharding hook) as read."""
+  model, _ = models.load(model_cfg.name, dtype=model_cfg.dtype, sharding=placement)
   return model
 
 
+capture_fn = sharding.capture_fn
+
+
 class _Slot:
-  """Holds one object for beam.utils.shared (which needs a weak-referenceable value)."""
+  """One worker process's model, devices and compiled captures (shared by its DoFn threads
+  through beam.utils.shared, which needs a weak-referenceable value)."""
 
-  def __init__(self, value):
-    self.value = value
-    self.compiled: dict[tuple, Any] = {}  # per-process jitted captures of a model
-
-
-def capture_fn(model, sites: tuple[str, ...], layers: tuple[int, ...]):
-  """`(tokens, mask) -> {site: bf16 [B, S, n_layers, width]}`, jitted over `model.capture`.
-
-  The parameters are passed as jit arguments (nnx.split) rather than through nnx.jit, whose
-  per-call state handling cost more than the forward itself on CPU; casting to bf16 inside the
-  jit halves the device-to-host copy. Compilations are shared by models of one architecture.
-  """
-  from flax import nnx
-
-  graphdef, state = nnx.split(model)
-  return functools.partial(_capture, graphdef, state, sites=tuple(sites), layers=tuple(layers))
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sites", "layers"))
-def _capture(graphdef, state, tokens, mask, *, sites, layers):
-  from flax import nnx
-
-  out = nnx.merge(graphdef, state).capture(tokens, sites=sites, layers=layers, mask=mask)
-  return {s: x.astype(jnp.bfloat16) for s, x in out.items()}
+  def __init__(self, model=None):
+    self.model = model  # a model handed in by the driver, or None until loaded
+    self.claim: devices.Claim | None = None
+    self.mesh = None
+    self.compiled: dict[tuple, Any] = {}  # per-process jitted captures of the model
+    self.lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,21 +261,39 @@ class HarvestShard(beam.DoFn):
   actually needs computing, so resuming a finished harvest loads nothing.
   """
 
-  def __init__(self, p: Plan, handles: _Handles):
+  def __init__(self, p: Plan, arch, handles: _Handles, job_id: str):
     self._cfg, self._model_cfg, self._root = p.cfg, p.model_cfg, p.output_dir
     self._layers, self._widths, self._handles = p.layers, p.widths, handles
+    self._arch, self._job_id = arch, job_id
     self._slot = None
 
   def _forward(self):
     if self._slot is None:
-      model_cfg = self._model_cfg
-      start = time.perf_counter()
-      self._slot = self._handles.model.acquire(lambda: _Slot(load_model(model_cfg)))
-      _MS_LOAD.inc(int(1000 * (time.perf_counter() - start)))
-    key = (tuple(self._widths), self._layers)
-    if key not in self._slot.compiled:
-      self._slot.compiled[key] = capture_fn(self._slot.value, *key)
-    return self._slot.value, self._slot.compiled[key]
+      self._slot = self._handles.model.acquire(_Slot)
+    slot, cfg = self._slot, self._cfg
+    with slot.lock:
+      if slot.claim is None:
+        start = time.perf_counter()
+        claim = devices.claim(self._job_id, cfg.num_workers, cfg.devices_per_worker)
+        if len(claim.devices) > 1 or cfg.mesh_model > 1:
+          slot.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model, claim.devices)
+          if cfg.batch_size % slot.mesh.shape["data"]:
+            raise ValueError(f"harvest.batch_size={cfg.batch_size} does not divide over this "
+                             f"worker's mesh (data={slot.mesh.shape['data']}, model="
+                             f"{slot.mesh.shape['model']}); make it a multiple of mesh_data")
+          placement = sharding.param_sharding(slot.mesh, self._arch)
+        else:
+          placement = jax.sharding.SingleDeviceSharding(claim.devices[0])
+        if slot.model is None:
+          slot.model = load_model(self._model_cfg, placement)
+        else:  # the driver's model: a copy placed on this worker's devices
+          slot.model = sharding.place(slot.model, placement)
+        slot.claim = claim
+        _MS_LOAD.inc(int(1000 * (time.perf_counter() - start)))
+      key = (tuple(self._widths), self._layers)
+      if key not in slot.compiled:
+        slot.compiled[key] = capture_fn(slot.model, *key, mesh=slot.mesh)
+      return slot.model, slot.compiled[key]
 
   def process(self, element):
     shard, items = element
@@ -301,7 +310,8 @@ class HarvestShard(beam.DoFn):
         return
     rows = self._compute(shard, items)
     start = time.perf_counter()
-    receipt, _ = store.write_shard(self._root, rows, self._cfg.rows_per_record, meta)
+    receipt, _ = store.write_shard(self._root, rows, self._cfg.rows_per_record, meta,
+                                   codec=self._cfg.codec)
     _MS_WRITE.inc(int(1000 * (time.perf_counter() - start)))
     _TOKENS.inc(len(rows.index))
     yield receipt
@@ -330,7 +340,7 @@ class HarvestShard(beam.DoFn):
         batch = np.concatenate([batch, pad])
         valid = np.concatenate([valid, np.zeros(b - len(valid), valid.dtype)])
       mask = positions[None, :] < valid[:, None]
-      return start, forward(jnp.asarray(batch), jnp.asarray(mask))
+      return start, forward(batch, mask)
 
     t0 = time.perf_counter()
     starts = list(range(0, len(items), b))
@@ -354,10 +364,11 @@ class HarvestShard(beam.DoFn):
 def _finish(receipts: list[dict], p: Plan) -> None:
   store.finish(p.output_dir, p.identity, receipts, sites=p.cfg.sites, layers=p.layers,
                widths=p.widths, rows_per_record=p.cfg.rows_per_record,
-               context_length=p.cfg.context_length)
+               context_length=p.cfg.context_length, codec=p.cfg.codec)
 
 
-def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles) -> None:
+def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles,
+          job_id: str) -> None:
   seqs = (pipeline
           | "Units" >> beam.Create(list(enumerate(p.units)))
           | "SpreadUnits" >> beam.Reshuffle()
@@ -371,7 +382,7 @@ def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles) 
    | "AssignIds" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), p.num_sequences,
                                  p.cfg.sequences_per_shard)
    | "GroupShards" >> beam.GroupByKey()
-   | "HarvestShard" >> beam.ParDo(HarvestShard(p, handles))
+   | "HarvestShard" >> beam.ParDo(HarvestShard(p, arch, handles, job_id))
    | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
    | "WriteManifest" >> beam.Map(_finish, p))
 
@@ -458,14 +469,27 @@ def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=No
   held = handles.model.acquire(lambda: _Slot(model)) if model is not None else None  # noqa: F841
   options = pipeline_options(cfg)
   show = cfg.progress and not store.is_remote(output_dir)
+  job_id = uuid.uuid4().hex  # names this run's device slots on every host
   start = time.perf_counter()
-  with (_Progress(p) if show else contextlib.nullcontext()):
-    pipeline = beam.Pipeline(runner=_runner(options), options=options)
-    build(pipeline, p, arch, tokenizer, handles)
-    result = pipeline.run()
-    result.wait_until_finish()
+  try:
+    with (_Progress(p) if show else contextlib.nullcontext()):
+      pipeline = beam.Pipeline(runner=_runner(options), options=options)
+      build(pipeline, p, arch, tokenizer, handles, job_id)
+      result = pipeline.run()
+      try:
+        result.wait_until_finish()
+      finally:
+        client = getattr(result, "client", None)  # DaskRunner leaves its Dask client connected
+        if client is not None:
+          client.close()
+  finally:
+    shutil.rmtree(devices.slot_folder(job_id), ignore_errors=True)
   counters = {"wall_s": time.perf_counter() - start}
-  for c in result.metrics().query()["counters"]:
+  try:
+    found = result.metrics().query()["counters"]
+  except NotImplementedError:  # DaskRunner keeps no metrics; the store is complete regardless
+    found = []
+  for c in found:
     counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
         c.committed if c.committed is not None else c.attempted)
   manifest = store.load_manifest(output_dir)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from allscope.pipelines import store
+from allscope.pipelines import codecs, store
 
 
 class _Files:
@@ -53,7 +53,20 @@ class _Files:
       raise store.CorruptShardError(f"{store.join(self._root, rel)}: record {record} cannot be "
                                     f"decoded ({e}); the shard is corrupt") from e
 
+  def tensors(self, rel: str) -> dict[str, np.ndarray]:
+    """A verified safetensors file of the store (a shard's codec scales), read once."""
+    found = self._readers.get(rel)
+    if found is None:
+      from safetensors.numpy import load_file
+      self._check(rel)
+      found = self._readers[rel] = load_file(store.join(self._root, rel))
+    return found
+
   def _open(self, rel: str):
+    self._check(rel)
+    return store.open_reader(store.join(self._root, rel))
+
+  def _check(self, rel: str) -> None:
     path = store.join(self._root, rel)
     info = self._info[rel]
     if store.is_remote(path):
@@ -69,7 +82,6 @@ class _Files:
       if digest != info["sha256"]:
         raise store.CorruptShardError(f"{path}: sha256 {digest[:16]}... does not match the "
                                       f"manifest ({info['sha256'][:16]}...); the shard is corrupt")
-    return store.open_reader(path)
 
 
 class _Records:
@@ -99,11 +111,24 @@ class ActivationSource:
     self._root, self._sites, self._layers = root, tuple(sites), tuple(layers)
     self._widths = {s: manifest["widths"][s] for s in self._sites}
     self._r = manifest["rows_per_record"]
+    self._codec = manifest.get("codec", "bf16")
     self._records = _Records(manifest)
     self._files = _Files(root, manifest, verify)
 
   def __len__(self) -> int:
     return len(self._records)
+
+  def _decode(self, site: str, layer: int, shard: int, rec: int, data: bytes) -> np.ndarray:
+    """One record's bytes -> bf16 [rows_per_record, width], whatever the store's codec."""
+    rel, width, scale = f"{store.layer_dir(site, layer)}/{store.shard_name(shard)}", self._widths[site], None
+    if self._codec in codecs.LOSSY:
+      scale = self._files.tensors(store.scales_name(shard))[f"{site}/{layer}"]
+    try:
+      return codecs.decode(self._codec, data, self._r, width, scale)
+    except Exception as e:  # a wrong size or a zstd frame that does not decode
+      raise store.CorruptShardError(
+          f"{store.join(self._root, rel)}: record {rec} cannot be decoded as {self._r} rows x "
+          f"{width} {self._codec} ({e}); the shard is corrupt") from e
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     shard, rec = self._records.locate(int(i))
@@ -113,12 +138,7 @@ class ActivationSource:
       rows = np.empty((self._r, len(self._layers), width), store.DTYPE)
       for j, layer in enumerate(self._layers):
         rel = f"{store.layer_dir(site, layer)}/{name}"
-        data = self._files.read(rel, rec)
-        if len(data) != self._r * width * 2:
-          raise store.CorruptShardError(
-              f"{store.join(self._root, rel)}: record {rec} holds {len(data)} bytes, expected "
-              f"{self._r} rows x {width} bf16 = {self._r * width * 2}; the shard is corrupt")
-        rows[:, j] = np.frombuffer(data, store.DTYPE).reshape(self._r, width)
+        rows[:, j] = self._decode(site, layer, shard, rec, self._files.read(rel, rec))
       out[site] = rows
     return out
 

@@ -3,7 +3,8 @@
 Layout under the output folder (see docs/harvest.md):
 
   harvest.json                         what this store is (written first; resume checks it)
-  <site>/layer_<l>/shard_<k>.array_record   bf16 rows, `rows_per_record` rows per record
+  <site>/layer_<l>/shard_<k>.array_record   rows, `rows_per_record` per record, in the codec
+  scales/shard_<k>.safetensors         per-channel scales of an int8/fp8 store (see codecs.py)
   index/shard_<k>.array_record         the same records' (sequence, position, token) triples
   _receipts/shard_<k>.safetensors      a finished shard: checksums and statistic sums
   stats.safetensors                    per (site, layer) mean vectors
@@ -30,6 +31,8 @@ import numpy as np
 from array_record.python import array_record_module
 from safetensors.numpy import load_file, save_file
 
+from allscope.pipelines import codecs
+
 SCHEMA_VERSION = 1
 FORMAT = "allscope.activation_store"
 MANIFEST = "manifest.json"
@@ -38,7 +41,8 @@ STATS = "stats.safetensors"
 RECEIPTS = "_receipts"
 DTYPE = ml_dtypes.bfloat16
 INDEX_DTYPE = np.dtype([("sequence", "<i8"), ("position", "<i4"), ("token", "<i4")])
-# Group size 1 gives random access to every record; rows are bf16 noise, not worth compressing.
+# Group size 1 gives random access to every record; compression, if any, is the codec's (per
+# record), since riegeli's own would need groups of records.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 READER_OPTIONS = "readahead_buffer_size:0"
 
@@ -74,10 +78,16 @@ def shard_name(shard: int) -> str:
   return f"shard_{shard:05d}.array_record"
 
 
-def shard_files(sites: tuple[str, ...], layers: tuple[int, ...], shard: int) -> list[str]:
+def scales_name(shard: int) -> str:
+  return f"scales/shard_{shard:05d}.safetensors"
+
+
+def shard_files(sites: tuple[str, ...], layers: tuple[int, ...], shard: int,
+                codec: str = "bf16") -> list[str]:
   """Relative paths of every file of one shard, index first."""
   name = shard_name(shard)
-  return [f"index/{name}"] + [f"{layer_dir(s, l)}/{name}" for s in sites for l in layers]
+  extra = [scales_name(shard)] if codec in codecs.LOSSY else []
+  return [f"index/{name}"] + [f"{layer_dir(s, l)}/{name}" for s in sites for l in layers] + extra
 
 
 def receipt_path(root: str, shard: int) -> str:
@@ -171,15 +181,15 @@ class ShardRows:
   layers: tuple[int, ...]
 
 
-def _write_records(path: str, flat: np.ndarray, rows_per_record: int) -> int:
-  """Writes `flat` as records of `rows_per_record` rows; C++ failures come back as OSError."""
+def _write_records(path: str, records: Iterable[bytes]) -> int:
+  """Writes the records; C++ failures come back as OSError."""
   try:
     writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
     if not writer.ok():
       raise OSError(errno.EIO, f"cannot open {path} for writing")
     n = 0
-    for start in range(0, len(flat), rows_per_record):
-      writer.write(flat[start:start + rows_per_record].tobytes())
+    for record in records:
+      writer.write(record)
       n += 1
     writer.close()
   except RuntimeError as e:  # riegeli reports errno only in the message
@@ -189,26 +199,34 @@ def _write_records(path: str, flat: np.ndarray, rows_per_record: int) -> int:
   return n
 
 
+def _write_tensors(path: str, tensors: dict[str, np.ndarray]) -> int:
+  save_file(tensors, path)
+  return -1  # not a record file
+
+
 _ERRNO_TEXT = ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
                (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "Disk quota"))
 
 
-def write_shard(root: str, rows: ShardRows, rows_per_record: int,
-                meta: dict[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
-  """Writes every file of a shard, then its receipt (the shard's commit point).
+def write_shard(root: str, rows: ShardRows, rows_per_record: int, meta: dict[str, Any],
+                codec: str = "bf16") -> tuple[dict, dict[str, np.ndarray]]:
+  """Writes every file of a shard (activations in `codec`), then its receipt (the shard's
+  commit point).
 
-  Returns the receipt and the shard's statistic sums (float64, over the stored bf16 values).
+  Returns the receipt and the shard's statistic sums (float64, over the values the reader will
+  serve: the decoded ones for a lossy codec).
   """
+  codecs.check(codec)
   committer = _Committer(root)
   files: dict[str, dict[str, Any]] = {}
   sums: dict[str, np.ndarray] = {}
   n_records = -1
 
-  def put(rel: str, flat: np.ndarray) -> None:
+  def put(rel: str, records, write=_write_records) -> None:
     nonlocal n_records
     tmp = committer.scratch(rel)
     try:
-      n = _write_records(tmp, flat, rows_per_record)
+      n = write(tmp, records)
       size = os.path.getsize(tmp)
       digest = sha256_file(tmp)
       committer.commit(tmp, rel)
@@ -221,17 +239,29 @@ def write_shard(root: str, rows: ShardRows, rows_per_record: int,
       committer.discard(tmp)
       raise
     files[rel] = {"bytes": size, "sha256": digest}
-    n_records = n
+    if n >= 0:
+      n_records = n
+
+  def blocks(flat: np.ndarray):
+    return (flat[a:a + rows_per_record] for a in range(0, len(flat), rows_per_record))
 
   name = shard_name(rows.shard)
-  put(f"index/{name}", rows.index)
+  put(f"index/{name}", (b.tobytes() for b in blocks(rows.index)))
+  shard_scales: dict[str, np.ndarray] = {}
   for site, acts in rows.acts.items():
     for j, layer in enumerate(rows.layers):
       flat = np.ascontiguousarray(acts[:, j])
-      x = flat.astype(np.float64)
+      scale = codecs.scales(codec, flat)
+      served = flat
+      if scale is not None:
+        shard_scales[f"{site}/{layer}"] = scale
+        served = codecs.decode(codec, codecs.encode(codec, flat, scale), *flat.shape, scale)
+      x = served.astype(np.float64)
       sums[f"{site}/{layer}/sum"] = x.sum(axis=0)
       sums[f"{site}/{layer}/sumsq"] = np.array([np.einsum("nd,nd->", x, x)])
-      put(f"{layer_dir(site, layer)}/{name}", flat)
+      put(f"{layer_dir(site, layer)}/{name}", (codecs.encode(codec, b, scale) for b in blocks(flat)))
+  if shard_scales:
+    put(scales_name(rows.shard), shard_scales, write=_write_tensors)
   receipt = dict(meta, shard=rows.shard, rows=int(len(rows.index)), records=n_records,
                  files=files)
   tmp = committer.scratch(f"{RECEIPTS}/shard_{rows.shard:05d}.safetensors")
@@ -314,7 +344,8 @@ def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
-           widths: dict[str, int], rows_per_record: int, context_length: int) -> dict:
+           widths: dict[str, int], rows_per_record: int, context_length: int,
+           codec: str = "bf16") -> dict:
   """Writes stats.safetensors and then manifest.json, the store's commit point.
 
   The statistic sums are read back from the receipts and added in shard order, so the floats
@@ -334,7 +365,7 @@ def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
   manifest = dict(
       identity,
       context_length=context_length, sites=list(sites), layers=list(layers), widths=dict(widths),
-      dtype="bfloat16", rows_per_record=rows_per_record,
+      dtype="bfloat16", codec=codec, rows_per_record=rows_per_record,
       index_dtype=[[n, INDEX_DTYPE[n].str] for n in INDEX_DTYPE.names],
       num_rows=n_rows, num_tokens=n_rows, num_sequences=receipts[-1]["sequences"][1],
       num_records=sum(r["records"] for r in receipts),

@@ -5,7 +5,6 @@ duplicates or holes; bad input fails before the model loads; a failed write leav
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from allscope.models import ModelConfig
 from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store
 from allscope.pipelines.config import CorpusConfig, HarvestConfig
+from tests.pipelines.helpers import all_rows, file_digests
 
 MODEL = ModelConfig(name="gemma3-270m")
 # Small and fast: 4 shards of 8 sequences of 64 tokens, two layers (the forward stops at 3).
@@ -40,25 +40,6 @@ def reference(gemma270m, tmp_path_factory):
   out = tmp_path_factory.mktemp("ref") / "store"
   manifest, counters = _run(gemma270m, BASE, out)
   return out, manifest, counters
-
-
-def _file_digests(root: Path) -> dict[str, str]:
-  """Every file of a store (temporary files would show up here too) with its sha256."""
-  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _all_rows(root: Path, manifest: dict, site: str, layer: int):
-  """Every stored row (partial records included) with its index entry, in store order."""
-  idx, rows = [], []
-  for shard in manifest["shards"]:
-    name = store.shard_name(shard["shard"])
-    idx += [np.frombuffer(b, store.INDEX_DTYPE)
-            for b in store.open_reader(str(root / "index" / name)).read_all()]
-    reader = store.open_reader(str(root / store.layer_dir(site, layer) / name))
-    rows += [np.frombuffer(b, store.DTYPE).reshape(-1, manifest["widths"][site])
-             for b in reader.read_all()]
-  return np.concatenate(idx), np.concatenate(rows).astype(np.float32)
 
 
 def _packed(cfg: HarvestConfig, tokenizer, n: int, texts=None) -> np.ndarray:
@@ -85,7 +66,7 @@ def _check_rows_equal_capture(root, manifest, cfg, gemma270m, texts=None):
   for site in cfg.sites:
     want = np.asarray(captured[site], np.float32)  # [n_seq, ctx, n_layers, d], another batching
     for j, layer in enumerate(cfg.layers):
-      index, rows = _all_rows(root, manifest, site, layer)
+      index, rows = all_rows(root, manifest, site, layer)
       # Every non-BOS, non-PAD position of sequences 0..n-1 exactly once: no holes, no duplicates.
       keys = index["sequence"] * cfg.context_length + index["position"]
       expected = np.flatnonzero((tokens != 0).reshape(-1) &
@@ -174,13 +155,13 @@ def test_same_seed_gives_identical_checksums_and_another_seed_reshuffles(referen
   root, manifest, _ = reference
   again, _ = _run(gemma270m, BASE, tmp_path / "again")
   assert again == manifest
-  assert _file_digests(tmp_path / "again") == _file_digests(root)
+  assert file_digests(tmp_path / "again") == file_digests(root)
   one_shard = dataclasses.replace(BASE, seed=8, token_budget=8 * 63)  # sequences 0..7 = shard 0
   other, _ = _run(gemma270m, one_shard, tmp_path / "other")
   files, ref_files = other["shards"][0]["files"], manifest["shards"][0]["files"]
   assert all(files[k]["sha256"] != ref_files[k]["sha256"] for k in files)
-  index, rows = _all_rows(tmp_path / "other", other, "mlp_in", 3)
-  ref_index, ref_rows = _all_rows(root, manifest, "mlp_in", 3)
+  index, rows = all_rows(tmp_path / "other", other, "mlp_in", 3)
+  ref_index, ref_rows = all_rows(root, manifest, "mlp_in", 3)
   shard0 = ref_index["sequence"] < 8
   assert not np.array_equal(index, ref_index[shard0])  # the same rows, in another order
   order, ref_order = np.argsort(index, order=["sequence", "position"]), np.argsort(
@@ -193,7 +174,7 @@ def test_two_worker_processes_write_a_byte_identical_store(reference, gemma270m,
   two, counters = _run(gemma270m, dataclasses.replace(BASE, num_workers=2), tmp_path / "two")
   assert counters["model_load_ms"] > 0  # the worker processes loaded their own model
   assert two == manifest
-  assert _file_digests(tmp_path / "two") == _file_digests(root)
+  assert file_digests(tmp_path / "two") == file_digests(root)
 
 
 def test_a_finished_store_is_returned_without_work(reference, gemma270m, monkeypatch):
@@ -247,7 +228,7 @@ def test_killed_harvest_resumes_without_redoing_finished_shards(reference, gemma
       s["rows"] for s in manifest["shards"] if store.shard_name(s["shard"]).removesuffix(".array_record") in finished)
   assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
   assert resumed == manifest
-  assert _file_digests(out) == _file_digests(root)
+  assert file_digests(out) == file_digests(root)
 
 
 def test_a_different_store_is_refused_unless_overwrite(gemma270m, tmp_path):
@@ -309,4 +290,4 @@ def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tm
   assert not (out / store.RECEIPTS / "shard_00002.safetensors").exists()
   monkeypatch.undo()
   resumed, _ = _run(gemma270m, BASE, out)
-  assert resumed == manifest and _file_digests(out) == _file_digests(root)
+  assert resumed == manifest and file_digests(out) == file_digests(root)
