@@ -162,7 +162,7 @@ def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Pa
   root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
                                info=info)
   if cfg.browse.enabled:
-    _browse(cfg, root)
+    _browse(cfg, root, None)
   if cfg.release.publish_to:
     release.publish(root, cfg.release.publish_to, dry_run=cfg.release.dry_run,
                     private=cfg.release.private)
