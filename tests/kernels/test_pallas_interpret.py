@@ -1,0 +1,152 @@
+"""Every Pallas kernel of the seam, in interpret mode on CPU, against a float64 numpy reference.
+
+Inputs are fresh random draws with duplicate indices (within and across rows), zero-value slots,
+a capacity C that is not a multiple of any block, and B not a multiple of the row block.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from allscope.kernels import clt_layout, pallas
+from allscope.kernels.pallas.top_k import candidates_per_chunk, two_stage
+from tests.kernels import _pallas_refs as ref
+
+F32_TOL = 1e-5
+BF16_TOL = 1e-2  # inputs rounded to bf16 (8 bits of mantissa); the reference sees the same values
+
+B, C, N, D = 21, 5, 13, 24  # B, C ragged against the blocks; N << B * C: many duplicates
+L, F, DC = 3, 11, 16  # CLT: layers, latents per layer, model width
+SMALL = dict(block_b=8, block_d=8)
+
+
+def _cast(x, dtype):
+  """The input as `dtype`, and the exact values the kernel sees (for the reference)."""
+  x = jnp.asarray(x, dtype)
+  return x, np.asarray(x.astype(jnp.float32))
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng()  # fresh inputs on every run
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_gather_decode(rng, dtype, tol):
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  table, table64 = _cast(rng.normal(size=(N, D)), dtype)
+  val, val64 = _cast(val, dtype)
+  out = pallas.gather_decode(idx, val, table, interpret=True, **SMALL)
+  assert out.shape == (B, D) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.gather_decode(idx, val64, table64)) <= F32_TOL
+  del tol  # bf16 inputs are exact in f32: the f32 bound holds against the rounded inputs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_dot(rng, dtype):
+  idx, _ = ref.sparse_inputs(rng, B, C, N)
+  g, g64 = _cast(rng.normal(size=(B, D)), dtype)
+  table, table64 = _cast(rng.normal(size=(N, D)), dtype)
+  out = pallas.gather_dot(idx, g, table, interpret=True, **SMALL)
+  assert out.shape == (B, C) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.gather_dot(idx, g64, table64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scatter_outer(rng, dtype):
+  idx, val = ref.sparse_inputs(rng, B, C, N + 4)  # some rows receive nothing: zeros
+  val, val64 = _cast(val, dtype)
+  src, src64 = _cast(rng.normal(size=(B, D)), dtype)
+  out = pallas.scatter_outer(idx, val, src, N + 4, interpret=True, block_d=8, block_p=4)
+  assert out.shape == (N + 4, D) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.scatter_outer(idx, val64, src64, N + 4)) <= F32_TOL
+
+
+def test_scatter_outer_hot_row(rng):
+  """One row takes most pairs: its segment spans many chunks of block_p."""
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  idx[rng.random(idx.shape) < 0.7] = 3
+  src = rng.normal(size=(B, D)).astype(np.float32)
+  out = pallas.scatter_outer(idx, val, src, N, interpret=True, block_d=8, block_p=4)
+  assert ref.rel_err(out, ref.scatter_outer(idx, val, src, N)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_clt_decode(rng, dtype):
+  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  val, val64 = _cast(val, dtype)
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), DC)), dtype)
+  out = pallas.clt_decode(idx, val, w, interpret=True, **SMALL)
+  assert out.shape == (B, L, DC) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.clt_decode(idx, val64, w64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_clt_gather_dot(rng, dtype):
+  idx, _ = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  g, g64 = _cast(rng.normal(size=(B, L, DC)), dtype)
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), DC)), dtype)
+  out = pallas.clt_gather_dot(idx, g, w, interpret=True, **SMALL)
+  assert out.shape == (L, B, C) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.clt_gather_dot(idx, g64, w64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_clt_scatter_outer(rng, dtype):
+  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  val, val64 = _cast(val, dtype)
+  g, g64 = _cast(rng.normal(size=(B, L, DC)), dtype)
+  out = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, block_d=8, block_p=4)
+  assert out.shape == (F, clt_layout.num_pairs(L), DC) and out.dtype == jnp.float32
+  assert ref.rel_err(out, ref.clt_scatter_outer(idx, val64, g64, F)) <= F32_TOL
+
+
+TOPK_SMALL = dict(chunk=64, rows=4)
+NX, K = 1000, 12  # m = 8 < K candidates per chunk of 64: the overflow check is live
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_top_k(rng, dtype):
+  x, x64 = _cast(rng.normal(size=(B, NX)), dtype)  # N ragged against the chunk
+  values, indices = pallas.top_k(x, K, interpret=True, **TOPK_SMALL)
+  want_v, want_i = ref.top_k(x64, K)
+  assert values.dtype == dtype and indices.dtype == jnp.int32
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32)), want_v)
+
+
+def test_top_k_ties_go_to_the_lower_index(rng):
+  """Repeated values (ties inside and across chunks) and -inf runs, as lax.top_k, without the
+  fallback: the candidates alone get ties right."""
+  x = rng.integers(-60, 61, size=(B, NX)).astype(np.float32)
+  finite = x[:3, 10::160].copy()
+  x[:3] = -np.inf  # 6 finite values: the top K spills into a -inf run, ties to the lower index
+  x[:3, 10::160] = finite
+  for k in (1, 7, K):
+    values, indices, overflow = two_stage(x, k, interpret=True, **TOPK_SMALL)
+    assert not overflow
+    want_v, want_i = lax.top_k(x, k)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_array_equal(values, want_v)
+    np.testing.assert_array_equal(indices, ref.top_k(x, k)[1])
+
+
+def test_top_k_falls_back_when_a_chunk_overflows(rng):
+  """All of the top k in one chunk: more than its m candidates, so the exact fallback runs."""
+  x = rng.normal(size=(B, NX)).astype(np.float32)
+  x[:, 130:150] += 100.0
+  assert two_stage(x, K, interpret=True, **TOPK_SMALL)[2]
+  values, indices = pallas.top_k(x, K, interpret=True, **TOPK_SMALL)
+  want_v, want_i = ref.top_k(x, K)
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(values, want_v)
+
+
+def test_top_k_candidates_per_chunk():
+  """The real shape gets m = 8 from S = 256 (the 1e-3 fallback budget); m never exceeds k."""
+  assert candidates_per_chunk(4096, 65536, 64, 256) == 8
+  assert candidates_per_chunk(B, NX, K, 64) == 8
+  assert candidates_per_chunk(4, 64, 2, 32) <= 2
