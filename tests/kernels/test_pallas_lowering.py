@@ -58,3 +58,19 @@ def test_feature_size_without_a_block_is_refused():
   args = (S((64, 8), I32), S((64, 8)), S((128, 100)))
   with pytest.raises(ValueError, match="multiple of 16.*kernels='xla'"):
     jax.jit(pallas.gather_decode).trace(*args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_top_k_lowers_for_tpu_to_mosaic(dtype):
+  """top_k has a Mosaic kernel; this checks block shapes and the Mosaic lowering (not the TPU
+  compiler's own passes, which need a TPU)."""
+  fn = lambda x: pallas.top_k(x, K, backend="tpu")
+  lowered = jax.jit(fn).trace(S((B, F), dtype)).lower(lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_gather_kernels_refuse_tpu():
+  """The row-gather kernels have no Mosaic version: a clear error, not a Mosaic GPU lowering."""
+  args = (S((64, 8), I32), S((64, 8)), S((128, 256)))
+  with pytest.raises(NotImplementedError, match="kernels='xla'"):
+    jax.jit(lambda *a: pallas.gather_decode(*a, backend="tpu")).trace(*args)

@@ -12,23 +12,36 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
-# Backends with a compiled kernel here. TPU (Mosaic) kernels are not written yet: every kernel
-# gathers rows from an HBM table by data-dependent index, which on TPU needs manual DMAs.
+# Backends with a compiled kernel for every primitive. TPU (Mosaic) has `top_k` only: the others
+# gather rows of an HBM table by data-dependent index, which on TPU needs manual DMAs.
 BACKENDS = ("gpu",)
 
 
-def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
-  """Triton compiler params for a compiled GPU kernel; None in interpret mode.
+def platform(interpret: bool, backend: str | None) -> str:
+  """The lowering a kernel is built for: "interpret", "gpu" (Triton) or "tpu" (Mosaic).
 
-  The lowering is picked at trace time from `jax.default_backend()`; lowering for CUDA from a
-  CPU host (`lowering_platforms=("cuda",)`, the CI check) gets the Triton path too.
+  `backend` defaults to `jax.default_backend()` at trace time; naming it lowers for another
+  platform from this host (the CI checks lower for CUDA and TPU from a CPU).
   """
   if interpret:
+    return "interpret"
+  backend = backend or jax.default_backend()
+  return "tpu" if backend == "tpu" else "gpu"
+
+
+def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2,
+                    backend: str | None = None):
+  """Triton compiler params for a compiled GPU kernel; None in interpret mode.
+
+  JAX 0.10/0.11 lower `pallas_call` on GPU with Mosaic GPU unless given Triton's params.
+  """
+  where = platform(interpret, backend)
+  if where == "interpret":
     return None
-  backend = jax.default_backend()
-  if backend == "tpu":
+  if where == "tpu":
     raise NotImplementedError(
-        "allscope.kernels.pallas has no TPU (Mosaic) kernels yet; use kernels='xla' on TPU.")
+        "allscope.kernels.pallas has no TPU (Mosaic) kernel for this primitive; use "
+        "kernels='xla' on TPU.")
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

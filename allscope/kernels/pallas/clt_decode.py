@@ -43,9 +43,10 @@ def _kernel(idx_ref, val_ref, w_ref, out_ref, *, block_b: int, block_d: int, slo
   out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d", "backend"))
 def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, *,
-               interpret: bool = False, block_b: int = 16, block_d: int = 128) -> jax.Array:
+               interpret: bool = False, block_b: int = 16, block_d: int = 128,
+               backend: str | None = None) -> jax.Array:
   """indices [L, B, C] int32, values [L, B, C], w_dec [F, P, d] -> float32 [B, L, d]."""
   num_layers, batch, slots = indices.shape
   dim = w_dec.shape[2]
@@ -60,7 +61,7 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, *,
       grid=(padded // bb, num_layers, dim // bd),
       in_specs=[pl.BlockSpec()] * 3,
       out_specs=pl.BlockSpec((bb, None, bd), lambda i, t, k: (i, t, k)),
-      compiler_params=_common.compiler_params(interpret),
+      compiler_params=_common.compiler_params(interpret, backend=backend),
       interpret=interpret,
   )(idx_t, val_t, w_dec)
   return out[:batch]

@@ -39,9 +39,10 @@ def _kernel(idx_ref, g_ref, w_ref, out_ref, *, block_b: int, block_d: int, num_d
   out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d", "backend"))
 def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array, *,
-                   interpret: bool = False, block_b: int = 16, block_d: int = 128) -> jax.Array:
+                   interpret: bool = False, block_b: int = 16, block_d: int = 128,
+                   backend: str | None = None) -> jax.Array:
   """indices [L, B, C] int32, g [B, L, d], w_dec [F, P, d] -> float32 [L, B, C]."""
   num_layers, batch, slots = indices.shape
   dim = w_dec.shape[2]
@@ -56,7 +57,7 @@ def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array, *,
       grid=(padded // bb, num_layers, slots),
       in_specs=[pl.BlockSpec()] * 3,
       out_specs=pl.BlockSpec((None, None, bb), lambda i, s, c: (s, c, i)),
-      compiler_params=_common.compiler_params(interpret),
+      compiler_params=_common.compiler_params(interpret, backend=backend),
       interpret=interpret,
   )(idx_t, g, w_dec)
   return jnp.swapaxes(out[:, :, :batch], 1, 2)

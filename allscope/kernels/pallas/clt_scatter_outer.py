@@ -40,10 +40,10 @@ def _kernel(src_ref, tgt_ref, starts_ref, pair_ref, val_ref, g_ref, out_ref, *, 
   out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p"))
+@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
 def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int, *,
                       interpret: bool = False, block_d: int = 128,
-                      block_p: int = 16) -> jax.Array:
+                      block_p: int = 16, backend: str | None = None) -> jax.Array:
   """indices [L, B, C] int32, values [L, B, C], g [B, L, d] -> float32 [num_rows, P, d]."""
   num_layers, batch, slots = indices.shape
   dim = g.shape[2]
@@ -58,6 +58,6 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
       grid=(num_rows, num_pairs, dim // bd),
       in_specs=[pl.BlockSpec()] * 6,
       out_specs=pl.BlockSpec((None, None, bd), lambda n, p, k: (n, p, k)),
-      compiler_params=_common.compiler_params(interpret, num_warps=2),
+      compiler_params=_common.compiler_params(interpret, num_warps=2, backend=backend),
       interpret=interpret,
   )(sources, targets, starts, pairs, vals, g)

@@ -31,9 +31,10 @@ def _kernel(idx_ref, val_ref, table_ref, out_ref, *, block_b: int, block_d: int,
   out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d", "backend"))
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array, *,
-                  interpret: bool = False, block_b: int = 16, block_d: int = 256) -> jax.Array:
+                  interpret: bool = False, block_b: int = 16, block_d: int = 256,
+                  backend: str | None = None) -> jax.Array:
   """indices [B, C] int32, values [B, C], table [N, D] -> float32 [B, D]."""
   batch, slots = indices.shape
   dim = table.shape[1]
@@ -49,7 +50,7 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array, *,
       grid=(padded // bb, dim // bd),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((bb, bd), lambda i, k: (i, k)),
-      compiler_params=_common.compiler_params(interpret),
+      compiler_params=_common.compiler_params(interpret, backend=backend),
       interpret=interpret,
   )(idx_t, val_t, table)
   return out[:batch]

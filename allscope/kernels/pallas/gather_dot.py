@@ -31,9 +31,10 @@ def _kernel(idx_ref, g_ref, table_ref, out_ref, *, block_b: int, block_d: int, n
   out_ref[...] = acc[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d", "backend"))
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array, *,
-               interpret: bool = False, block_b: int = 16, block_d: int = 256) -> jax.Array:
+               interpret: bool = False, block_b: int = 16, block_d: int = 256,
+               backend: str | None = None) -> jax.Array:
   """indices [B, C] int32, g [B, D], table [N, D] -> float32 [B, C]."""
   batch, slots = indices.shape
   dim = table.shape[1]
@@ -48,7 +49,7 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array, *,
       grid=(padded // bb, slots),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((1, bb), lambda i, c: (c, i)),
-      compiler_params=_common.compiler_params(interpret),
+      compiler_params=_common.compiler_params(interpret, backend=backend),
       interpret=interpret,
   )(idx_t, g, table)
   return out[:, :batch].T

@@ -38,9 +38,10 @@ def _kernel(starts_ref, pair_ref, val_ref, src_ref, out_ref, *, block_d: int, bl
   out_ref[...] = acc[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p"))
+@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
 def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int, *,
-                  interpret: bool = False, block_d: int = 256, block_p: int = 8) -> jax.Array:
+                  interpret: bool = False, block_d: int = 256, block_p: int = 8,
+                  backend: str | None = None) -> jax.Array:
   """indices [B, C] int32, values [B, C], src [B, D] -> float32 [num_rows, D]."""
   slots = indices.shape[1]
   dim = src.shape[1]
@@ -52,6 +53,6 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
       grid=(num_rows, dim // bd),
       in_specs=[pl.BlockSpec()] * 4,
       out_specs=pl.BlockSpec((1, bd), lambda n, k: (n, k)),
-      compiler_params=_common.compiler_params(interpret, num_warps=2),
+      compiler_params=_common.compiler_params(interpret, num_warps=2, backend=backend),
       interpret=interpret,
   )(starts, pairs, vals, src)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from allscope.kernels.pallas import _common
 
@@ -50,10 +51,10 @@ def candidates_per_chunk(batch: int, n: int, k: int, chunk: int, miss: float = 1
 def _kernel(x_ref, val_ref, idx_ref, *, chunk: int, m: int, n: int):
   c = pl.program_id(1)
   x = x_ref[...].astype(jnp.float32)  # [R, S]
-  col = c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-  ids = jnp.where(col < n, col, _NO_INDEX) + jnp.zeros(x.shape, jnp.int32)
+  col = c * chunk + lax.broadcasted_iota(jnp.int32, x.shape, 1)  # 2-D iota: Mosaic needs it
+  ids = jnp.where(col < n, col, _NO_INDEX)
   vals = jnp.where(ids < n, x, -jnp.inf)
-  slot = jnp.arange(m, dtype=jnp.int32)[None, :]
+  slot = lax.broadcasted_iota(jnp.int32, (x.shape[0], m), 1)
   out_v = jnp.full((x.shape[0], m), -jnp.inf, jnp.float32)
   out_i = jnp.full((x.shape[0], m), _NO_INDEX, jnp.int32)
   for r in range(m):  # m is small: unrolled
@@ -68,31 +69,39 @@ def _kernel(x_ref, val_ref, idx_ref, *, chunk: int, m: int, n: int):
   idx_ref[...] = out_i
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "chunk", "rows"))
-def top_k(x: jax.Array, k: int, *, interpret: bool = False, chunk: int = 256,
-          rows: int = 8) -> tuple[jax.Array, jax.Array]:
-  """x [B, N] -> (values [B, k] in x's dtype, indices [B, k] int32), as `lax.top_k`."""
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "chunk", "rows", "backend"))
+def top_k(x: jax.Array, k: int, *, interpret: bool = False, chunk: int = 256, rows: int = 8,
+          backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """x [B, N] -> (values [B, k] in x's dtype, indices [B, k] int32), as `lax.top_k`.
+
+  GPU: Triton; TPU: Mosaic (the same kernel body; blocks of at least (16, 256), which the (8, 128)
+  tiling and bf16's (16, 128) packing both accept). `backend` overrides jax.default_backend().
+  """
   if not 0 < k <= x.shape[1]:
     raise ValueError(f"top_k: k={k} must be in [1, N={x.shape[1]}]")
-  staged = two_stage(x, k, interpret=interpret, chunk=chunk, rows=rows)
+  staged = two_stage(x, k, interpret=interpret, chunk=chunk, rows=rows, backend=backend)
   if staged is None:
     return tuple(lax.top_k(x, k))  # too small to split
   values, indices, overflow = staged
   return lax.cond(overflow, lambda: tuple(lax.top_k(x, k)), lambda: (values, indices))
 
 
-def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int):
+def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
+              backend: str | None = None):
   """(values, indices, overflow) from the candidates, or None when x is too small to split.
 
   The result is exact wherever `overflow` is False.
   """
   batch, n = x.shape
+  where = _common.platform(interpret, backend)
+  if where == "tpu":  # Mosaic tiles: rows a multiple of 16 (bf16 packing), columns of 128
+    rows, chunk = max(rows, 16), max(chunk, 256)
   chunk = min(chunk, 1 << (n - 1).bit_length())
   m = candidates_per_chunk(batch, n, k, chunk)
   num_chunks = -(-n // chunk)
   if num_chunks * m < k or num_chunks == 1:
     return None
-  r = _common.row_block(batch, rows)
+  r = rows if where == "tpu" else _common.row_block(batch, rows)
   xp = _common.pad_to(_common.pad_to(x, 1, chunk), 0, r)
   padded = xp.shape[0]
   cand_v, cand_i = pl.pallas_call(
@@ -103,7 +112,8 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int):
       in_specs=[pl.BlockSpec((r, chunk), lambda i, c: (i, c))],
       out_specs=(pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0)),
                  pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0))),
-      compiler_params=_common.compiler_params(interpret),
+      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+                       if where == "tpu" else _common.compiler_params(interpret)),
       interpret=interpret,
   )(xp)
   # [B, num_chunks * m], chunk-major: candidate order among equal values is index order.
