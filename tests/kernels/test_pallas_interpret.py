@@ -150,3 +150,30 @@ def test_top_k_candidates_per_chunk():
   assert candidates_per_chunk(4096, 65536, 64, 256) == 8
   assert candidates_per_chunk(B, NX, K, 64) == 8
   assert candidates_per_chunk(4, 64, 2, 32) <= 2
+
+
+def test_sae_primitives_are_adjoint(rng):
+  """gather_dot and scatter_outer are the two VJPs of gather_decode (d values, d table):
+  <decode(v, T), G> = <v, gather_dot(G, T)> = <T, scatter_outer(v, G)>."""
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  table = rng.normal(size=(N, D)).astype(np.float32)
+  g = rng.normal(size=(B, D)).astype(np.float32)
+  decoded = pallas.gather_decode(idx, val, table, interpret=True, **SMALL)
+  dots = pallas.gather_dot(idx, g, table, interpret=True, **SMALL)
+  outer = pallas.scatter_outer(idx, val, g, N, interpret=True, block_d=8, block_p=4)
+  inner = float(np.vdot(np.float64(decoded), g))
+  assert abs(np.vdot(np.float64(dots), val) - inner) <= F32_TOL * abs(inner) + 1e-4
+  assert abs(np.vdot(np.float64(outer), table) - inner) <= F32_TOL * abs(inner) + 1e-4
+
+
+def test_clt_primitives_are_adjoint(rng):
+  """The same identities for the causal CLT decoder."""
+  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  w = rng.normal(size=(F, clt_layout.num_pairs(L), DC)).astype(np.float32)
+  g = rng.normal(size=(B, L, DC)).astype(np.float32)
+  decoded = pallas.clt_decode(idx, val, w, interpret=True, **SMALL)
+  dots = pallas.clt_gather_dot(idx, g, w, interpret=True, **SMALL)
+  outer = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, block_d=8, block_p=4)
+  inner = float(np.vdot(np.float64(decoded), g))
+  assert abs(np.vdot(np.float64(dots), val) - inner) <= F32_TOL * abs(inner) + 1e-4
+  assert abs(np.vdot(np.float64(outer), w) - inner) <= F32_TOL * abs(inner) + 1e-4
