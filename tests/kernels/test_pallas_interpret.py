@@ -15,8 +15,9 @@ from allscope.kernels import clt_layout, pallas
 from allscope.kernels.pallas.top_k import candidates_per_chunk, two_stage
 from tests.kernels import _pallas_refs as ref
 
+# bf16 inputs are compared against a reference on the same rounded values: products of bf16
+# numbers are exact in f32, so the f32 bound (accumulation order only) holds for them too.
 F32_TOL = 1e-5
-BF16_TOL = 1e-2  # inputs rounded to bf16 (8 bits of mantissa); the reference sees the same values
 
 B, C, N, D = 21, 5, 13, 24  # B, C ragged against the blocks; N << B * C: many duplicates
 L, F, DC = 3, 11, 16  # CLT: layers, latents per layer, model width
@@ -34,15 +35,14 @@ def rng():
   return np.random.default_rng()  # fresh inputs on every run
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
-def test_gather_decode(rng, dtype, tol):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_decode(rng, dtype):
   idx, val = ref.sparse_inputs(rng, B, C, N)
   table, table64 = _cast(rng.normal(size=(N, D)), dtype)
   val, val64 = _cast(val, dtype)
   out = pallas.gather_decode(idx, val, table, interpret=True, **SMALL)
   assert out.shape == (B, D) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.gather_decode(idx, val64, table64)) <= F32_TOL
-  del tol  # bf16 inputs are exact in f32: the f32 bound holds against the rounded inputs
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -1,10 +1,12 @@
 """Pallas implementations of the kernel seam (the same signatures as `allscope.kernels.xla`,
 plus `interpret: bool = False`; interpret mode runs them on CPU for tests).
 
-GPU: the Triton lowering. TPU: not yet (see `BACKENDS`); dispatch should pick XLA there.
+GPU: the Triton lowering, every primitive (`BACKENDS`). TPU: Mosaic for `top_k` only
+(`TPU_PRIMITIVES`); the row-gather primitives raise NotImplementedError there, so dispatch
+should pick XLA for them on TPU.
 """
 
-from allscope.kernels.pallas._common import BACKENDS
+from allscope.kernels.pallas._common import BACKENDS, TPU_PRIMITIVES
 from allscope.kernels.pallas.clt_decode import clt_decode
 from allscope.kernels.pallas.clt_gather_dot import clt_gather_dot
 from allscope.kernels.pallas.clt_scatter_outer import clt_scatter_outer
@@ -14,6 +16,6 @@ from allscope.kernels.pallas.scatter_outer import scatter_outer
 from allscope.kernels.pallas.top_k import top_k
 
 __all__ = [
-    "BACKENDS", "clt_decode", "clt_gather_dot", "clt_scatter_outer", "gather_decode",
-    "gather_dot", "scatter_outer", "top_k",
+    "BACKENDS", "TPU_PRIMITIVES", "clt_decode", "clt_gather_dot", "clt_scatter_outer",
+    "gather_decode", "gather_dot", "scatter_outer", "top_k",
 ]

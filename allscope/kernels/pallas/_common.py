@@ -15,6 +15,7 @@ from jax.experimental.pallas import triton as plgpu
 # Backends with a compiled kernel for every primitive. TPU (Mosaic) has `top_k` only: the others
 # gather rows of an HBM table by data-dependent index, which on TPU needs manual DMAs.
 BACKENDS = ("gpu",)
+TPU_PRIMITIVES = ("top_k",)
 
 
 def platform(interpret: bool, backend: str | None) -> str:
