@@ -145,6 +145,37 @@ def test_top_k_falls_back_when_a_chunk_overflows(rng):
   np.testing.assert_array_equal(values, want_v)
 
 
+def test_top_k_masked_rows_with_fewer_than_k_finite(rng):
+  """A masked selector's scores: few finite entries, the rest -inf. Rows with fewer than k
+  finite scores end with the lowest-index -inf entries, exactly, and without the fallback."""
+  x = np.full((B, NX), -np.inf, np.float32)
+  keep = rng.random((B, NX)) < 6 / NX  # ~6 finite per row
+  keep[:4, ::60] = True  # rows with more than K finite entries: no -inf selected
+  x[keep] = rng.normal(size=keep.sum())
+  x[5, 0] = 3.0  # a finite entry inside the -inf prefix
+  x[6] = -np.inf  # all K slots from the first chunk's -inf entries: more than its m candidates
+  values, indices, overflow = two_stage(x, K, interpret=True, **TOPK_SMALL)
+  assert not overflow
+  want_v, want_i = ref.top_k(x, K)
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(values, want_v)
+
+
+def test_top_k_masked_rows_with_a_finite_overflow(rng):
+  """Masked rows next to a row whose first chunk holds more than m of the top K (ties at 0.5):
+  flagged, and the fallback is exact for every row."""
+  x = rng.normal(size=(B, NX)).astype(np.float32)
+  x[:, 300:] = -np.inf
+  x[0, 5:] = -np.inf  # 5 finite: 7 -inf slots
+  x[1, :300:2] = -np.inf
+  x[2, 5:300] = 0.5
+  assert two_stage(x, K, interpret=True, **TOPK_SMALL)[2]
+  values, indices = pallas.top_k(x, K, interpret=True, **TOPK_SMALL)
+  want_v, want_i = ref.top_k(x, K)
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(values, want_v)
+
+
 def test_top_k_candidates_per_chunk():
   """The real shape gets m = 8 from S = 256 (the 1e-3 fallback budget); m never exceeds k."""
   assert candidates_per_chunk(4096, 65536, 64, 256) == 8

@@ -12,6 +12,8 @@ candidate, so the result is exact unless some chunk's m-th candidate was selecte
 may hold more than m of the top k). That is checked, and the whole batch then falls back to
 `lax.top_k` (a `lax.cond`: the fallback costs only when taken). m is chosen from S, k, N and B
 so that this happens with probability < 1e-3 per call when the top k sit at random positions.
+-inf is the exception (masked selectors fill short rows with -inf ties, all in the first
+chunk): -inf slots are refilled exactly from the row's first 2k columns (`_fill_neg_inf`).
 
 Cost at B=4096, N=65536, k=64 (S=256, m=8): stage 1 reads x once (0.5 GB bf16, 0.16 ms at
 3.35 TB/s) and does ~6 m = 48 simple ops per element (1.3e10, ~0.4 ms of an H100's fp32 lanes);
@@ -121,6 +123,29 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
   cand_i = jnp.swapaxes(cand_i[:, :batch], 0, 1).reshape(batch, -1)
   values, pos = lax.top_k(cand_v, k)
   indices = jnp.take_along_axis(cand_i, pos, axis=1)
-  # A chunk can hold more than m of the top k only if its m-th candidate was selected.
-  overflow = jnp.asarray(False) if m >= k else jnp.any(pos % m == m - 1)
-  return values, indices, overflow
+  if m >= k:  # no chunk can hold more than k of the top k
+    return values, indices, jnp.asarray(False)
+  # A chunk can hold more than m of the top k only if its m-th candidate was selected. For
+  # -inf that is the common case, not a rare one: a masked selector (JumpReLU, ReLU under a
+  # capacity) scores dropped latents -inf, and a row with fewer than k finite scores fills its
+  # last slots with the lowest-index -inf entries, all in the first chunk. So only finite
+  # overflows count, and the -inf slots are refilled from a prefix window of the row.
+  finite = values > -jnp.inf
+  overflow = jnp.any(finite & (pos % m == m - 1))
+  return values, _fill_neg_inf(x, k, indices, jnp.sum(finite, axis=1)), overflow
+
+
+def _fill_neg_inf(x: jax.Array, k: int, indices: jax.Array, num_finite: jax.Array):
+  """Slots r >= num_finite take the (r - num_finite)-th -inf position of the row, as lax.top_k.
+
+  They lie in the first 2k columns: a row with f < k finite entries has at least 2k - f > k - f
+  -inf entries there. (NaN is not supported.)
+  """
+  window = min(x.shape[1], 2 * k)
+  col = lax.broadcasted_iota(jnp.int32, (x.shape[0], window), 1)
+  is_inf = x[:, :window] == -jnp.inf
+  first, _ = lax.top_k(jnp.where(is_inf, -col, -window), k)  # -inf positions, ascending, negated
+  slot = lax.broadcasted_iota(jnp.int32, indices.shape, 1)
+  need = slot - num_finite[:, None]
+  fill = -jnp.take_along_axis(first, jnp.clip(need, 0, k - 1), axis=1)
+  return jnp.where(need >= 0, fill, indices)
