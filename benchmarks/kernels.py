@@ -1,7 +1,7 @@
 """The kernel seam's primitives, Pallas against XLA against the hardware floor.
 
-For every primitive it times the Pallas kernel (GPU only: on other backends the column is
-skipped), the XLA version (`allscope.kernels.xla` when present, else the plain gather / segment-sum
+For every primitive it times the Pallas kernel (on GPU every primitive, on TPU those in
+`pallas.TPU_PRIMITIVES`; elsewhere the column is skipped), the XLA version (`allscope.kernels.xla` when present, else the plain gather / segment-sum
 / `lax.top_k` baselines below) and prints the floor: the bytes the primitive must move divided by
 the measured memory bandwidth of this device (a large elementwise copy). The dense encoder
 product x @ w_enc at the same shape is printed for context: every primitive should cost well
@@ -166,7 +166,8 @@ def main() -> None:
   sh = QUICK if args.quick else FULL
   dtype = jnp.dtype(args.dtype)
   dev = jax.devices()[0]
-  has_pallas = jax.default_backend() == "gpu"
+  backend = jax.default_backend()
+  has_pallas = backend in ("gpu", "tpu")
   xla_name, xla = xla_ops()
   pallas = None
   if has_pallas:
@@ -178,7 +179,8 @@ def main() -> None:
                (x, w), args.iters)
   del x, w
   print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.dtype} inputs, XLA column: "
-        f"{xla_name}, Pallas: {'Triton' if has_pallas else 'skipped (not a GPU)'}")
+        f"{xla_name}, Pallas: "
+        f"{dict(gpu='Triton', tpu='Mosaic').get(backend, 'skipped (no accelerator)')}")
   print(f"measured bandwidth {bw / 1e9:.0f} GB/s; encoder GEMM x @ w_enc "
         f"[{sh.batch}, {sh.dim}] x [{sh.dim}, {sh.rows}]: {1e3 * gemm:.3f} ms")
   head = (f"{'primitive':<18} {'shape':<28} {'GB':>6} {'floor ms':>9} {'xla ms':>9} "
@@ -191,7 +193,7 @@ def main() -> None:
     floor = nbytes / bw
     t_xla = _time(jax.jit(lambda *a, f=xla[name], s=static: f(*a, **s)), inputs, args.iters)
     cells = [f"{1e3 * t_xla:>9.3f}"]
-    if pallas is not None:
+    if pallas is not None and (backend == "gpu" or name in pallas.TPU_PRIMITIVES):
       fn = getattr(pallas, name)
       t_pal = _time(jax.jit(lambda *a, f=fn, s=static: f(*a, **s)), inputs, args.iters)
       cells += [f"{1e3 * t_pal:>9.3f}", f"{t_xla / floor:>9.1f}", f"{t_pal / floor:>9.1f}",

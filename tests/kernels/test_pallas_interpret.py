@@ -57,6 +57,18 @@ def test_gather_dot(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_gather_kernels(rng, dtype):
+  """The Mosaic versions (HBM table, row DMAs into VMEM) in the TPU interpreter."""
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  table, table64 = _cast(rng.normal(size=(N, 128)), dtype)
+  g = rng.normal(size=(B, 128)).astype(np.float32)
+  out = pallas.gather_decode(idx, val, table, interpret=True, backend="tpu")
+  assert ref.rel_err(out, ref.gather_decode(idx, val, table64)) <= F32_TOL
+  out = pallas.gather_dot(idx, g, table, interpret=True, backend="tpu")
+  assert ref.rel_err(out, ref.gather_dot(idx, g, table64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scatter_outer(rng, dtype):
   idx, val = ref.sparse_inputs(rng, B, C, N + 4)  # some rows receive nothing: zeros
   val, val64 = _cast(val, dtype)
@@ -172,6 +184,15 @@ def test_top_k_masked_rows_with_a_finite_overflow(rng):
   x[2, 5:300] = 0.5
   assert two_stage(x, K, interpret=True, **TOPK_SMALL)[2]
   values, indices = pallas.top_k(x, K, interpret=True, **TOPK_SMALL)
+  want_v, want_i = ref.top_k(x, K)
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(values, want_v)
+
+
+def test_top_k_tpu_tiles(rng):
+  """The Mosaic tiling ((16, 256) blocks) in the TPU interpreter, ragged B and N."""
+  x = rng.normal(size=(B, 700)).astype(np.float32)
+  values, indices = pallas.top_k(x, K, interpret=True, backend="tpu")
   want_v, want_i = ref.top_k(x, K)
   np.testing.assert_array_equal(indices, want_i)
   np.testing.assert_array_equal(values, want_v)

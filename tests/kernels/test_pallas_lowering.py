@@ -60,17 +60,23 @@ def test_feature_size_without_a_block_is_refused():
     jax.jit(pallas.gather_decode).trace(*args)
 
 
+TPU_CASES = {name: CASES[name] for name in pallas.TPU_PRIMITIVES}
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_top_k_lowers_for_tpu_to_mosaic(dtype):
-  """top_k has a Mosaic kernel; this checks block shapes and the Mosaic lowering (not the TPU
-  compiler's own passes, which need a TPU)."""
-  fn = lambda x: pallas.top_k(x, K, backend="tpu")
-  lowered = jax.jit(fn).trace(S((B, F), dtype)).lower(lowering_platforms=("tpu",))
+@pytest.mark.parametrize("name", sorted(TPU_CASES))
+def test_lowers_for_tpu_to_mosaic(name, dtype):
+  """The TPU primitives lower through Mosaic: block shapes, SMEM/ANY memory spaces, DMAs. (Not
+  Mosaic's own layout passes or the TPU compile, which need a TPU.)"""
+  fn, args, static = TPU_CASES[name]
+  args = tuple(S(a.shape, dtype) if a.dtype == jnp.bfloat16 else a for a in args)
+  lowered = (jax.jit(lambda *a: fn(*a, backend="tpu", **static)).trace(*args)
+             .lower(lowering_platforms=("tpu",)))
   assert "tpu_custom_call" in lowered.as_text()
 
 
-def test_gather_kernels_refuse_tpu():
-  """The row-gather kernels have no Mosaic version: a clear error, not a Mosaic GPU lowering."""
-  args = (S((64, 8), I32), S((64, 8)), S((128, 256)))
+def test_gpu_only_kernels_refuse_tpu():
+  """The kernels without a Mosaic version: a clear error, not a Mosaic GPU lowering."""
+  args = (S((64, 8), I32), S((64, 8)), S((64, 256)))
   with pytest.raises(NotImplementedError, match="kernels='xla'"):
-    jax.jit(lambda *a: pallas.gather_decode(*a, backend="tpu")).trace(*args)
+    jax.jit(lambda *a: pallas.scatter_outer(*a, 128, backend="tpu")).trace(*args)

@@ -1,8 +1,8 @@
 """Pallas implementations of the kernel seam (the same signatures as `allscope.kernels.xla`,
 plus `interpret: bool = False`; interpret mode runs them on CPU for tests).
 
-GPU: the Triton lowering, every primitive (`BACKENDS`). TPU: Mosaic for `top_k` only
-(`TPU_PRIMITIVES`); the row-gather primitives raise NotImplementedError there, so dispatch
+GPU: the Triton lowering, every primitive (`BACKENDS`). TPU: Mosaic for `TPU_PRIMITIVES`
+(gather_decode, gather_dot, top_k); the others raise NotImplementedError there, so dispatch
 should pick XLA for them on TPU.
 """
 

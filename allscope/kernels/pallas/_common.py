@@ -10,40 +10,52 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-# Backends with a compiled kernel for every primitive. TPU (Mosaic) has `top_k` only: the others
-# gather rows of an HBM table by data-dependent index, which on TPU needs manual DMAs.
+# Backends with a compiled kernel for every primitive. TPU (Mosaic) has the primitives below;
+# the sort-based scatters and the CLT family are GPU only (dispatch should use XLA for them).
 BACKENDS = ("gpu",)
-TPU_PRIMITIVES = ("top_k",)
+TPU_PRIMITIVES = ("gather_decode", "gather_dot", "top_k")
 
 
-def platform(interpret: bool, backend: str | None) -> str:
-  """The lowering a kernel is built for: "interpret", "gpu" (Triton) or "tpu" (Mosaic).
+def target(interpret: bool, backend: str | None) -> str:
+  """Which kernel to build: "tpu" (Mosaic) or "gpu" (Triton; also the CPU interpret path).
 
   `backend` defaults to `jax.default_backend()` at trace time; naming it lowers for another
-  platform from this host (the CI checks lower for CUDA and TPU from a CPU).
+  platform from this host (the CI checks lower for CUDA and TPU from a CPU), and
+  `backend="tpu", interpret=True` runs the TPU kernel in the TPU interpreter on CPU.
   """
-  if interpret:
-    return "interpret"
-  backend = backend or jax.default_backend()
+  if backend is None:
+    backend = "cpu" if interpret else jax.default_backend()
   return "tpu" if backend == "tpu" else "gpu"
+
+
+def interpret_mode(interpret: bool, where: str):
+  """`pallas_call`'s interpret argument: the TPU interpreter (DMAs, semaphores) for TPU kernels."""
+  if not interpret:
+    return False
+  return pltpu.InterpretParams() if where == "tpu" else True
 
 
 def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2,
                     backend: str | None = None):
-  """Triton compiler params for a compiled GPU kernel; None in interpret mode.
+  """Triton compiler params for a GPU-only kernel; None in interpret mode.
 
   JAX 0.10/0.11 lower `pallas_call` on GPU with Mosaic GPU unless given Triton's params.
   """
-  where = platform(interpret, backend)
-  if where == "interpret":
-    return None
-  if where == "tpu":
+  if target(interpret, backend) == "tpu":
     raise NotImplementedError(
-        "allscope.kernels.pallas has no TPU (Mosaic) kernel for this primitive; use "
-        "kernels='xla' on TPU.")
+        "allscope.kernels.pallas has no TPU (Mosaic) kernel for this primitive (TPU has "
+        f"{', '.join(TPU_PRIMITIVES)}); use kernels='xla' for it on TPU.")
+  if interpret:
+    return None
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_params(num_grid_dims: int):
+  """Mosaic params: every grid axis is parallel (no kernel here revisits an output block)."""
+  return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
 
 
 def pow2_divisor(n: int, cap: int) -> int:

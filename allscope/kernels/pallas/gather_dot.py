@@ -1,8 +1,10 @@
 """gather_dot: out[b, j] = g[b] . table[indices[b, j]] (d values of a sparse decode).
 
-Grid over (row block of B, slot j): each program gathers the BB rows of slot j block by block
-along D and reduces them against g in float32. One program per slot gives B / BB * C programs,
-enough to fill a GPU at real shapes; no [B, C, D] block exists.
+GPU (Triton): grid over (row block of B, slot j): each program gathers the BB rows of slot j
+block by block along D and reduces them against g in float32. One program per slot gives
+B / BB * C programs, enough to fill a GPU at real shapes. TPU (Mosaic): grid over row blocks of
+B; each program DMAs its BB x C rows into VMEM (`_tpu`) and reduces them slot by slot against
+its g block. No [B, C, D] array exists.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from allscope.kernels.pallas import _common
+from allscope.kernels.pallas import _common, _tpu
 
 
 def _kernel(idx_ref, g_ref, table_ref, out_ref, *, block_b: int, block_d: int, num_d: int):
@@ -31,11 +34,47 @@ def _kernel(idx_ref, g_ref, table_ref, out_ref, *, block_b: int, block_d: int, n
   out_ref[...] = acc[None, :]
 
 
+def _tpu_kernel(idx_ref, g_ref, table_ref, out_ref, rows_ref, sem, *, block_b: int,
+                slots: int):
+  _tpu.gather_rows(idx_ref, table_ref, rows_ref, sem, block_b=block_b, slots=slots)
+  g = g_ref[...].astype(jnp.float32)
+
+  def body(c, carry):  # out_ref[c]: [BB, 1]
+    out_ref[c] = jnp.sum(g * rows_ref[c].astype(jnp.float32), axis=1, keepdims=True)
+    return carry
+
+  lax.fori_loop(0, slots, body, 0)
+
+
+def _tpu_call(indices, g, table, interpret: bool):
+  batch, slots = indices.shape
+  dim = table.shape[1]
+  bb = _tpu.row_block(table.dtype)
+  idx = _common.pad_to(indices.astype(jnp.int32), 0, bb)
+  g = _common.pad_to(g, 0, bb)
+  padded = idx.shape[0]
+  out = pl.pallas_call(
+      functools.partial(_tpu_kernel, block_b=bb, slots=slots),
+      out_shape=jax.ShapeDtypeStruct((slots, padded, 1), jnp.float32),  # [C, B, 1]: columns
+      grid=(padded // bb,),
+      in_specs=[pl.BlockSpec((bb, slots), lambda i: (i, 0), memory_space=pltpu.SMEM),
+                pl.BlockSpec((bb, dim), lambda i: (i, 0)),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((slots, bb, 1), lambda i: (0, i, 0)),
+      scratch_shapes=_tpu.rows_scratch(slots, bb, dim, table.dtype),
+      compiler_params=_common.tpu_params(1),
+      interpret=_common.interpret_mode(interpret, "tpu"),
+  )(idx, g, table)
+  return out[:, :batch, 0].T
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block_b", "block_d", "backend"))
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array, *,
                interpret: bool = False, block_b: int = 16, block_d: int = 256,
                backend: str | None = None) -> jax.Array:
   """indices [B, C] int32, g [B, D], table [N, D] -> float32 [B, C]."""
+  if _common.target(interpret, backend) == "tpu":
+    return _tpu_call(indices, g, table, interpret)
   batch, slots = indices.shape
   dim = table.shape[1]
   bb = _common.row_block(batch, block_b)

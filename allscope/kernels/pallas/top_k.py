@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from allscope.kernels.pallas import _common
 
@@ -97,7 +96,7 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
   The result is exact wherever `overflow` is False.
   """
   batch, n = x.shape
-  where = _common.platform(interpret, backend)
+  where = _common.target(interpret, backend)
   if where == "tpu":  # Mosaic tiles: rows a multiple of 16 (bf16 packing), columns of 128
     rows, chunk = max(rows, 16), max(chunk, 256)
   chunk = min(chunk, 1 << (n - 1).bit_length())
@@ -116,9 +115,9 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
       in_specs=[pl.BlockSpec((r, chunk), lambda i, c: (i, c))],
       out_specs=(pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0)),
                  pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0))),
-      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-                       if where == "tpu" else _common.compiler_params(interpret)),
-      interpret=interpret,
+      compiler_params=(_common.tpu_params(2) if where == "tpu"
+                       else _common.compiler_params(interpret)),
+      interpret=_common.interpret_mode(interpret, where),
   )(xp)
   # [B, num_chunks * m], chunk-major: candidate order among equal values is index order.
   cand_v = jnp.swapaxes(cand_v[:, :batch], 0, 1).reshape(batch, -1)
