@@ -15,12 +15,12 @@ from jax import lax
 
 
 def plan(indices: jax.Array, values: jax.Array, num_rows: int, pad: int):
-  """indices, values [..., M] -> (starts [..., num_rows + 1], src [..., M + pad], vals [..., M + pad]).
+  """indices, values [..., M] -> (starts [..., num_rows + 1], pairs [..., M + pad],
+  vals [..., M + pad]).
 
-  `src` is the flat pair position (b * C + j) // C = b of each sorted pair, `vals` its value;
-  leading axes are independent problems (the CLT's source layers).
+  `pairs` is the flat position b * C + j of each sorted pair (the kernels take b = pair // C),
+  `vals` its value; leading axes are independent problems (the CLT's source layers).
   """
-  m = indices.shape[-1]
   keys = indices.astype(jnp.int32)
   pos = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
   rows, order = lax.sort((keys, pos), dimension=keys.ndim - 1, num_keys=1)
