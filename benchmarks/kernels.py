@@ -1,8 +1,9 @@
 """The kernel seam's primitives, Pallas against XLA against the hardware floor.
 
 For every primitive it times the Pallas kernel (on GPU every primitive, on TPU those in
-`pallas.TPU_PRIMITIVES`; elsewhere the column is skipped), the XLA version (`allscope.kernels.xla` when present, else the plain gather / segment-sum
-/ `lax.top_k` baselines below) and prints the floor: the bytes the primitive must move divided by
+`pallas.TPU_PRIMITIVES`; elsewhere the column is skipped) and the XLA version
+(`allscope.kernels.xla` when present, else the plain gather / segment-sum / `lax.top_k`
+baselines below), and prints the floor: the bytes the primitive must move divided by
 the measured memory bandwidth of this device (a large elementwise copy). The dense encoder
 product x @ w_enc at the same shape is printed for context: every primitive should cost well
 under it.

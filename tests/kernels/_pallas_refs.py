@@ -8,7 +8,7 @@ from allscope.kernels import clt_layout
 
 
 def sparse_inputs(rng, batch: int, slots: int, rows: int, *, lead: tuple[int, ...] = ()):
-  """indices with duplicates (within and across rows: rows << batch * slots) and zero-value slots."""
+  """Indices with duplicates (within and across rows: rows << batch * slots), zero-value slots."""
   shape = lead + (batch, slots)
   indices = rng.integers(0, rows, shape).astype(np.int32)
   indices[..., 1] = indices[..., 0]  # a duplicate inside every row

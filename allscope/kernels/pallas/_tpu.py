@@ -16,7 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 
 def row_block(dtype) -> int:
-  """Tokens per program: one full sublane tile of the table's dtype ((8, 128) f32, (16, 128) bf16)."""
+  """Tokens per program: one sublane tile of the table's dtype ((8, 128) f32, (16, 128) bf16)."""
   return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 

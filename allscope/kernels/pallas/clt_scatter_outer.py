@@ -40,7 +40,8 @@ def _kernel(src_ref, tgt_ref, starts_ref, pair_ref, val_ref, g_ref, out_ref, *, 
   out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
+@functools.partial(jax.jit,
+                   static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
 def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int, *,
                       interpret: bool = False, block_d: int = 128,
                       block_p: int = 16, backend: str | None = None) -> jax.Array:

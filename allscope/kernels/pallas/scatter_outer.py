@@ -38,7 +38,8 @@ def _kernel(starts_ref, pair_ref, val_ref, src_ref, out_ref, *, block_d: int, bl
   out_ref[...] = acc[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
+@functools.partial(jax.jit,
+                   static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
 def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int, *,
                   interpret: bool = False, block_d: int = 256, block_p: int = 8,
                   backend: str | None = None) -> jax.Array:
