@@ -30,7 +30,6 @@ CASES = {
     "scatter_outer": (pallas.scatter_outer, (S((B, C), I32), S((B, C)), S((B, D))),
                       {"num_rows": F}),
     "top_k": (pallas.top_k, (S((B, F)),), {"k": K}),
-    "top_k_f32": (pallas.top_k, (S((B, F), jnp.float32),), {"k": K}),
     "clt_decode": (pallas.clt_decode, (S((L, B, C), I32), S((L, B, C)), S((FC, P, DC))), {}),
     "clt_gather_dot": (pallas.clt_gather_dot,
                        (S((L, B, C), I32), S((B, L, DC)), S((FC, P, DC))), {}),
@@ -39,9 +38,16 @@ CASES = {
 }
 
 
+def _as(dtype, args):
+  """The float inputs in `dtype` (params and activations are f32 or bf16 by `matmul_dtype`)."""
+  return tuple(S(a.shape, dtype) if a.dtype == jnp.bfloat16 else a for a in args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_lowers_for_cuda_to_triton(name):
+def test_lowers_for_cuda_to_triton(name, dtype):
   fn, args, static = CASES[name]
+  args = _as(dtype, args)
   lowered = jax.jit(lambda *a: fn(*a, **static)).trace(*args).lower(lowering_platforms=("cuda",))
   assert TRITON in lowered.as_text()
 
@@ -69,7 +75,7 @@ def test_lowers_for_tpu_to_mosaic(name, dtype):
   """The TPU primitives lower through Mosaic: block shapes, SMEM/ANY memory spaces, DMAs. (Not
   Mosaic's own layout passes or the TPU compile, which need a TPU.)"""
   fn, args, static = TPU_CASES[name]
-  args = tuple(S(a.shape, dtype) if a.dtype == jnp.bfloat16 else a for a in args)
+  args = _as(dtype, args)
   lowered = (jax.jit(lambda *a: fn(*a, backend="tpu", **static)).trace(*args)
              .lower(lowering_platforms=("tpu",)))
   assert "tpu_custom_call" in lowered.as_text()
