@@ -108,6 +108,18 @@ def test_clt_gather_dot(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_clt_kernels(rng, dtype):
+  """The Mosaic CLT decode and d values (index/value blocks and rows by DMA), TPU interpreter."""
+  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), 128)), dtype)
+  g = rng.normal(size=(B, L, 128)).astype(np.float32)
+  out = pallas.clt_decode(idx, val, w, interpret=True, backend="tpu")
+  assert ref.rel_err(out, ref.clt_decode(idx, val, w64)) <= F32_TOL
+  out = pallas.clt_gather_dot(idx, g, w, interpret=True, backend="tpu")
+  assert ref.rel_err(out, ref.clt_gather_dot(idx, g, w64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_clt_scatter_outer(rng, dtype):
   idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
   val, val64 = _cast(val, dtype)

@@ -2,8 +2,8 @@
 plus `interpret: bool = False`; interpret mode runs them on CPU for tests).
 
 GPU: the Triton lowering, every primitive (`BACKENDS`). TPU: Mosaic for `TPU_PRIMITIVES`
-(gather_decode, gather_dot, top_k); the others raise NotImplementedError there, so dispatch
-should pick XLA for them on TPU.
+(all but the two scatters); `scatter_outer` and `clt_scatter_outer` raise NotImplementedError
+there, so dispatch should pick XLA for them on TPU.
 
 Keyword-only extras beyond the seam: block sizes (tuning knobs with working defaults) and
 `backend=` ("gpu" / "tpu": lower for that platform instead of `jax.default_backend()`).

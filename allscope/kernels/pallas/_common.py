@@ -14,9 +14,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 # Backends with a compiled kernel for every primitive. TPU (Mosaic) has the primitives below;
-# the sort-based scatters and the CLT family are GPU only (dispatch should use XLA for them).
+# the sort-based scatters are GPU only (dispatch should use XLA for them on TPU).
 BACKENDS = ("gpu",)
-TPU_PRIMITIVES = ("gather_decode", "gather_dot", "top_k")
+TPU_PRIMITIVES = ("clt_decode", "clt_gather_dot", "gather_decode", "gather_dot", "top_k")
 
 
 def target(interpret: bool, backend: str | None) -> str:

@@ -20,17 +20,28 @@ def row_block(dtype) -> int:
   return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 
+def copy_now(src, dst, sem) -> None:
+  """A blocking DMA (small index / value blocks the row DMAs depend on)."""
+  cp = pltpu.make_async_copy(src, dst, sem)
+  cp.start()
+  cp.wait()
+
+
 def rows_scratch(slots: int, block_b: int, dim: int, dtype):
   return [pltpu.VMEM((slots, block_b, dim), dtype), pltpu.SemaphoreType.DMA(())]
 
 
-def gather_rows(idx_ref, table_ref, rows_ref, sem, *, block_b: int, slots: int) -> None:
-  """rows_ref[c, r] = table_ref[idx_ref[r, c]] for the program's BB tokens and C slots."""
+def gather_rows(idx_ref, table_ref, rows_ref, sem, *, block_b: int, slots: int,
+                pair=None) -> None:
+  """rows_ref[c, r] = table_ref[idx_ref[r, c]] for the program's BB tokens and C slots; with
+  `pair`, rows of a CLT decoder [F, P, d]: rows_ref[c, r] = table_ref[idx_ref[r, c], pair]."""
 
   def copy(j):
     r, c = lax.div(j, slots), lax.rem(j, slots)  # lax.div: jnp's // needs a sign op Mosaic lacks
-    return pltpu.make_async_copy(table_ref.at[pl.ds(idx_ref[r, c], 1)],
-                                 rows_ref.at[c, pl.ds(r, 1)], sem)
+    row = idx_ref[r, c]
+    src = (table_ref.at[pl.ds(row, 1)] if pair is None
+           else table_ref.at[row, pl.ds(pair, 1)])
+    return pltpu.make_async_copy(src, rows_ref.at[c, pl.ds(r, 1)], sem)
 
   def start(j, carry):
     copy(j).start()
