@@ -22,6 +22,7 @@ F32_TOL = 1e-5
 
 B, C, N, D = 21, 5, 13, 24  # B, C ragged against the blocks; N << B * C: many duplicates
 L, F, DC = 3, 11, 16  # CLT: layers, latents per layer, model width
+BT, CT = 11, 3  # the TPU interpreter models every row DMA: fewer tokens and slots (still ragged)
 SMALL = dict(block_b=8, block_d=8)
 
 
@@ -59,9 +60,9 @@ def test_gather_dot(rng, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_gather_kernels(rng, dtype):
   """The Mosaic versions (HBM table, row DMAs into VMEM) in the TPU interpreter."""
-  idx, val = ref.sparse_inputs(rng, B, C, N)
+  idx, val = ref.sparse_inputs(rng, BT, CT, N)
   table, table64 = _cast(rng.normal(size=(N, 128)), dtype)
-  g = rng.normal(size=(B, 128)).astype(np.float32)
+  g = rng.normal(size=(BT, 128)).astype(np.float32)
   out = pallas.gather_decode(idx, val, table, interpret=True, backend="tpu")
   assert ref.rel_err(out, ref.gather_decode(idx, val, table64)) <= F32_TOL
   out = pallas.gather_dot(idx, g, table, interpret=True, backend="tpu")
@@ -110,9 +111,9 @@ def test_clt_gather_dot(rng, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_clt_kernels(rng, dtype):
   """The Mosaic CLT decode and d values (index/value blocks and rows by DMA), TPU interpreter."""
-  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  idx, val = ref.sparse_inputs(rng, BT, CT, F, lead=(L,))
   w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), 128)), dtype)
-  g = rng.normal(size=(B, L, 128)).astype(np.float32)
+  g = rng.normal(size=(BT, L, 128)).astype(np.float32)
   out = pallas.clt_decode(idx, val, w, interpret=True, backend="tpu")
   assert ref.rel_err(out, ref.clt_decode(idx, val, w64)) <= F32_TOL
   out = pallas.clt_gather_dot(idx, g, w, interpret=True, backend="tpu")
@@ -275,3 +276,18 @@ def test_decode_vjp_built_from_the_primitives(rng):
   got = jax.grad(loss(decode), argnums=(0, 1))(val, table)
   for g, w in zip(got, want):
     assert ref.rel_err(g, w) <= F32_TOL
+
+
+@pytest.mark.parametrize("num_layers", [1, 4, 18, 26])
+def test_kernel_pair_arithmetic_is_the_causal_layout(num_layers):
+  """The in-kernel p(s, t) and the pair tables the scatter walks agree with clt_layout: P pairs,
+  source-major, each latent's targets contiguous."""
+  from allscope.kernels.pallas.clt_decode import pair
+
+  s, t = np.meshgrid(np.arange(num_layers), np.arange(num_layers), indexing="ij")
+  want = clt_layout.pair_index(num_layers)
+  got = np.asarray(pair(jnp.asarray(s), jnp.asarray(t), num_layers))
+  np.testing.assert_array_equal(np.where(t >= s, got, -1), want)
+  sources, targets = clt_layout.pair_layers(num_layers)
+  assert len(sources) == clt_layout.num_pairs(num_layers)
+  np.testing.assert_array_equal(want[sources, targets], np.arange(len(sources)))
