@@ -13,6 +13,7 @@ import pytest
 from jax import lax
 
 from allscope.kernels import clt_layout, pallas
+from allscope.kernels.pallas.clt_decode import pair
 from allscope.kernels.pallas.top_k import candidates_per_chunk, two_stage
 from tests.kernels import _pallas_refs as ref
 
@@ -282,8 +283,6 @@ def test_decode_vjp_built_from_the_primitives(rng):
 def test_kernel_pair_arithmetic_is_the_causal_layout(num_layers):
   """The in-kernel p(s, t) and the pair tables the scatter walks agree with clt_layout: P pairs,
   source-major, each latent's targets contiguous."""
-  from allscope.kernels.pallas.clt_decode import pair
-
   s, t = np.meshgrid(np.arange(num_layers), np.arange(num_layers), indexing="ij")
   want = clt_layout.pair_index(num_layers)
   got = np.asarray(pair(jnp.asarray(s), jnp.asarray(t), num_layers))
