@@ -1,7 +1,7 @@
 """The kernel seam's primitives, Pallas against XLA against the hardware floor.
 
-For every primitive it times the Pallas kernel (on GPU every primitive, on TPU those in
-`pallas.TPU_PRIMITIVES`; elsewhere the column is skipped) and the XLA version
+For every primitive it times the Pallas kernel (GPU: Triton, TPU: Mosaic; elsewhere the column
+is skipped) and the XLA version
 (`allscope.kernels.xla` when present, else the plain gather / segment-sum / `lax.top_k`
 baselines below), and prints the floor: the bytes the primitive must move divided by
 the measured memory bandwidth of this device (a large elementwise copy). The dense encoder

@@ -80,6 +80,16 @@ def test_scatter_outer(rng, dtype):
   assert ref.rel_err(out, ref.scatter_outer(idx, val64, src64, N + 4)) <= F32_TOL
 
 
+def test_tpu_scatter_outer(rng):
+  """The Mosaic sort-based scatter (pair lists and src rows by DMA), TPU interpreter, with a hot
+  row whose segment spans several chunks of pairs."""
+  idx, val = ref.sparse_inputs(rng, BT, CT, N)
+  idx[rng.random(idx.shape) < 0.5] = 3
+  src = rng.normal(size=(BT, 128)).astype(np.float32)
+  out = pallas.scatter_outer(idx, val, src, N, interpret=True, backend="tpu", block_p=4)
+  assert ref.rel_err(out, ref.scatter_outer(idx, val, src, N)) <= F32_TOL
+
+
 def test_scatter_outer_hot_row(rng):
   """One row takes most pairs: its segment spans many chunks of block_p."""
   idx, val = ref.sparse_inputs(rng, B, C, N)
@@ -111,7 +121,8 @@ def test_clt_gather_dot(rng, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_clt_kernels(rng, dtype):
-  """The Mosaic CLT decode and d values (index/value blocks and rows by DMA), TPU interpreter."""
+  """The Mosaic CLT decode, d values and d w_dec (index/value blocks, pair lists and rows by
+  DMA) in the TPU interpreter."""
   idx, val = ref.sparse_inputs(rng, BT, CT, F, lead=(L,))
   w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), 128)), dtype)
   g = rng.normal(size=(BT, L, 128)).astype(np.float32)
@@ -119,6 +130,8 @@ def test_tpu_clt_kernels(rng, dtype):
   assert ref.rel_err(out, ref.clt_decode(idx, val, w64)) <= F32_TOL
   out = pallas.clt_gather_dot(idx, g, w, interpret=True, backend="tpu")
   assert ref.rel_err(out, ref.clt_gather_dot(idx, g, w64)) <= F32_TOL
+  out = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, backend="tpu", block_p=4)
+  assert ref.rel_err(out, ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -79,10 +79,3 @@ def test_lowers_for_tpu_to_mosaic(name, dtype):
   lowered = (jax.jit(lambda *a: fn(*a, backend="tpu", **static)).trace(*args)
              .lower(lowering_platforms=("tpu",)))
   assert "tpu_custom_call" in lowered.as_text()
-
-
-def test_gpu_only_kernels_refuse_tpu():
-  """The kernels without a Mosaic version: a clear error, not a Mosaic GPU lowering."""
-  args = (S((64, 8), I32), S((64, 8)), S((64, 256)))
-  with pytest.raises(NotImplementedError, match="kernels='xla'"):
-    jax.jit(lambda *a: pallas.scatter_outer(*a, 128, backend="tpu")).trace(*args)

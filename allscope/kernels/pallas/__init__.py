@@ -1,9 +1,9 @@
 """Pallas implementations of the kernel seam (the same signatures as `allscope.kernels.xla`,
 plus `interpret: bool = False`; interpret mode runs them on CPU for tests).
 
-GPU: the Triton lowering, every primitive (`BACKENDS`). TPU: Mosaic for `TPU_PRIMITIVES`
-(all but the two scatters); `scatter_outer` and `clt_scatter_outer` raise NotImplementedError
-there, so dispatch should pick XLA for them on TPU.
+GPU: the Triton lowering. TPU: Mosaic, with row gathers by DMA from HBM (`_tpu`). Both have
+every primitive (`BACKENDS`, `TPU_PRIMITIVES`); TPU kernels are checked only in the TPU
+interpreter and by lowering from a CPU.
 
 Keyword-only extras beyond the seam: block sizes (tuning knobs with working defaults) and
 `backend=` ("gpu" / "tpu": lower for that platform instead of `jax.default_backend()`).

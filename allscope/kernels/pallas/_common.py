@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-# Backends with a compiled kernel for every primitive. TPU (Mosaic) has the primitives below;
-# the sort-based scatters are GPU only (dispatch should use XLA for them on TPU).
-BACKENDS = ("gpu",)
-TPU_PRIMITIVES = ("clt_decode", "clt_gather_dot", "gather_decode", "gather_dot", "top_k")
+# Backends with a compiled kernel for every primitive: Triton on GPU, Mosaic on TPU.
+BACKENDS = ("gpu", "tpu")
+TPU_PRIMITIVES = ("clt_decode", "clt_gather_dot", "clt_scatter_outer", "gather_decode",
+                  "gather_dot", "scatter_outer", "top_k")
 
 
 def target(interpret: bool, backend: str | None) -> str:
@@ -38,16 +38,11 @@ def interpret_mode(interpret: bool, where: str):
   return pltpu.InterpretParams() if where == "tpu" else True
 
 
-def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2,
-                    backend: str | None = None):
-  """Triton compiler params for a GPU-only kernel; None in interpret mode.
+def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
+  """Triton compiler params for a GPU kernel; None in interpret mode.
 
   JAX 0.10/0.11 lower `pallas_call` on GPU with Mosaic GPU unless given Triton's params.
   """
-  if target(interpret, backend) == "tpu":
-    raise NotImplementedError(
-        "allscope.kernels.pallas has no TPU (Mosaic) kernel for this primitive (TPU has "
-        f"{', '.join(TPU_PRIMITIVES)}); use kernels='xla' for it on TPU.")
   if interpret:
     return None
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -108,7 +108,7 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, *,
       grid=(padded // bb, num_layers, dim // bd),
       in_specs=[pl.BlockSpec()] * 3,
       out_specs=pl.BlockSpec((bb, None, bd), lambda i, t, k: (i, t, k)),
-      compiler_params=_common.compiler_params(interpret, backend=backend),
+      compiler_params=_common.compiler_params(interpret),
       interpret=interpret,
   )(idx_t, val_t, w_dec)
   return out[:batch]

@@ -103,7 +103,7 @@ def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array, *,
       grid=(padded // bb, num_layers, slots),
       in_specs=[pl.BlockSpec()] * 3,
       out_specs=pl.BlockSpec((None, None, bb), lambda i, s, c: (s, c, i)),
-      compiler_params=_common.compiler_params(interpret, backend=backend),
+      compiler_params=_common.compiler_params(interpret),
       interpret=interpret,
   )(idx_t, g, w_dec)
   return jnp.swapaxes(out[:, :, :batch], 1, 2)

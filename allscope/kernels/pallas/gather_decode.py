@@ -87,7 +87,7 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array, *,
       grid=(padded // bb, dim // bd),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((bb, bd), lambda i, k: (i, k)),
-      compiler_params=_common.compiler_params(interpret, backend=backend),
+      compiler_params=_common.compiler_params(interpret),
       interpret=interpret,
   )(idx_t, val_t, table)
   return out[:batch]

@@ -88,7 +88,7 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array, *,
       grid=(padded // bb, slots),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((1, bb), lambda i, c: (c, i)),
-      compiler_params=_common.compiler_params(interpret, backend=backend),
+      compiler_params=_common.compiler_params(interpret),
       interpret=interpret,
   )(idx_t, g, table)
   return out[:, :batch].T
