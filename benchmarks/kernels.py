@@ -194,7 +194,7 @@ def main() -> None:
     floor = nbytes / bw
     t_xla = _time(jax.jit(lambda *a, f=xla[name], s=static: f(*a, **s)), inputs, args.iters)
     cells = [f"{1e3 * t_xla:>9.3f}"]
-    if pallas is not None and (backend == "gpu" or name in pallas.TPU_PRIMITIVES):
+    if pallas is not None:
       fn = getattr(pallas, name)
       t_pal = _time(jax.jit(lambda *a, f=fn, s=static: f(*a, **s)), inputs, args.iters)
       cells += [f"{1e3 * t_pal:>9.3f}", f"{t_xla / floor:>9.1f}", f"{t_pal / floor:>9.1f}",

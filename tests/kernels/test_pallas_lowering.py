@@ -1,7 +1,9 @@
-"""Every Pallas GPU kernel lowers for CUDA from this CPU host, at real shapes, to a Triton call.
+"""Every Pallas kernel lowers from this CPU host, at real shapes, for CUDA to a Triton call and
+for TPU to a Mosaic call.
 
 `lowering_platforms=("cuda",)` runs the whole Pallas -> Triton lowering (block shapes, power-of-2
-tensor sizes, indexing), so a kernel that cannot compile for a GPU fails CI without one.
+tensor sizes, indexing), so a kernel that cannot compile for a GPU fails CI without one; the TPU
+lowering checks block shapes, memory spaces and the Mosaic lowering (not the TPU compiler).
 """
 
 from __future__ import annotations
@@ -66,15 +68,12 @@ def test_feature_size_without_a_block_is_refused():
     jax.jit(pallas.gather_decode).trace(*args)
 
 
-TPU_CASES = {name: CASES[name] for name in pallas.TPU_PRIMITIVES}
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("name", sorted(TPU_CASES))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_lowers_for_tpu_to_mosaic(name, dtype):
-  """The TPU primitives lower through Mosaic: block shapes, SMEM/ANY memory spaces, DMAs. (Not
+  """Every primitive lowers for TPU through Mosaic: block shapes, SMEM/ANY memory spaces, DMAs. (Not
   Mosaic's own layout passes or the TPU compile, which need a TPU.)"""
-  fn, args, static = TPU_CASES[name]
+  fn, args, static = CASES[name]
   args = _as(dtype, args)
   lowered = (jax.jit(lambda *a: fn(*a, backend="tpu", **static)).trace(*args)
              .lower(lowering_platforms=("tpu",)))

@@ -15,8 +15,6 @@ from jax.experimental.pallas import triton as plgpu
 
 # Backends with a compiled kernel for every primitive: Triton on GPU, Mosaic on TPU.
 BACKENDS = ("gpu", "tpu")
-TPU_PRIMITIVES = ("clt_decode", "clt_gather_dot", "clt_scatter_outer", "gather_decode",
-                  "gather_dot", "scatter_outer", "top_k")
 
 
 def target(interpret: bool, backend: str | None) -> str:
