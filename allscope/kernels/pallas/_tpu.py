@@ -1,10 +1,11 @@
-"""The TPU side of the row-gather kernels: table rows come from HBM by DMA, not by BlockSpec.
+"""The TPU (Mosaic) side of the kernels: data-dependent rows come from HBM by DMA.
 
 A BlockSpec can fetch one data-dependent block per grid step (one row: far too many steps), so
-the table stays in HBM (`memory_space=pl.ANY`) and each program starts one DMA per (token, slot)
-into a VMEM buffer [C, BB, D] laid out slot-major, so that slot c's rows for the BB tokens are
-one (BB, D) tile for the vector units. All DMAs share one semaphore: each wait consumes one
-row's worth.
+tables, index lists and sorted pair lists stay in HBM (`memory_space=pl.ANY`). `gather_rows`
+starts one DMA per (token, slot) into a VMEM buffer [C, BB, D] laid out slot-major, so that slot
+c's rows for the BB tokens are one (BB, D) tile for the vector units; `segment_rows` is the
+sort-based scatter's walk over sorted pairs. DMAs share one semaphore: each wait consumes one
+copy's worth. The row buffer is C * BB * D elements of VMEM (4.7 MB at C = 64, D = 2304).
 """
 
 from __future__ import annotations
