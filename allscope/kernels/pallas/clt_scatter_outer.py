@@ -1,0 +1,109 @@
+"""clt_scatter_outer: out[n, p(s, t)] = sum over (b, j) with indices[s, b, j] == n of
+values[s, b, j] * g[b, t] (d w_dec of `clt_decode`).
+
+The sort-based segment reduction of `scatter_outer`, per source layer: one batched XLA sort
+orders each source's [B * C] pairs by latent; one program per (latent n, pair p(s, t), d block)
+walks latent n's segment of source s, gathers g[b, t] and writes its output row once. Every
+row of the causal decoder gradient is written exactly once, zeros where no pair touches it.
+GPU: Triton. TPU: Mosaic, a program per latent writing its whole [P, d] block, pair lists and
+g rows by DMA (`_tpu.segment_rows`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from allscope.kernels import clt_layout
+from allscope.kernels.pallas import _common, _segments, _tpu
+from allscope.kernels.pallas.clt_decode import pair
+
+
+def _kernel(src_ref, tgt_ref, starts_ref, pair_ref, val_ref, g_ref, out_ref, *, block_d: int,
+            block_p: int, slots: int):
+  n, p, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(k * block_d, block_d)
+  s, t = src_ref[p], tgt_ref[p]
+  start, end = starts_ref[s, n], starts_ref[s, n + 1]
+
+  def body(q, acc):
+    first = start + q * block_p
+    live = first + jnp.arange(block_p, dtype=jnp.int32) < end
+    b = pair_ref[s, pl.ds(first, block_p)] // slots
+    val = jnp.where(live, val_ref[s, pl.ds(first, block_p)].astype(jnp.float32), 0.0)
+    contrib = val[:, None] * g_ref[b, t, cols].astype(jnp.float32)
+    return acc + jnp.sum(jnp.where(live[:, None], contrib, 0.0), axis=0)
+
+  trips = (end - start + block_p - 1) // block_p
+  acc = lax.fori_loop(0, trips, body, jnp.zeros((block_d,), jnp.float32))
+  out_ref[...] = acc
+
+
+def _tpu_kernel(starts_hbm, pair_hbm, val_hbm, g_hbm, out_ref, starts_smem, pair_smem,
+                val_smem, buf_ref, sem, *, block_p: int, slots: int, num_layers: int):
+  n = pl.program_id(0)  # one latent: its [P, d] output block is whole in the last two dims
+
+  def source(s, carry):
+    _tpu.copy_now(starts_hbm.at[s, pl.ds(n, 2)], starts_smem, sem)
+
+    def target(t, carry):
+      def store(r, acc):
+        out_ref[pl.ds(pair(s, t, num_layers), 1), :] = acc
+
+      _tpu.segment_rows(starts_smem, pair_hbm, val_hbm, pair_smem, val_smem, buf_ref, sem,
+                        block_n=1, block_p=block_p, slots=slots, lead=s,
+                        src_row=lambda b: g_hbm.at[t, pl.ds(b, 1)], store=store)
+      return carry
+
+    return lax.fori_loop(s, num_layers, target, carry)
+
+  lax.fori_loop(0, num_layers, source, 0)
+
+
+def _tpu_call(indices, values, g, num_rows: int, interpret: bool, block_p: int):
+  num_layers, batch, slots = indices.shape
+  dim = g.shape[2]
+  starts, pairs, vals = _segments.plan(indices.reshape(num_layers, -1),
+                                       values.reshape(num_layers, -1).astype(jnp.float32),
+                                       num_rows, block_p)
+  num_pairs = clt_layout.num_pairs(num_layers)
+  return pl.pallas_call(
+      functools.partial(_tpu_kernel, block_p=block_p, slots=slots, num_layers=num_layers),
+      out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),
+      grid=(num_rows,),
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 4,
+      out_specs=pl.BlockSpec((None, num_pairs, dim), lambda n: (n, 0, 0)),
+      scratch_shapes=_tpu.segment_scratch(1, block_p, dim, g.dtype),
+      compiler_params=_common.tpu_params(1),
+      interpret=_common.interpret_mode(interpret, "tpu"),
+  )(starts, pairs, vals, jnp.swapaxes(g, 0, 1))  # g as [L, B, d]: g[:, t] rows by DMA
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("num_rows", "interpret", "block_d", "block_p", "backend"))
+def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int, *,
+                      interpret: bool = False, block_d: int = 128,
+                      block_p: int = 16, backend: str | None = None) -> jax.Array:
+  """indices [L, B, C] int32, values [L, B, C], g [B, L, d] -> float32 [num_rows, P, d]."""
+  if _common.target(interpret, backend) == "tpu":
+    return _tpu_call(indices, values, g, num_rows, interpret, block_p)
+  num_layers, batch, slots = indices.shape
+  dim = g.shape[2]
+  bd = _common.feature_block(dim, block_d, interpret, "clt_scatter_outer")
+  starts, pairs, vals = _segments.plan(indices.reshape(num_layers, -1),
+                                       values.reshape(num_layers, -1), num_rows, block_p)
+  sources, targets = (jnp.asarray(a) for a in clt_layout.pair_layers(num_layers))
+  num_pairs = clt_layout.num_pairs(num_layers)
+  return pl.pallas_call(
+      functools.partial(_kernel, block_d=bd, block_p=block_p, slots=slots),
+      out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),
+      grid=(num_rows, num_pairs, dim // bd),
+      in_specs=[pl.BlockSpec()] * 6,
+      out_specs=pl.BlockSpec((None, None, bd), lambda n, p, k: (n, p, k)),
+      compiler_params=_common.compiler_params(interpret, num_warps=2),
+      interpret=interpret,
+  )(sources, targets, starts, pairs, vals, g)

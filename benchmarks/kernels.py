@@ -1,0 +1,211 @@
+"""The kernel seam's primitives, Pallas against XLA against the hardware floor.
+
+For every primitive it times the Pallas kernel (GPU: Triton, TPU: Mosaic; elsewhere the column
+is skipped) and the XLA version
+(`allscope.kernels.xla` when present, else the plain gather / segment-sum / `lax.top_k`
+baselines below), and prints the floor: the bytes the primitive must move divided by
+the measured memory bandwidth of this device (a large elementwise copy). The dense encoder
+product x @ w_enc at the same shape is printed for context: every primitive should cost well
+under it.
+
+  python benchmarks/kernels.py            # real shapes: SAE B=4096 C=64 F=65536 D=2304,
+                                          # CLT L=18 F=8192 d=640 (GPU; tens of GB on CPU)
+  python benchmarks/kernels.py --quick    # small shapes, minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from allscope.kernels import clt_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  batch: int
+  slots: int
+  rows: int  # SAE latents F
+  dim: int  # SAE model width D
+  k: int
+  layers: int  # CLT
+  clt_rows: int
+  clt_dim: int
+
+
+FULL = Shapes(batch=4096, slots=64, rows=65536, dim=2304, k=64, layers=18, clt_rows=8192,
+              clt_dim=640)
+QUICK = Shapes(batch=512, slots=32, rows=8192, dim=256, k=32, layers=4, clt_rows=1024,
+               clt_dim=128)
+
+
+# Plain XLA baselines, used when allscope.kernels.xla is not in this checkout.
+def _gather_decode(indices, values, table):
+  return jnp.einsum("bc,bcd->bd", values.astype(jnp.float32), table[indices].astype(jnp.float32))
+
+
+def _gather_dot(indices, g, table):
+  return jnp.einsum("bd,bcd->bc", g.astype(jnp.float32), table[indices].astype(jnp.float32))
+
+
+def _scatter_outer(indices, values, src, num_rows):
+  contrib = values.astype(jnp.float32)[:, :, None] * src.astype(jnp.float32)[:, None, :]
+  return jax.ops.segment_sum(contrib.reshape(-1, src.shape[1]), indices.reshape(-1),
+                             num_segments=num_rows)
+
+
+def _clt_rows(w_dec, indices, s):
+  num_layers = indices.shape[0]
+  off = clt_layout.pair_offset(s, num_layers)
+  return w_dec[indices[s]][:, :, off:off + num_layers - s].astype(jnp.float32)  # [B, C, L-s, d]
+
+
+def _clt_decode(indices, values, w_dec):
+  num_layers = indices.shape[0]
+  out = jnp.zeros((indices.shape[1], num_layers, w_dec.shape[2]), jnp.float32)
+  for s in range(num_layers):
+    part = jnp.einsum("bc,bctd->btd", values[s].astype(jnp.float32), _clt_rows(w_dec, indices, s))
+    out = out.at[:, s:].add(part)
+  return out
+
+
+def _clt_gather_dot(indices, g, w_dec):
+  return jnp.stack([
+      jnp.einsum("btd,bctd->bc", g[:, s:].astype(jnp.float32), _clt_rows(w_dec, indices, s))
+      for s in range(indices.shape[0])])
+
+
+def _clt_scatter_outer(indices, values, g, num_rows):
+  num_layers = indices.shape[0]
+  parts = [_scatter_outer(indices[s], values[s], g[:, s:].reshape(g.shape[0], -1), num_rows)
+           .reshape(num_rows, num_layers - s, g.shape[2]) for s in range(num_layers)]
+  return jnp.concatenate(parts, axis=1)
+
+
+LOCAL_XLA = dict(gather_decode=_gather_decode, gather_dot=_gather_dot,
+                 scatter_outer=_scatter_outer, top_k=lambda x, k: tuple(lax.top_k(x, k)),
+                 clt_decode=_clt_decode, clt_gather_dot=_clt_gather_dot,
+                 clt_scatter_outer=_clt_scatter_outer)
+
+
+def xla_ops() -> tuple[str, dict[str, Callable]]:
+  try:
+    from allscope.kernels import xla
+  except ImportError:
+    return "plain XLA baselines (allscope.kernels.xla absent)", LOCAL_XLA
+  return "allscope.kernels.xla", {name: getattr(xla, name) for name in LOCAL_XLA}
+
+
+def _time(fn, args, n: int) -> float:
+  """Median seconds of n calls (after a compile-and-warm-up call)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bandwidth(n: int, mib: int) -> float:
+  """Bytes/s of a large in-place elementwise op (read + write): the practical memory floor."""
+  step = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)  # donated: no fresh pages per call
+  x = jax.block_until_ready(step(jnp.ones((mib << 20) // 4, jnp.float32)))
+  nbytes = 2 * x.nbytes
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    x = jax.block_until_ready(step(x))
+    times.append(time.perf_counter() - t)
+  return nbytes / float(np.median(times))
+
+
+def cases(sh: Shapes, dtype):
+  """(name, shape label, args, static kwargs, bytes the primitive must move)."""
+  key = iter(jax.random.split(jax.random.key(0), 16))
+  e = jnp.dtype(dtype).itemsize
+  b, c, f, d = sh.batch, sh.slots, sh.rows, sh.dim
+  el, fc, dc = sh.layers, sh.clt_rows, sh.clt_dim
+  p = clt_layout.num_pairs(el)
+  idx = jax.random.randint(next(key), (b, c), 0, f, jnp.int32)
+  val = jax.random.normal(next(key), (b, c), dtype)
+  table = jax.random.normal(next(key), (f, d), dtype)
+  src = jax.random.normal(next(key), (b, d), dtype)
+  pre = jax.random.normal(next(key), (b, f), dtype)
+  cidx = jax.random.randint(next(key), (el, b, c), 0, fc, jnp.int32)
+  cval = jax.random.normal(next(key), (el, b, c), dtype)
+  w_dec = jax.random.normal(next(key), (fc, p, dc), dtype)
+  g = jax.random.normal(next(key), (b, el, dc), dtype)
+  sae = f"B={b} C={c} F={f} D={d}"
+  clt = f"L={el} B={b} C={c} F={fc} d={dc}"
+  rows, crows = b * c * d * e, b * c * p * dc * e  # gathered rows: the bulk of every primitive
+  return [
+      ("gather_decode", sae, (idx, val, table), {}, rows + b * d * 4),
+      ("gather_dot", sae, (idx, src, table), {}, rows + b * d * e + b * c * 4),
+      ("scatter_outer", sae, (idx, val, src), {"num_rows": f}, rows + f * d * 4),
+      ("top_k", f"B={b} N={f} k={sh.k}", (pre,), {"k": sh.k}, b * f * e),
+      ("clt_decode", clt, (cidx, cval, w_dec), {}, crows + b * el * dc * 4),
+      ("clt_gather_dot", clt, (cidx, g, w_dec), {}, crows + b * el * dc * e + el * b * c * 4),
+      ("clt_scatter_outer", clt, (cidx, cval, g), {"num_rows": fc}, crows + fc * p * dc * 4),
+  ]
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  ap.add_argument("--iters", type=int, default=5, help="timed calls per cell (median)")
+  ap.add_argument("--only", nargs="*", help="primitive names to run")
+  args = ap.parse_args()
+  sh = QUICK if args.quick else FULL
+  dtype = jnp.dtype(args.dtype)
+  dev = jax.devices()[0]
+  backend = jax.default_backend()
+  has_pallas = backend in ("gpu", "tpu")
+  xla_name, xla = xla_ops()
+  pallas = None
+  if has_pallas:
+    from allscope.kernels import pallas
+  bw = bandwidth(args.iters, 256 if args.quick else 2048)
+  x = jax.random.normal(jax.random.key(1), (sh.batch, sh.dim), dtype)
+  w = jax.random.normal(jax.random.key(2), (sh.dim, sh.rows), dtype)
+  gemm = _time(jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)),
+               (x, w), args.iters)
+  del x, w
+  print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.dtype} inputs, XLA column: "
+        f"{xla_name}, Pallas: "
+        f"{dict(gpu='Triton', tpu='Mosaic').get(backend, 'skipped (no accelerator)')}")
+  print(f"measured bandwidth {bw / 1e9:.0f} GB/s; encoder GEMM x @ w_enc "
+        f"[{sh.batch}, {sh.dim}] x [{sh.dim}, {sh.rows}]: {1e3 * gemm:.3f} ms")
+  head = (f"{'primitive':<18} {'shape':<28} {'GB':>6} {'floor ms':>9} {'xla ms':>9} "
+          f"{'pallas ms':>9} {'xla/floor':>9} {'pal/floor':>9} {'xla/pal':>7} {'xla/gemm':>8} "
+          f"{'pal/gemm':>8}")
+  print(head)
+  print("-" * len(head))
+  for name, label, inputs, static, nbytes in cases(sh, dtype):
+    if args.only and name not in args.only:
+      continue
+    floor = nbytes / bw
+    t_xla = _time(jax.jit(lambda *a, f=xla[name], s=static: f(*a, **s)), inputs, args.iters)
+    cells = [f"{1e3 * t_xla:>9.3f}"]
+    if pallas is not None:
+      fn = getattr(pallas, name)
+      t_pal = _time(jax.jit(lambda *a, f=fn, s=static: f(*a, **s)), inputs, args.iters)
+      cells += [f"{1e3 * t_pal:>9.3f}", f"{t_xla / floor:>9.1f}", f"{t_pal / floor:>9.1f}",
+                f"{t_xla / t_pal:>7.2f}", f"{t_xla / gemm:>8.2f}", f"{t_pal / gemm:>8.2f}"]
+    else:
+      cells += [f"{'-':>9}", f"{t_xla / floor:>9.1f}", f"{'-':>9}", f"{'-':>7}",
+                f"{t_xla / gemm:>8.2f}", f"{'-':>8}"]
+    print(f"{name:<18} {label:<28} {nbytes / 1e9:>6.2f} {1e3 * floor:>9.3f} " + " ".join(cells),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
