@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -124,6 +125,9 @@ def train(cfg: TrainConfig, source: Iterable, norm_scale: Mapping[str, Any],
     checkpoint manager); used by tests.
   """
   cfg.validate()
+  ops = dictionaries.kernel_ops(cfg)  # fails here, before compiling, on Pallas without a kernel
+  logging.getLogger(__name__).info("train: sparse kernels %s (train.kernels=%s, backend %s)",
+                                   ops.name, cfg.kernels, jax.default_backend())
   mesh = mesh_lib.make_mesh(cfg, devices)
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)

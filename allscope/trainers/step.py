@@ -37,8 +37,7 @@ def train_step(cfg: TrainConfig, st: state_lib.State, x: jax.Array, y: jax.Array
   if cfg.decoder_norm == "unit":
     # Remove the gradient component that would only change the decoder rows' norms.
     w = params["w_dec"]
-    axes = (2, 3) if cfg.kind == "clt" else (2,)
-    par = jnp.sum(grads["w_dec"] * w, axis=axes, keepdims=True)
+    par = dictionaries.per_row(dictionaries.latent_sums(grads["w_dec"] * w, cfg), cfg)
     grads = {**grads, "w_dec": grads["w_dec"] - par * w}
   tx = state_lib.optimizer(cfg)
   updates, opt_state = tx.update(grads, st["opt_state"], params)
