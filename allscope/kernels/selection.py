@@ -18,6 +18,23 @@ import jax.numpy as jnp
 from allscope.kernels.dispatch import XLA, Ops
 
 
+def _row_count(x: jax.Array, keep, chunk: int = 1024) -> jax.Array:
+  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x).
+
+  Counted chunk by chunk in a loop: XLA on CPU does not fuse a mask into a long-row reduction,
+  so a plain jnp.sum would materialize an int32 copy of the whole [B, N] mask.
+  """
+  n = x.shape[-1]
+  if n <= chunk or n % chunk:
+    return jnp.sum(keep(x), axis=-1, dtype=jnp.int32)
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=-1)
+    return acc + jnp.sum(keep(part), axis=-1, dtype=jnp.int32)
+
+  return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
+
+
 class Selection(NamedTuple):
   indices: jax.Array  # [B, C] int32
   values: jax.Array  # [B, C], pre-activation at each index, 0 where the slot is unused
@@ -37,9 +54,9 @@ def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> 
   scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
   top, indices = ops.top_k(scores, capacity)
   used = top > -jnp.inf
-  overflow = jnp.sum(jnp.maximum(jnp.sum(keep, axis=-1) - capacity, 0)).astype(jnp.int32)
+  overflow = jnp.sum(jnp.maximum(_row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, indices, axis=-1), 0.0)
-  return Selection(indices, values, overflow, used)
+  return Selection(indices, values, overflow.astype(jnp.int32), used)
 
 
 def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Selection, jax.Array]:
@@ -59,7 +76,8 @@ def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Se
   n = min(k * batch, row_top.size)
   threshold = jnp.sort(row_top.reshape(-1))[row_top.size - n]  # the n-th largest candidate
   used = (row_top >= threshold) & (row_top > 0)
-  overflow = jnp.sum(jnp.maximum(jnp.sum((sg >= threshold) & (sg > 0), axis=-1) - capacity, 0))
+  kept = _row_count(sg, lambda v: (v >= threshold) & (v > 0))
+  overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
   return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold
 

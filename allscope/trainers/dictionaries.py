@@ -147,9 +147,10 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     dead = jnp.zeros(params["b_enc"].shape, bool)
 
   def one(x_g, w_enc, b_enc, thr, dead_g):
-    dense = jnp.matmul(x_g.astype(compute), w_enc.astype(compute),
-                       preferred_element_type=jnp.float32) + b_enc
-    dense = jax.lax.stop_gradient(dense)
+    product = jax.lax.stop_gradient(jnp.matmul(x_g.astype(compute), w_enc.astype(compute),
+                                               preferred_element_type=jnp.float32))
+    b = jax.lax.stop_gradient(b_enc)
+    dense = product + b  # fused into each consumer; only `product` is kept for the AuxK branch
     batch_thr = jnp.zeros((), jnp.float32)
     if cfg.activation == "topk":
       sel = kernels.topk(dense, cfg.k, ops)
@@ -165,7 +166,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       return out
 
     def pick(_):
-      aux = kernels.topk(jnp.where(dead_g[None, :], dense, -jnp.inf), k_aux, ops)
+      aux = kernels.topk(jnp.where(dead_g[None, :], product + b, -jnp.inf), k_aux, ops)
       return aux.indices, aux.values, dead_g[aux.indices]
 
     def none(_):
