@@ -93,11 +93,30 @@ def two_stage_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   return values, indices.astype(jnp.int32)
 
 
-def _clt_rows(w_dec: jax.Array, rows: jax.Array, source: int, n_layers: int) -> jax.Array:
-  """[B] latent rows -> [B, L - s, d]: each latent's window of target rows for source s."""
+def _window_starts(rows: jax.Array, source: int, n_layers: int) -> jax.Array:
   off = clt_layout.offset(source, n_layers)
-  pairs = off + jnp.arange(n_layers - source, dtype=jnp.int32)
-  return w_dec.at[rows[:, None], pairs[None, :]].get(mode="clip").astype(_F32)
+  return jnp.stack([rows, jnp.full_like(rows, off)], axis=1)  # [B, 2]: (latent, first pair)
+
+
+def _clt_rows(w_dec: jax.Array, rows: jax.Array, source: int, n_layers: int) -> jax.Array:
+  """[B] latent rows -> [B, L - s, d]: each latent's window of target rows for source s.
+
+  One gather of contiguous (L - s, d) blocks (w_dec[f, off(s):off(s) + L - s] is contiguous).
+  """
+  dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,),
+                                     start_index_map=(0, 1))
+  return lax.gather(w_dec, _window_starts(rows, source, n_layers), dnums,
+                    slice_sizes=(1, n_layers - source, w_dec.shape[2]),
+                    mode=lax.GatherScatterMode.CLIP).astype(_F32)
+
+
+def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int,
+                  n_layers: int) -> jax.Array:
+  """acc[rows[b], off(s):off(s) + L - s] += upd[b] ([B, L - s, d]), duplicates accumulating."""
+  dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(0,),
+                                      scatter_dims_to_operand_dims=(0, 1))
+  return lax.scatter_add(acc, _window_starts(rows, source, n_layers), upd, dnums,
+                         mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def _check_clt(indices: jax.Array, w_dec_pairs: int) -> int:
@@ -142,11 +161,9 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
   g = g.astype(_F32)
   out = jnp.zeros((num_rows, clt_layout.n_pairs(n_layers), g.shape[2]), _F32)
   for s in range(n_layers):
-    pairs = clt_layout.offset(s, n_layers) + jnp.arange(n_layers - s, dtype=jnp.int32)
-
-    def body(j, acc, s=s, pairs=pairs):
+    def body(j, acc, s=s):
       upd = values[s, :, j, None, None].astype(_F32) * g[:, s:]
-      return acc.at[indices[s, :, j][:, None], pairs[None, :]].add(upd, mode="drop")
+      return _clt_add_rows(acc, indices[s, :, j], upd, s, n_layers)
     out = lax.fori_loop(0, c, body, out)
   return out
 
