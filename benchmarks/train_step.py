@@ -10,7 +10,8 @@ For each shape (d, F), B tokens and k, it times in one run:
             its decoder-gradient projection + torch Adam + unit-norm decoder, on the same device
             (TopK only: sparsify has no BatchTopK or JumpReLU).
 and prints a table of step / floor ratios and allscope's speed-up in tokens/s over sparsify.
-Each time is the best of --steps timed calls after a warm-up (the machine may be shared).
+Each time is the best of --steps rounds that call floor, allscope and sparsify once each in turn
+(after a warm-up), so that load from other processes hits every column alike.
 
   python benchmarks/train_step.py --quick    # d=640, F=16384, TopK only
   python benchmarks/train_step.py            # d=640/F=16384 and d=2304/F=65536, all activations
@@ -34,30 +35,33 @@ SHAPES = ((640, 16384), (2304, 65536))
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 
 
-def _best(fn, n: int, sync=jax.block_until_ready) -> float:
-  """Best seconds of n calls of fn() after one warm-up call."""
-  sync(fn())
-  times = []
+def _interleaved_best(runners: dict, n: int) -> dict[str, float]:
+  """Best seconds of each runner over n rounds; one call of each per round (after a warm-up),
+  so that a load change on a shared machine hits every column alike."""
+  for run, sync in runners.values():
+    sync(run())
+  best = {name: float("inf") for name in runners}
   for _ in range(n):
-    t = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t)
-  return min(times)
+    for name, (run, sync) in runners.items():
+      t = time.perf_counter()
+      sync(run())
+      best[name] = min(best[name], time.perf_counter() - t)
+  return best
 
 
 def _dtype() -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def floor_time(d: int, width: int, tokens: int, n: int) -> float:
+def floor_runner(d: int, width: int, tokens: int):
   dt = jnp.dtype(_dtype())
   x = jax.random.normal(jax.random.key(0), (tokens, d), dt)
   w = jax.random.normal(jax.random.key(1), (d, width), dt)
   mm = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
-  return _best(lambda: mm(x, w), n)
+  return (lambda: mm(x, w)), jax.block_until_ready
 
 
-def allscope_time(d: int, width: int, tokens: int, activation: str, k: int, n: int) -> tuple[float, str]:
+def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int):
   cfg = TrainConfig(kind="sae", activation=activation, layers=(0,), width=width, k=k,
                     target_l0=k, batch_size=tokens, steps=10**6, matmul_dtype=_dtype(),
                     mesh_data=1)
@@ -79,10 +83,10 @@ def allscope_time(d: int, width: int, tokens: int, activation: str, k: int, n: i
     holder["st"], metrics = step(holder["st"], x, x, ones, ones)
     return holder["st"]["step"], metrics
 
-  return _best(run, n), dictionaries.kernel_ops(cfg).name
+  return (run, jax.block_until_ready), dictionaries.kernel_ops(cfg).name
 
 
-def sparsify_time(d: int, width: int, tokens: int, k: int, n: int) -> float | None:
+def sparsify_runner(d: int, width: int, tokens: int, k: int):
   try:
     import torch
     from sparsify.config import SparseCoderConfig
@@ -106,7 +110,7 @@ def sparsify_time(d: int, width: int, tokens: int, k: int, n: int) -> float | No
     sae.set_decoder_norm_to_unit_norm()
 
   sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
-  return _best(run, n, sync)
+  return run, sync
 
 
 def main() -> None:
@@ -127,16 +131,18 @@ def main() -> None:
   print(header)
   print("-" * len(header))
   for d, width in shapes:
-    floor = floor_time(d, width, args.tokens, args.steps)
-    peer = sparsify_time(d, width, args.tokens, args.k, args.steps)
+    peer = sparsify_runner(d, width, args.tokens, args.k)
     for activation in activations:
-      t, kernels = allscope_time(d, width, args.tokens, activation, args.k, args.steps)
-      has_peer = peer is not None and activation == "topk"
+      step, kernels = allscope_runner(d, width, args.tokens, activation, args.k)
+      runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
+      if peer is not None and activation == "topk":
+        runners["sparsify"] = peer
+      best = _interleaved_best(runners, args.steps)
+      floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
       print(f"{d:>5} {width:>6} {activation:>10} {kernels:>8} {1e3 * floor:>9.1f} {1e3 * t:>11.1f} "
-            f"{(f'{1e3 * peer:.1f}' if has_peer else '-'):>11} {t / floor:>14.2f} "
-            f"{(f'{peer / floor:.2f}' if has_peer else '-'):>14} "
-            f"{(f'{peer / t:.2f}x' if has_peer else '-'):>17}", flush=True)
-
+            f"{(f'{1e3 * p:.1f}' if p else '-'):>11} {t / floor:>14.2f} "
+            f"{(f'{p / floor:.2f}' if p else '-'):>14} {(f'{p / t:.2f}x' if p else '-'):>17}",
+            flush=True)
 
 if __name__ == "__main__":
   main()

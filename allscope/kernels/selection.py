@@ -76,7 +76,8 @@ def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Se
   n = min(k * batch, row_top.size)
   threshold = jnp.sort(row_top.reshape(-1))[row_top.size - n]  # the n-th largest candidate
   used = (row_top >= threshold) & (row_top > 0)
-  kept = _row_count(sg, lambda v: (v >= threshold) & (v > 0))
+  # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
+  kept = _row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))
   overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
   return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold
