@@ -63,7 +63,7 @@ def _scatter_outer(indices, values, src, num_rows):
 
 def _clt_rows(w_dec, indices, s):
   num_layers = indices.shape[0]
-  off = clt_layout.pair_offset(s, num_layers)
+  off = clt_layout.offset(s, num_layers)
   return w_dec[indices[s]][:, :, off:off + num_layers - s].astype(jnp.float32)  # [B, C, L-s, d]
 
 
@@ -133,7 +133,7 @@ def cases(sh: Shapes, dtype):
   e = jnp.dtype(dtype).itemsize
   b, c, f, d = sh.batch, sh.slots, sh.rows, sh.dim
   el, fc, dc = sh.layers, sh.clt_rows, sh.clt_dim
-  p = clt_layout.num_pairs(el)
+  p = clt_layout.n_pairs(el)
   idx = jax.random.randint(next(key), (b, c), 0, f, jnp.int32)
   val = jax.random.normal(next(key), (b, c), dtype)
   table = jax.random.normal(next(key), (f, d), dtype)

@@ -1,15 +1,20 @@
 """Sparse kernels behind one seam: selection, sparse encode/decode, CLT decode.
 
-Each function here is the plain-XLA reference with a custom VJP. Pallas versions slot in behind
-these names (dispatch by backend) without changes to the trainers.
+The seam is a few primitives (gather_decode, gather_dot, scatter_outer, top_k, clt_decode,
+clt_gather_dot, clt_scatter_outer) with one XLA implementation (`xla`) and one Pallas
+implementation (`pallas`); `dispatch.resolve` picks one as an `Ops`. The differentiable ops here
+take that `Ops` (default: XLA) and call only its primitives, forward and backward.
 """
 
-from allscope.kernels.clt_decode import causal_mask, clt_decode
+from allscope.kernels import clt_layout
+from allscope.kernels.clt_decode import causal_mask, causal_to_dense, clt_decode, dense_clt_decode
+from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
 from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, topk
 from allscope.kernels.sparse_decode import dense_decode, sparse_decode
-from allscope.kernels.sparse_encode import encoder_grad, sparse_encode
+from allscope.kernels.sparse_encode import encoder_grad, gather_pre, sparse_encode
 
 __all__ = [
-    "Selection", "batchtopk", "causal_mask", "clt_decode", "dense_decode", "encoder_grad",
-    "jumprelu", "relu", "sparse_decode", "sparse_encode", "topk",
+    "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
+    "clt_decode", "clt_layout", "dense_clt_decode", "dense_decode", "encoder_grad", "gather_pre", "jumprelu",
+    "relu", "resolve", "sparse_decode", "sparse_encode", "topk",
 ]

@@ -1,28 +1,66 @@
-"""Cross-layer transcoder decode: every source layer writes to itself and all later layers.
+"""Cross-layer transcoder decode over the causal decoder w_dec [F, P, d] (see clt_layout).
 
-out[b, t] = sum_{s <= t} sum_j v[s, b, j] * w_dec[s, idx[s, b, j], t]. The XLA reference gathers,
-for each source layer, the [L, d] decoder rows of its active latents in one go (the sparse
-decode over the flattened [F, L*d] matrix), masks the earlier target layers and sums over
-sources; its gradient is the sparse decode's custom VJP.
+out[b, t] = sum_{s <= t} sum_j v[s, b, j] w_dec[idx[s, b, j], p(s, t)], with a custom VJP:
+d v = clt_gather_dot(idx, g, w_dec), d w_dec = clt_scatter_outer(idx, v, g, F). Each active
+latent's rows for all its targets are read (and written) once, as one contiguous window.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from allscope.kernels.sparse_decode import sparse_decode
+from allscope.kernels import clt_layout
+from allscope.kernels.dispatch import XLA, Ops
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _clt(ops: Ops, indices, values, w_dec):
+  return ops.clt_decode(indices, values, w_dec)
+
+
+def _fwd(ops, indices, values, w_dec):
+  return ops.clt_decode(indices, values, w_dec), (indices, values, w_dec)
+
+
+def _bwd(ops, res, g):
+  indices, values, w_dec = res
+  dvalues = ops.clt_gather_dot(indices, g, w_dec).astype(values.dtype)
+  dw = ops.clt_scatter_outer(indices, values, g, w_dec.shape[0]).astype(w_dec.dtype)
+  return None, dvalues, dw
+
+
+_clt.defvjp(_fwd, _bwd)
+
+
+def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, ops: Ops = XLA) -> jax.Array:
+  """indices, values [L, B, C]; w_dec [F, L (L + 1) / 2, d] -> [B, L, d] (before b_dec)."""
+  return _clt(ops, indices, values, w_dec)
 
 
 def causal_mask(n_layers: int, dtype=jnp.float32) -> jax.Array:
-  """[source, target] = 1 where target >= source."""
+  """[source, target] = 1 where target >= source (for dense [L, F, L, d] references)."""
   return jnp.triu(jnp.ones((n_layers, n_layers), dtype))
 
 
-def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.Array:
-  """indices, values [L, B, C]; w_dec [L, F, L, d] -> [B, L, d] (before b_dec)."""
-  n_src, width, n_tgt, d = w_dec.shape
-  flat = w_dec.reshape(n_src, width, n_tgt * d)
-  per_source = jax.vmap(sparse_decode)(indices, values, flat).reshape(n_src, -1, n_tgt, d)
-  mask = causal_mask(n_src, per_source.dtype)[:, None, :, None]
-  return jnp.sum(per_source * mask, axis=0)
+def dense_clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.Array:
+  """Reference: expand w_dec to the masked dense [L, F, L, d], then decode every source densely."""
+  n = indices.shape[0]
+  dense = causal_to_dense(w_dec)
+  rows = jnp.arange(indices.shape[1])[:, None]
+  out = 0.0
+  for s in range(n):
+    f = jnp.zeros((indices.shape[1], w_dec.shape[0]), values.dtype).at[rows, indices[s]].add(values[s])
+    out = out + jnp.einsum("bf,ftd->btd", f, dense[s])
+  return out
+
+
+def causal_to_dense(w_dec: jax.Array) -> jax.Array:
+  """[F, P, d] -> [L, F, L, d] with zeros where target < source."""
+  n = clt_layout.n_layers_of(w_dec.shape[1])
+  idx = clt_layout.pair_index(n)  # [L, L], -1 below the diagonal
+  dense = w_dec[:, np.maximum(idx, 0)]  # [F, L, L, d]
+  return jnp.moveaxis(dense * jnp.asarray(idx >= 0, w_dec.dtype)[None, :, :, None], 1, 0)

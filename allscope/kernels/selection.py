@@ -1,11 +1,11 @@
 """Selection: which latents of each row are active, as (indices, values) with a fixed capacity.
 
-Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow)`. `values` hold
-the pre-activations at the chosen indices and 0 in unused slots, `active` marks the used
-slots, `overflow` counts active latents that did not fit in the capacity (0 for TopK). Indices carry no gradient; values
-carry the gradient of a gather (scattered back into `pre`), so every selector is differentiable
-on its own. The trainers take their gradient through `sparse_encode` instead, which never
-builds a dense [B, F] cotangent.
+Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow, active)` and is
+built on the seam's `top_k` (exactly lax.top_k: ties to the lower index). `values` hold the
+pre-activations at the chosen indices and 0 in unused slots, `active` marks the used slots,
+`overflow` counts active latents that did not fit in the capacity (0 for TopK). Indices carry
+no gradient; values carry the gradient of a gather. The trainers pass a pre without gradient
+and take theirs through `sparse_encode`, which never builds a dense [B, F] cotangent.
 """
 
 from __future__ import annotations
@@ -15,6 +15,25 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from allscope.kernels.dispatch import XLA, Ops
+
+
+def _row_count(x: jax.Array, keep, chunk: int = 1024) -> jax.Array:
+  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x).
+
+  Counted chunk by chunk in a loop: XLA on CPU does not fuse a mask into a long-row reduction,
+  so a plain jnp.sum would materialize an int32 copy of the whole [B, N] mask.
+  """
+  n = x.shape[-1]
+  if n <= chunk or n % chunk:
+    return jnp.sum(keep(x), axis=-1, dtype=jnp.int32)
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=-1)
+    return acc + jnp.sum(keep(part), axis=-1, dtype=jnp.int32)
+
+  return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
+
 
 class Selection(NamedTuple):
   indices: jax.Array  # [B, C] int32
@@ -23,46 +42,24 @@ class Selection(NamedTuple):
   active: jax.Array  # [B, C] bool, False in unused slots
 
 
-@jax.custom_vjp
-def _gather_rows(pre: jax.Array, indices: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(pre, indices, axis=-1)
-
-
-def _gather_fwd(pre, indices):
-  return _gather_rows(pre, indices), (indices, pre.shape)
-
-
-def _gather_bwd(res, g):
-  indices, shape = res
-  rows = jnp.arange(shape[0])[:, None]
-  dpre = jnp.zeros(shape, g.dtype).at[rows, indices].add(g)
-  return dpre, None
-
-
-_gather_rows.defvjp(_gather_fwd, _gather_bwd)
-
-
-def topk(pre: jax.Array, k: int) -> Selection:
+def topk(pre: jax.Array, k: int, ops: Ops = XLA) -> Selection:
   """The k largest pre-activations per row (values may be negative; the caller applies ReLU)."""
-  _, indices = jax.lax.top_k(jax.lax.stop_gradient(pre), k)
-  indices = indices.astype(jnp.int32)
-  return Selection(indices, _gather_rows(pre, indices), jnp.zeros((), jnp.int32),
+  _, indices = ops.top_k(jax.lax.stop_gradient(pre), k)
+  return Selection(indices, jnp.take_along_axis(pre, indices, axis=-1), jnp.zeros((), jnp.int32),
                    jnp.ones(indices.shape, bool))
 
 
-def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int) -> Selection:
+def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> Selection:
   """The `capacity` largest kept entries per row; unused slots get value 0."""
-  sg = jax.lax.stop_gradient(pre)
-  scores = jnp.where(keep, sg, -jnp.inf)
-  top, indices = jax.lax.top_k(scores, capacity)
-  indices = indices.astype(jnp.int32)
+  scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
+  top, indices = ops.top_k(scores, capacity)
   used = top > -jnp.inf
-  overflow = jnp.sum(jnp.maximum(jnp.sum(keep, axis=-1) - capacity, 0)).astype(jnp.int32)
-  values = jnp.where(used, _gather_rows(pre, indices), 0.0)
-  return Selection(indices, values, overflow, used)
+  overflow = jnp.sum(jnp.maximum(_row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
+  values = jnp.where(used, jnp.take_along_axis(pre, indices, axis=-1), 0.0)
+  return Selection(indices, values, overflow.astype(jnp.int32), used)
 
 
-def batchtopk(pre: jax.Array, k: int, capacity: int) -> tuple[Selection, jax.Array]:
+def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Selection, jax.Array]:
   """The k*B largest positive pre-activations of the batch, at most `capacity` per row.
 
   Returns the selection and the batch threshold (the smallest selected value), which the
@@ -70,28 +67,33 @@ def batchtopk(pre: jax.Array, k: int, capacity: int) -> tuple[Selection, jax.Arr
   top `capacity` of each row, so the global pass sorts B*C values, not B*F. The result is exact
   when no row holds more than `capacity` of the batch's top k*B (overflow == 0); otherwise the
   threshold comes from the capped candidates and the winners beyond a row's capacity are
-  counted in `overflow`.
+  counted in `overflow`. The selection is then a mask of the row candidates (no second pass
+  over [B, F]).
   """
   sg = jax.lax.stop_gradient(jnp.maximum(pre, 0.0))
-  row_top, _ = jax.lax.top_k(sg, capacity)
+  row_top, row_idx = ops.top_k(sg, capacity)
   batch = pre.shape[0]
   n = min(k * batch, row_top.size)
-  winners, _ = jax.lax.top_k(row_top.reshape(-1), n)
-  threshold = winners[-1]
-  keep = (sg >= threshold) & (sg > 0)
-  return _masked_select(pre, keep, capacity), threshold
+  threshold = jnp.sort(row_top.reshape(-1))[row_top.size - n]  # the n-th largest candidate
+  used = (row_top >= threshold) & (row_top > 0)
+  # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
+  kept = _row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))
+  overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
+  values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
+  return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold
 
 
-def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float = 0.0) -> Selection:
+def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float = 0.0,
+             ops: Ops = XLA) -> Selection:
   """Latents with pre > threshold - window/2, the largest `capacity` per row.
 
   With `window` = the JumpReLU bandwidth, the selection also holds the latents just below their
   threshold, whose pseudo-derivative is non-zero, so the threshold gradient stays sparse.
   """
   keep = jax.lax.stop_gradient(pre) > threshold - 0.5 * window
-  return _masked_select(pre, keep, capacity)
+  return _masked_select(pre, keep, capacity, ops)
 
 
-def relu(pre: jax.Array, capacity: int) -> Selection:
+def relu(pre: jax.Array, capacity: int, ops: Ops = XLA) -> Selection:
   """Positive pre-activations, the largest `capacity` per row."""
-  return _masked_select(pre, jax.lax.stop_gradient(pre) > 0, capacity)
+  return _masked_select(pre, jax.lax.stop_gradient(pre) > 0, capacity, ops)

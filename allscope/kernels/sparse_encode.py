@@ -1,48 +1,61 @@
-"""Sparse encoder: the pre-activations of the selected latents, with a sparse gradient.
+"""Sparse encoder: the selected pre-activations, with a gradient over the active pairs only.
 
-The dense product `pre = x @ w_enc + b_enc` is computed once, outside any gradient, and drives
-the selection. `sparse_encode` then returns pre[b, idx[b, j]] with a custom VJP that updates
-only the active columns: d w_enc[:, f] += x_b * g[b, f] for the selected (b, f) pairs, d b_enc
-by a segment_sum, d x by a gather-dot with the active columns. A Pallas kernel replaces
-`encoder_grad` without touching the callers.
+The dense product `pre = x @ w_enc + b_enc` runs once, without gradient, and drives the
+selection; `sparse_encode` returns its values at the selected indices and a custom VJP:
+  d w_enc = scatter_outer(idx, g, x, F).T     (d w_enc[:, f] += x_b g[b, f], active pairs only)
+  d b_enc = segment_sum(g, idx)
+  d x     = gather_decode(idx, g, w_enc.T)
+so the backward never builds a dense [B, F] cotangent nor runs a second dense GEMM.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-
-def encoder_grad(x: jax.Array, indices: jax.Array, g: jax.Array, width: int) -> jax.Array:
-  """d w_enc [D, F] = sum_b x_b (outer) g[b, :], with g non-zero only at `indices`.
-
-  XLA reference: scatter g into a [B, F] block and one matmul. Sparse in what it reads from g;
-  a kernel walks only the active (b, f) pairs.
-  """
-  rows = jnp.arange(indices.shape[0])[:, None]
-  dense = jnp.zeros((indices.shape[0], width), g.dtype).at[rows, indices].add(g)
-  return x.astype(g.dtype).T @ dense
+from allscope.kernels.dispatch import XLA, Ops
 
 
-@jax.custom_vjp
-def sparse_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, pre: jax.Array,
-                  indices: jax.Array) -> jax.Array:
-  """x [B, D], w_enc [D, F], b_enc [F], pre = x @ w_enc + b_enc [B, F], indices [B, C] -> [B, C]."""
-  del x, w_enc, b_enc
-  return jnp.take_along_axis(pre, indices, axis=-1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _encode(ops: Ops, x, w_enc, b_enc, indices, pre_at):
+  del ops, x, w_enc, b_enc, indices
+  return pre_at
 
 
-def _fwd(x, w_enc, b_enc, pre, indices):
-  return sparse_encode(x, w_enc, b_enc, pre, indices), (x, w_enc, indices, pre.shape)
+def _fwd(ops, x, w_enc, b_enc, indices, pre_at):
+  return pre_at, (x, w_enc, b_enc, indices, pre_at)
 
 
-def _bwd(res, g):
-  x, w_enc, indices, pre_shape = res
+def _bwd(ops, res, g):
+  x, w_enc, b_enc, indices, pre_at = res
   width = w_enc.shape[1]
-  dw = encoder_grad(x, indices, g, width).astype(w_enc.dtype)
-  db = jax.ops.segment_sum(g.reshape(-1), indices.reshape(-1), num_segments=width)
-  dx = jnp.einsum("bc,bcd->bd", g, w_enc.T[indices]).astype(x.dtype)
-  return dx, dw, db.astype(w_enc.dtype), jnp.zeros(pre_shape, g.dtype), None
+  dw = ops.scatter_outer(indices, g, x, width).T.astype(w_enc.dtype)
+  db = jax.ops.segment_sum(g.reshape(-1).astype(jnp.float32), indices.reshape(-1),
+                           num_segments=width).astype(b_enc.dtype)
+  dx = ops.gather_decode(indices, g, w_enc.T).astype(x.dtype)
+  return dx, dw, db, None, jnp.zeros_like(pre_at)
 
 
-sparse_encode.defvjp(_fwd, _bwd)
+_encode.defvjp(_fwd, _bwd)
+
+
+def sparse_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, indices: jax.Array,
+                  pre_at: jax.Array, ops: Ops = XLA) -> jax.Array:
+  """x [B, D], w_enc [D, F], b_enc [F], indices [B, C], pre_at [B, C] -> pre_at.
+
+  pre_at must be (x @ w_enc + b_enc) at `indices` (what the selection returned); it is the
+  forward value, and the gradient flows into x, w_enc and b_enc.
+  """
+  return _encode(ops, x, w_enc, b_enc, indices, pre_at)
+
+
+def gather_pre(pre: jax.Array, indices: jax.Array) -> jax.Array:
+  """pre [B, F] at indices [B, C], without gradient (the input of sparse_encode)."""
+  return jnp.take_along_axis(jax.lax.stop_gradient(pre), indices, axis=-1)
+
+
+def encoder_grad(x: jax.Array, indices: jax.Array, g: jax.Array, width: int, ops: Ops = XLA) -> jax.Array:
+  """d w_enc [D, F] = sum_b x_b (outer) g[b, :], g non-zero only at `indices` (active pairs)."""
+  return ops.scatter_outer(indices, g, x, width).T

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from allscope.kernels.dispatch import CHOICES
+
+KERNELS = CHOICES  # train.kernels
 KINDS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder")
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
 _DEFAULT_SITES = {"sae": ("resid_post", "resid_post"), "crosscoder": ("resid_post", "resid_post"),
@@ -61,6 +64,9 @@ class TrainConfig:
   init_decoder_norm: float = 0.1  # decoder row norm at init (ignored with decoder_norm="unit")
   b_dec_init: Literal["mean", "zero"] = "mean"
   matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+  # Sparse kernels: "auto" = Pallas on GPU/TPU, sparse XLA on CPU; "pallas" or "xla" force one.
+  kernels: Literal["auto", "pallas", "xla"] = "auto"
+  pallas_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
 
   # Mesh: -1 takes the devices left over.
   mesh_data: int = -1
@@ -95,6 +101,8 @@ class TrainConfig:
     return min(max(4 * base, 8), self.width)
 
   def validate(self) -> None:
+    if self.kernels not in KERNELS:
+      raise ValueError(f"train.kernels={self.kernels!r} is unknown; use one of {', '.join(KERNELS)}")
     if self.kind not in KINDS:
       raise ValueError(f"train.kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
     if self.activation not in ACTIVATIONS:

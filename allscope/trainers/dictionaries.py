@@ -8,11 +8,15 @@ crosscoder, which reads all its layers flattened into one input):
   y_g = sum_j f[j] w_dec[g, idx[j]] + b_dec[g]     (kernels.sparse_decode)
         (+ x_g @ w_skip[g] for a skip-transcoder)
 
-A CLT's decoder w_dec [G, F, G, d] writes from source layer s to every target t >= s
-(kernels.clt_decode). Shapes of the parameters:
+A CLT's decoder is stored causally as one w_dec [F, P, d], P = G (G + 1) / 2 (source, target)
+pairs with target >= source (kernels.clt_layout): latent f of source s writes to layer t with
+row w_dec[f, p(s, t)] (kernels.clt_decode). Shapes of the parameters:
 
   w_enc [G, d_in, F]   b_enc [G, F]   log_threshold [G, F] (JumpReLU)
-  w_dec [G, F, d_out] or [G, F, G, d] (CLT)   b_dec [G, d_out]   w_skip [G, d_in, d_out]
+  w_dec [G, F, d_out] or [F, P, d] (CLT)   b_dec [G, d_out]   w_skip [G, d_in, d_out]
+
+Only `x @ w_enc` (and `x @ w_skip`) are dense; every other op runs through the kernel seam
+(`kernel_ops(cfg)`: Pallas or sparse XLA) on the active (row, latent) pairs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from allscope import kernels
+from allscope.kernels import clt_layout
 from allscope.trainers import activations
 from allscope.trainers.config import TrainConfig
 
@@ -38,7 +43,17 @@ class Encoding(NamedTuple):
   fired: jax.Array  # [G, B, C] 1.0 where the latent is active (STE step for JumpReLU)
   overflow: jax.Array  # int32: active latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
-  dense_pre: jax.Array  # [G, B, F] without gradient, for AuxK and calibration
+  # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
+  # from the same dense product (so no [G, B, F] array outlives the encoder); zeros and
+  # aux_ok False while no latent is dead.
+  aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
+  aux_pre: jax.Array | None = None  # [G, B, aux_k] pre-activations at aux_indices, no gradient
+  aux_ok: jax.Array | None = None  # [G, B, aux_k] bool: the slot holds a dead latent
+
+
+def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
+  """The kernel seam implementation for `cfg.kernels` / `cfg.pallas_interpret`."""
+  return kernels.resolve(cfg.kernels, cfg.pallas_interpret)
 
 
 def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
@@ -48,7 +63,7 @@ def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]
   if cfg.kind == "crosscoder":
     d_in, d_out = n_layers * d_in, n_layers * d_out
   out = {"w_enc": (g, d_in, f), "b_enc": (g, f), "b_dec": (g, d_out)}
-  out["w_dec"] = (g, f, g, d_out) if cfg.kind == "clt" else (g, f, d_out)
+  out["w_dec"] = (f, clt_layout.n_pairs(g), d_out) if cfg.kind == "clt" else (g, f, d_out)
   if cfg.activation == "jumprelu":
     out["log_threshold"] = (g, f)
   if cfg.kind == "skip_transcoder":
@@ -62,14 +77,12 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
   k_dec, k_enc = jax.random.split(key)
   g, f = cfg.n_groups, cfg.width
   w_dec = jax.random.normal(k_dec, shp["w_dec"], jnp.float32)
-  if cfg.kind == "clt":
-    w_dec = w_dec * kernels.causal_mask(g)[:, None, :, None]
-  w_dec = w_dec / _expand(decoder_norms(w_dec, cfg), w_dec)
+  w_dec = w_dec / per_row(decoder_norms(w_dec, cfg), cfg)
   if cfg.decoder_norm == "none":
     w_dec = w_dec * cfg.init_decoder_norm
   din_g = shp["w_enc"][1]
   if cfg.kind == "clt" and d_in == d_out:
-    own = w_dec[jnp.arange(g), :, jnp.arange(g), :]  # [G, F, d]: each source's own layer
+    own = jnp.moveaxis(w_dec[:, clt_layout.offsets(g)], 1, 0)  # [G, F, d]: each source's own layer
     w_enc = jnp.swapaxes(own / jnp.linalg.norm(own, axis=-1, keepdims=True), 1, 2)
   elif cfg.kind != "clt" and shp["w_dec"][-1] == din_g:
     w_enc = jnp.swapaxes(w_dec, 1, 2) / (cfg.init_decoder_norm if cfg.decoder_norm == "none" else 1.0)
@@ -84,19 +97,29 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
   return params
 
 
+def latent_sums(a: jax.Array, cfg: TrainConfig) -> jax.Array:
+  """[G, F]: the sum of a decoder-shaped array over each latent's rows (all targets for a CLT)."""
+  rows = jnp.sum(a, axis=-1)
+  if cfg.kind == "clt":  # rows [F, P]: sum the pairs of each source
+    src = clt_layout.pair_source(cfg.n_groups)
+    return jax.ops.segment_sum(rows.T, jnp.asarray(src), num_segments=cfg.n_groups)
+  return rows
+
+
+def per_row(per_latent: jax.Array, cfg: TrainConfig) -> jax.Array:
+  """[G, F] per-latent values broadcast against w_dec ([G, F, 1], or [F, P, 1] for a CLT)."""
+  if cfg.kind == "clt":
+    return per_latent[clt_layout.pair_source(cfg.n_groups)].T[..., None]
+  return per_latent[..., None]
+
+
 def decoder_norms(w_dec: jax.Array, cfg: TrainConfig) -> jax.Array:
   """[G, F] norm of each latent's full decoder row (all targets for a CLT)."""
-  if cfg.kind == "clt":
-    return jnp.sqrt(jnp.sum(jnp.square(w_dec), axis=(2, 3)))
-  return jnp.linalg.norm(w_dec, axis=-1)
-
-
-def _expand(norms: jax.Array, w_dec: jax.Array) -> jax.Array:
-  return norms.reshape(norms.shape + (1,) * (w_dec.ndim - norms.ndim))
+  return jnp.sqrt(latent_sums(jnp.square(w_dec), cfg))
 
 
 def normalize_decoder(w_dec: jax.Array, cfg: TrainConfig) -> jax.Array:
-  return w_dec / jnp.maximum(_expand(decoder_norms(w_dec, cfg), w_dec), 1e-8)
+  return w_dec / jnp.maximum(per_row(decoder_norms(w_dec, cfg), cfg), 1e-8)
 
 
 def prepare(cfg: TrainConfig, x: jax.Array) -> jax.Array:
@@ -106,47 +129,74 @@ def prepare(cfg: TrainConfig, x: jax.Array) -> jax.Array:
   return x
 
 
-def encode(params: Params, cfg: TrainConfig, x: jax.Array) -> Encoding:
-  """x [B, G, d_in] (normalized) -> the sparse code of every group."""
+def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | None = None) -> Encoding:
+  """x [B, G, d_in] (normalized) -> the sparse code of every group.
+
+  With `dead` [G, F] (TopK/BatchTopK), also the AuxK candidates; they are picked only when a
+  latent is dead (lax.cond on one scalar, so the dense [B, F] scores exist once per group).
+  """
+  ops = kernel_ops(cfg)
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1)  # [G, B, d_in]
   threshold = (jnp.exp(params["log_threshold"]) if "log_threshold" in params
                else jnp.zeros(params["b_enc"].shape))
+  k_aux = min(cfg.aux_k, cfg.width) if (
+      dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
+  any_dead = jnp.any(dead) if k_aux else None
+  if dead is None:
+    dead = jnp.zeros(params["b_enc"].shape, bool)
 
-  def one(x_g, w_enc, b_enc, thr):
-    dense = jnp.matmul(x_g.astype(compute), w_enc.astype(compute),
-                       preferred_element_type=jnp.float32) + b_enc
-    dense = jax.lax.stop_gradient(dense)
+  def one(x_g, w_enc, b_enc, thr, dead_g):
+    product = jax.lax.stop_gradient(jnp.matmul(x_g.astype(compute), w_enc.astype(compute),
+                                               preferred_element_type=jnp.float32))
+    b = jax.lax.stop_gradient(b_enc)
+    dense = product + b  # fused into each consumer; only `product` is kept for the AuxK branch
     batch_thr = jnp.zeros((), jnp.float32)
     if cfg.activation == "topk":
-      sel = kernels.topk(dense, cfg.k)
+      sel = kernels.topk(dense, cfg.k, ops)
     elif cfg.activation == "batchtopk":
-      sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots)
+      sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots, ops)
     elif cfg.activation == "jumprelu":
-      sel = kernels.jumprelu(dense, jax.lax.stop_gradient(thr), cfg.slots, cfg.bandwidth)
+      sel = kernels.jumprelu(dense, jax.lax.stop_gradient(thr), cfg.slots, cfg.bandwidth, ops)
     else:
-      sel = kernels.relu(dense, cfg.slots)
-    pre = kernels.sparse_encode(x_g, w_enc, b_enc, dense, sel.indices)
-    return sel.indices, pre, sel.active, sel.overflow, batch_thr, dense
+      sel = kernels.relu(dense, cfg.slots, ops)
+    pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
+    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr)
+    if not k_aux:
+      return out
 
-  idx, pre, active, overflow, batch_thr, dense = jax.vmap(one)(
-      xg, params["w_enc"], params["b_enc"], threshold)
+    def pick(_):
+      aux = kernels.topk(jnp.where(dead_g[None, :], product + b, -jnp.inf), k_aux, ops)
+      return aux.indices, aux.values, dead_g[aux.indices]
+
+    def none(_):
+      shape = (x_g.shape[0], k_aux)
+      return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)
+
+    aux_idx, aux_pre, aux_ok = jax.lax.cond(any_dead, pick, none, None)
+    return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
+
+  res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
+  idx, pre, active, overflow, batch_thr = res[:5]
+  aux = res[5:] if k_aux else (None, None, None)
   if cfg.activation == "jumprelu":
-    thr_sel = jnp.take_along_axis(threshold[:, None, :], idx, axis=-1)
+    thr_sel = jax.vmap(lambda t, i: t[i])(threshold, idx)  # [G, B, C], no [G, B, F] broadcast
     acts = activations.jumprelu(pre, thr_sel, cfg.bandwidth)
     fired = activations.step(pre, thr_sel, cfg.bandwidth) * active
     acts = acts * active
   else:
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
-  return Encoding(idx, pre, acts, fired, jnp.sum(overflow), batch_thr, dense)
+  return Encoding(idx, pre, acts, fired, jnp.sum(overflow), batch_thr, *aux)
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:
   """The latents' contribution [B, G_out, d_out], without b_dec or the skip term."""
+  ops = kernel_ops(cfg)
   if cfg.kind == "clt":
-    return kernels.clt_decode(indices, acts, params["w_dec"])
-  out = jax.vmap(kernels.sparse_decode)(indices, acts, params["w_dec"])  # [G, B, d_out]
+    return kernels.clt_decode(indices, acts, params["w_dec"], ops)
+  out = jax.vmap(lambda i, v, w: kernels.sparse_decode(i, v, w, ops))(
+      indices, acts, params["w_dec"])  # [G, B, d_out]
   return jnp.swapaxes(out, 0, 1)
 
 

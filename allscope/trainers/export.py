@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from allscope.kernels import clt_layout
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.state import TrainState
 
@@ -86,7 +87,8 @@ def release_arrays(cfg: TrainConfig, state: TrainState, norm_scale: Mapping[str,
     arrays = {"w_enc": params["w_enc"][g] * s_in[g], "b_enc": params["b_enc"][g],
               "threshold": _threshold(cfg, params, state, g)}
     if cfg.kind == "clt":
-      arrays["w_dec"] = params["w_dec"][g] / s_out[None, :, None]  # [F, L, d]; zero for t < g
+      # Causal [F, P, d] -> this source's Gemma Scope 2 [F, L, d], zero rows for targets t < g.
+      arrays["w_dec"] = clt_layout.to_dense(params["w_dec"], g) / s_out[None, :, None]
       arrays["b_dec"] = params["b_dec"][g] / s_out[g]
       name = f"clt/layer_{layer}"
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -171,6 +172,9 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   Raises preemption.Preempted after checkpointing on SIGTERM/SIGINT.
   """
   cfg.validate()
+  ops = dictionaries.kernel_ops(cfg)  # fails here, before compiling, on Pallas without a kernel
+  logging.getLogger(__name__).info("train: sparse kernels %s (train.kernels=%s, backend %s)",
+                                   ops.name, cfg.kernels, jax.default_backend())
   if getattr(source, "global_batch", None) != cfg.batch_size:
     raise ValueError(f"the data source serves global batches of "
                      f"{getattr(source, 'global_batch', '?')} rows but train.batch_size="

@@ -35,7 +35,7 @@ def _sq(v: jax.Array) -> jax.Array:
 def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.Array,
             dead: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, G, d_in], y [B, G_out, d_out] (normalized); dead [G, F] bool; scale: sparsity ramp."""
-  enc = dictionaries.encode(params, cfg, x)
+  enc = dictionaries.encode(params, cfg, x, dead)
   y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
   err = _sq(y - y_hat)  # [B, G_out]
   mse = jnp.sum(jnp.mean(err, axis=0))
@@ -68,14 +68,15 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
       metrics["freq_penalty"] = freq_pen
   elif cfg.activation == "relu":
     norms = dictionaries.decoder_norms(params["w_dec"], cfg)  # [G, F]
-    w = jnp.take_along_axis(norms[:, None, :], enc.indices, axis=-1)
+    w = jax.vmap(lambda n, i: n[i])(norms, enc.indices)  # [G, B, C]
     sparsity = cfg.l0_coef * jnp.sum(jnp.mean(jnp.sum(enc.acts * w, axis=-1), axis=-1))
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
   else:
-    # AuxK only matters once latents die; skipping it until then saves its aux_k-wide decode.
+    # AuxK only matters once latents die; skipping it until then saves its aux_k-wide encoder
+    # gradient and decode (both sparse, so the untaken branch costs little memory).
     residual = jax.lax.stop_gradient(y - y_hat)
-    aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual, dead),
+    aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual),
                        lambda p: jnp.zeros((), jnp.float32), params)
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
@@ -87,19 +88,18 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   return loss, (metrics, extras)
 
 
-def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual, dead) -> jax.Array:
-  """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024)."""
-  k_aux = min(cfg.aux_k, cfg.width)
+def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> jax.Array:
+  """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024).
+
+  The candidates come from encode (enc.aux_*); their pre-activations get the sparse encoder
+  gradient and their decode is the same sparse decode as the main one.
+  """
+  ops = dictionaries.kernel_ops(cfg)
   xg = jnp.swapaxes(x, 0, 1)
-
-  def one(x_g, w_enc, b_enc, dense, dead_g):
-    sel = kernels.topk(jnp.where(dead_g[None, :], dense, -jnp.inf), k_aux)
-    pre = kernels.sparse_encode(x_g, w_enc, b_enc, dense, sel.indices)
-    ok = jnp.take_along_axis(jnp.broadcast_to(dead_g, dense.shape), sel.indices, axis=-1)
-    return sel.indices, jnp.where(ok, jax.nn.relu(pre), 0.0)
-
-  idx, acts = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], enc.dense_pre, dead)
-  e_hat = dictionaries.decode_latents(params, cfg, idx, acts)
+  pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops))(
+      xg, params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
+  acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
+  e_hat = dictionaries.decode_latents(params, cfg, enc.aux_indices, acts)
   num = jnp.sum(jnp.square(residual - e_hat))
   den = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0, keepdims=True)))
   return num / jnp.maximum(den, 1e-12)

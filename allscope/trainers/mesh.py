@@ -30,8 +30,14 @@ def make_mesh(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None) -> 
                        devices=np.asarray(devices))
 
 
-def param_spec(name: str, ndim: int) -> P:
-  """Dictionaries on `layer`, latents F on `model`."""
+def param_spec(name: str, ndim: int, kind: str = "sae") -> P:
+  """Dictionaries on `layer`, latents F on `model`.
+
+  A CLT's causal decoder [F, P, d] has no per-dictionary axis (its pairs are ragged per
+  source), so only its latents are sharded (on `model`).
+  """
+  if kind == "clt" and name == "w_dec":
+    return P("model", None, None)
   return {
       "w_enc": P("layer", None, "model"),
       "b_enc": P("layer", "model"),

@@ -63,7 +63,7 @@ def abstract_state(cfg: TrainConfig, params: dictionaries.Params) -> TrainState:
 
 def shardings(cfg: TrainConfig, abstract: TrainState, mesh: Mesh) -> TrainState:
   """A NamedSharding for every leaf: parameters and their Adam moments on (layer, model)."""
-  param_sh = {k: NamedSharding(mesh, mesh_lib.param_spec(k, v.ndim))
+  param_sh = {k: NamedSharding(mesh, mesh_lib.param_spec(k, v.ndim, cfg.kind))
               for k, v in abstract.params.items()}
   rep = mesh_lib.replicated(mesh)
   opt_sh = optax.tree_map_params(optimizer(cfg), lambda _, s: s, abstract.opt_state, param_sh,

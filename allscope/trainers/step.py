@@ -16,7 +16,11 @@ _SATURATE = 1 << 30
 
 
 def _finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  # A NaN or Inf anywhere makes the sum non-finite (finite values near float32's max could
+  # overflow it too; that is a divergence as well). jnp.all(jnp.isfinite(x)) would materialize
+  # a bool copy of every array: XLA on CPU does not fuse an elementwise producer into a reduce.
+  return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
 def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.Array,
@@ -37,8 +41,7 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   if cfg.decoder_norm == "unit":
     # Remove the gradient component that would only change the decoder rows' norms.
     w = params["w_dec"]
-    axes = (2, 3) if cfg.kind == "clt" else (2,)
-    par = jnp.sum(grads["w_dec"] * w, axis=axes, keepdims=True)
+    par = dictionaries.per_row(dictionaries.latent_sums(grads["w_dec"] * w, cfg), cfg)
     grads = {**grads, "w_dec": grads["w_dec"] - par * w}
   tx = state_lib.optimizer(cfg)
   updates, opt_state = tx.update(grads, st.opt_state, params)
@@ -88,3 +91,22 @@ def compile_step(cfg: TrainConfig, mesh: Mesh, state_sh: state_lib.TrainState) -
   fn = lambda st, x, y, ni, no: train_step(cfg, st, x, y, ni, no)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh, rep, rep),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+
+def lower_step(cfg: TrainConfig, d_in: int, d_out: int, mesh: Mesh,
+               dtype=jnp.bfloat16) -> jax.stages.Lowered:
+  """The step lowered on abstract shapes (nothing allocated): for compile-only memory checks.
+
+  `lower_step(...).compile().memory_analysis().temp_size_in_bytes` is what one step needs
+  beyond its arguments and outputs.
+  """
+  abstract_params = jax.eval_shape(
+      lambda: dictionaries.init_params(cfg, d_in, d_out, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda p: state_lib.init_state(cfg, p, jax.random.key(0)),
+                            abstract_params)
+  state_sh = state_lib.shardings(cfg, abstract, mesh)
+  n = len(cfg.layers)
+  x = jax.ShapeDtypeStruct((cfg.batch_size, n, d_in), dtype)
+  y = jax.ShapeDtypeStruct((cfg.batch_size, n, d_out), dtype)
+  norm = jax.ShapeDtypeStruct((n,), jnp.float32)
+  return compile_step(cfg, mesh, state_sh).lower(abstract, x, y, norm, norm)

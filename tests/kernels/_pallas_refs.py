@@ -55,7 +55,7 @@ def clt_gather_dot(indices, g, w_dec):
 def clt_scatter_outer(indices, values, g, num_rows):
   num_layers = indices.shape[0]
   pairs = clt_layout.pair_index(num_layers)
-  out = np.zeros((num_rows, clt_layout.num_pairs(num_layers), g.shape[2]))
+  out = np.zeros((num_rows, clt_layout.n_pairs(num_layers), g.shape[2]))
   for s in range(num_layers):
     for t in range(s, num_layers):
       out[:, pairs[s, t]] = scatter_outer(indices[s], values[s], g[:, t], num_rows)

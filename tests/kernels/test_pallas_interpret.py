@@ -103,7 +103,7 @@ def test_scatter_outer_hot_row(rng):
 def test_clt_decode(rng, dtype):
   idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
   val, val64 = _cast(val, dtype)
-  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), DC)), dtype)
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.n_pairs(L), DC)), dtype)
   out = pallas.clt_decode(idx, val, w, interpret=True, **SMALL)
   assert out.shape == (B, L, DC) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.clt_decode(idx, val64, w64)) <= F32_TOL
@@ -113,7 +113,7 @@ def test_clt_decode(rng, dtype):
 def test_clt_gather_dot(rng, dtype):
   idx, _ = ref.sparse_inputs(rng, B, C, F, lead=(L,))
   g, g64 = _cast(rng.normal(size=(B, L, DC)), dtype)
-  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), DC)), dtype)
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.n_pairs(L), DC)), dtype)
   out = pallas.clt_gather_dot(idx, g, w, interpret=True, **SMALL)
   assert out.shape == (L, B, C) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.clt_gather_dot(idx, g64, w64)) <= F32_TOL
@@ -124,7 +124,7 @@ def test_tpu_clt_kernels(rng, dtype):
   """The Mosaic CLT decode, d values and d w_dec (index/value blocks, pair lists and rows by
   DMA) in the TPU interpreter."""
   idx, val = ref.sparse_inputs(rng, BT, CT, F, lead=(L,))
-  w, w64 = _cast(rng.normal(size=(F, clt_layout.num_pairs(L), 128)), dtype)
+  w, w64 = _cast(rng.normal(size=(F, clt_layout.n_pairs(L), 128)), dtype)
   g = rng.normal(size=(BT, L, 128)).astype(np.float32)
   out = pallas.clt_decode(idx, val, w, interpret=True, backend="tpu")
   assert ref.rel_err(out, ref.clt_decode(idx, val, w64)) <= F32_TOL
@@ -140,7 +140,7 @@ def test_clt_scatter_outer(rng, dtype):
   val, val64 = _cast(val, dtype)
   g, g64 = _cast(rng.normal(size=(B, L, DC)), dtype)
   out = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, block_d=8, block_p=4)
-  assert out.shape == (F, clt_layout.num_pairs(L), DC) and out.dtype == jnp.float32
+  assert out.shape == (F, clt_layout.n_pairs(L), DC) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.clt_scatter_outer(idx, val64, g64, F)) <= F32_TOL
 
 
@@ -249,7 +249,7 @@ def test_sae_primitives_are_adjoint(rng):
 def test_clt_primitives_are_adjoint(rng):
   """The same identities for the causal CLT decoder."""
   idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
-  w = rng.normal(size=(F, clt_layout.num_pairs(L), DC)).astype(np.float32)
+  w = rng.normal(size=(F, clt_layout.n_pairs(L), DC)).astype(np.float32)
   g = rng.normal(size=(B, L, DC)).astype(np.float32)
   decoded = pallas.clt_decode(idx, val, w, interpret=True, **SMALL)
   dots = pallas.clt_gather_dot(idx, g, w, interpret=True, **SMALL)
@@ -300,6 +300,6 @@ def test_kernel_pair_arithmetic_is_the_causal_layout(num_layers):
   want = clt_layout.pair_index(num_layers)
   got = np.asarray(pair(jnp.asarray(s), jnp.asarray(t), num_layers))
   np.testing.assert_array_equal(np.where(t >= s, got, -1), want)
-  sources, targets = clt_layout.pair_layers(num_layers)
-  assert len(sources) == clt_layout.num_pairs(num_layers)
+  sources, targets = clt_layout.pair_source(num_layers), clt_layout.pair_target(num_layers)
+  assert len(sources) == clt_layout.n_pairs(num_layers)
   np.testing.assert_array_equal(want[sources, targets], np.arange(len(sources)))

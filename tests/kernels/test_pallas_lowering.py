@@ -25,7 +25,7 @@ def S(shape, dtype=jnp.bfloat16):
 
 
 I32 = jnp.int32
-P = clt_layout.num_pairs(L)
+P = clt_layout.n_pairs(L)
 CASES = {
     "gather_decode": (pallas.gather_decode, (S((B, C), I32), S((B, C)), S((F, D))), {}),
     "gather_dot": (pallas.gather_dot, (S((B, C), I32), S((B, D)), S((F, D))), {}),

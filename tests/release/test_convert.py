@@ -26,8 +26,6 @@ def _exported(kind, activation, layers=LAYERS):
   params = {k: v + 0.05 * jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
             for k, v in params.items()}
   n = len(layers)
-  if kind == "clt":
-    params["w_dec"] = params["w_dec"] * jnp.triu(jnp.ones((n, n)))[:, None, :, None]
   if "log_threshold" in params:
     params["log_threshold"] = jnp.log(jnp.asarray(rng.uniform(0.05, 0.4, (cfg.n_groups, F)),
                                                   jnp.float32))

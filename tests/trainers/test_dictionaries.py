@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from allscope.kernels import clt_layout
 from allscope.trainers import dictionaries
 from allscope.trainers.config import KINDS, TrainConfig
 
@@ -25,10 +26,10 @@ def test_module_matches_pure_forward_and_initialization_conventions(kind):
   np.testing.assert_array_equal(module(x), want)
   norms = np.asarray(dictionaries.decoder_norms(params["w_dec"], cfg))
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # unit decoder rows
-  if kind == "clt":  # a source layer never writes to earlier layers
+  if kind == "clt":  # causal storage [F, P, d]: rows only for targets at or after the source
     w = np.asarray(params["w_dec"])
-    assert np.all(w[1, :, 0] == 0) and np.all(w[2, :, :2] == 0)
-    own = np.stack([w[g, :, g, :] for g in range(3)])
+    assert w.shape == (32, 6, 12)
+    own = np.stack([w[:, clt_layout.pair_index(3)[g, g], :] for g in range(3)])
     assert np.allclose(np.swapaxes(params["w_enc"], 1, 2),
                        own / np.linalg.norm(own, axis=-1, keepdims=True), atol=1e-6)
   else:

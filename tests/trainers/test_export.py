@@ -17,8 +17,6 @@ def _state(cfg: TrainConfig, rng: np.random.Generator):
   params = dictionaries.init_params(cfg, D, D, jax.random.key(1))
   params = {k: v + 0.05 * jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
             for k, v in params.items()}
-  if cfg.kind == "clt":
-    params["w_dec"] = params["w_dec"] * jnp.triu(jnp.ones((L, L)))[:, None, :, None]
   if "log_threshold" in params:
     params["log_threshold"] = jnp.log(jnp.asarray(rng.uniform(0.05, 0.4, (cfg.n_groups, F)),
                                                   jnp.float32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from allscope.kernels import clt_layout
 from allscope.trainers import TrainConfig, export, synthetic, train
 
 TARGET_L0 = 4
@@ -34,7 +35,8 @@ def _run(tmp_path, kind: str, activation: str, **overrides):
   w_dec = result.params["w_dec"]
   cosines = []
   for layer in range(n_layers):
-    learned = _unit(w_dec[layer].reshape(cfg.width, -1))
+    rows = clt_layout.to_dense(w_dec, layer) if kind == "clt" else w_dec[layer]  # [F, (L,) d]
+    learned = _unit(rows.reshape(cfg.width, -1))
     true = _unit(src.d_out[layer].reshape(64, -1))
     cosines.append(float(np.mean(np.max(true @ learned.T, axis=1))))
   exported_l0 = []

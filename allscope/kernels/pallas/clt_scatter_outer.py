@@ -70,7 +70,7 @@ def _tpu_call(indices, values, g, num_rows: int, interpret: bool, block_p: int):
   starts, pairs, vals = _segments.plan(indices.reshape(num_layers, -1),
                                        values.reshape(num_layers, -1).astype(jnp.float32),
                                        num_rows, block_p)
-  num_pairs = clt_layout.num_pairs(num_layers)
+  num_pairs = clt_layout.n_pairs(num_layers)
   return pl.pallas_call(
       functools.partial(_tpu_kernel, block_p=block_p, slots=slots, num_layers=num_layers),
       out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),
@@ -96,8 +96,8 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
   bd = _common.feature_block(dim, block_d, interpret, "clt_scatter_outer")
   starts, pairs, vals = _segments.plan(indices.reshape(num_layers, -1),
                                        values.reshape(num_layers, -1), num_rows, block_p)
-  sources, targets = (jnp.asarray(a) for a in clt_layout.pair_layers(num_layers))
-  num_pairs = clt_layout.num_pairs(num_layers)
+  sources, targets = jnp.asarray(clt_layout.pair_source(num_layers)), jnp.asarray(clt_layout.pair_target(num_layers))
+  num_pairs = clt_layout.n_pairs(num_layers)
   return pl.pallas_call(
       functools.partial(_kernel, block_d=bd, block_p=block_p, slots=slots),
       out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),

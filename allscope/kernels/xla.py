@@ -1,0 +1,170 @@
+"""The kernel seam's primitives as sparse XLA code (the CPU path and the reference for Pallas).
+
+Every primitive loops over the C slots (`lax.fori_loop`), so one iteration touches one [B, d]
+gather or scatter-add and no [B, C, d] (or [B, C, L*d]) block of gathered rows ever exists.
+Inputs may be float32 or bfloat16; accumulation and outputs are float32. `indices` are valid
+rows (unused slots carry value 0); duplicates are allowed everywhere.
+
+A CLT decoder is stored causally, w_dec [F, P, d] (see clt_layout): latent f of source s owns
+the contiguous rows w_dec[f, off(s) : off(s) + L - s], gathered or scattered as one window.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from allscope.kernels import clt_layout
+
+_F32 = jnp.float32
+# Rows at least this long use the two-stage top-k off CPU, where lax.top_k sorts whole rows for
+# k > 16; on CPU XLA's own TopK is faster than any two-stage form.
+TWO_STAGE_MIN_ROW = 8192
+TWO_STAGE_CHUNK = 1024
+
+
+def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
+  """out[b] = sum_j values[b, j] * table[indices[b, j]]: [B, C], [B, C], [N, D] -> [B, D]."""
+  b, c = indices.shape
+
+  def body(j, acc):
+    rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
+    return acc + values[:, j, None].astype(_F32) * rows
+
+  return lax.fori_loop(0, c, body, jnp.zeros((b, table.shape[1]), _F32))
+
+
+def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
+  """out[b, j] = g[b] . table[indices[b, j]]: [B, C], [B, D], [N, D] -> [B, C]."""
+  b, c = indices.shape
+  g = g.astype(_F32)
+
+  def body(j, acc):
+    rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
+    return lax.dynamic_update_index_in_dim(acc, jnp.sum(g * rows, axis=-1), j, 0)
+
+  return lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T
+
+
+def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
+  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D]."""
+  c = indices.shape[1]
+  src = src.astype(_F32)
+
+  def body(j, acc):
+    return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
+
+  return lax.fori_loop(0, c, body, jnp.zeros((num_rows, src.shape[1]), _F32))
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exactly `lax.top_k(x, k)` (ties to the lower index), indices int32.
+
+  Long rows off CPU take the exact two-stage form (two_stage_top_k).
+  """
+  if x.shape[-1] >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4 and jax.default_backend() != "cpu":
+    return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
+  values, indices = lax.top_k(x, k)
+  return values, indices.astype(jnp.int32)
+
+
+def two_stage_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Per-chunk top-k candidates, then the top k of the candidates: the same result as lax.top_k.
+
+  Exact: an element among a row's k winners (ordered by value, then lower index) has fewer than
+  k elements beating it in its own chunk, so it is a candidate. Ties: candidates lie chunk by
+  chunk and, within a chunk, equal values by ascending index, so the second lax.top_k (lower
+  position wins) prefers the lower original index, as lax.top_k does. Padding is -inf at the
+  end of the row, behind every real element in that order.
+  """
+  n = x.shape[-1]
+  if k > chunk:
+    raise ValueError(f"two_stage_top_k: k={k} exceeds the chunk {chunk}")
+  lead = x.shape[:-1]
+  n_chunks = -(-n // chunk)
+  pad = n_chunks * chunk - n
+  if pad:
+    x = jnp.concatenate([x, jnp.full(lead + (pad,), -jnp.inf, x.dtype)], axis=-1)
+  cand_v, cand_i = lax.top_k(x.reshape(lead + (n_chunks, chunk)), k)
+  cand_i = cand_i + (jnp.arange(n_chunks, dtype=jnp.int32) * chunk)[:, None]
+  values, pos = lax.top_k(cand_v.reshape(lead + (n_chunks * k,)), k)
+  indices = jnp.take_along_axis(cand_i.reshape(lead + (n_chunks * k,)), pos, axis=-1)
+  return values, indices.astype(jnp.int32)
+
+
+def _window_starts(rows: jax.Array, source: int, n_layers: int) -> jax.Array:
+  off = clt_layout.offset(source, n_layers)
+  return jnp.stack([rows, jnp.full_like(rows, off)], axis=1)  # [B, 2]: (latent, first pair)
+
+
+def _clt_rows(w_dec: jax.Array, rows: jax.Array, source: int, n_layers: int) -> jax.Array:
+  """[B] latent rows -> [B, L - s, d]: each latent's window of target rows for source s.
+
+  One gather of contiguous (L - s, d) blocks (w_dec[f, off(s):off(s) + L - s] is contiguous).
+  """
+  dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,),
+                                     start_index_map=(0, 1))
+  return lax.gather(w_dec, _window_starts(rows, source, n_layers), dnums,
+                    slice_sizes=(1, n_layers - source, w_dec.shape[2]),
+                    mode=lax.GatherScatterMode.CLIP).astype(_F32)
+
+
+def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int,
+                  n_layers: int) -> jax.Array:
+  """acc[rows[b], off(s):off(s) + L - s] += upd[b] ([B, L - s, d]), duplicates accumulating."""
+  dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(0,),
+                                      scatter_dims_to_operand_dims=(0, 1))
+  return lax.scatter_add(acc, _window_starts(rows, source, n_layers), upd, dnums,
+                         mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _check_clt(indices: jax.Array, w_dec_pairs: int) -> int:
+  n_layers = indices.shape[0]
+  if clt_layout.n_pairs(n_layers) != w_dec_pairs:
+    raise ValueError(f"clt: {n_layers} source layers need w_dec [F, {clt_layout.n_pairs(n_layers)}, d] "
+                     f"(causal pairs), got {w_dec_pairs} pairs")
+  return n_layers
+
+
+def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.Array:
+  """out[b, t] = sum_{s <= t} sum_j values[s, b, j] w_dec[indices[s, b, j], p(s, t)] -> [B, L, d]."""
+  n_layers = _check_clt(indices, w_dec.shape[1])
+  b, c = indices.shape[1:]
+  out = jnp.zeros((b, n_layers, w_dec.shape[2]), _F32)
+  for s in range(n_layers):
+    def body(j, acc, s=s):
+      rows = _clt_rows(w_dec, indices[s, :, j], s, n_layers)
+      return acc + values[s, :, j, None, None].astype(_F32) * rows
+    part = lax.fori_loop(0, c, body, jnp.zeros((b, n_layers - s, w_dec.shape[2]), _F32))
+    out = out.at[:, s:].add(part)
+  return out
+
+
+def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array) -> jax.Array:
+  """out[s, b, j] = sum_{t >= s} g[b, t] . w_dec[indices[s, b, j], p(s, t)] -> [L, B, C]."""
+  n_layers = _check_clt(indices, w_dec.shape[1])
+  b, c = indices.shape[1:]
+  g = g.astype(_F32)
+  out = []
+  for s in range(n_layers):
+    def body(j, acc, s=s):
+      rows = _clt_rows(w_dec, indices[s, :, j], s, n_layers)
+      return lax.dynamic_update_index_in_dim(acc, jnp.sum(g[:, s:] * rows, axis=(1, 2)), j, 0)
+    out.append(lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T)
+  return jnp.stack(out)
+
+
+def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
+  """out[n, p(s, t)] = sum_{(b, j): indices[s, b, j] = n} values[s, b, j] g[b, t] -> [F, P, d]."""
+  n_layers, _, c = indices.shape
+  g = g.astype(_F32)
+  out = jnp.zeros((num_rows, clt_layout.n_pairs(n_layers), g.shape[2]), _F32)
+  for s in range(n_layers):
+    def body(j, acc, s=s):
+      upd = values[s, :, j, None, None].astype(_F32) * g[:, s:]
+      return _clt_add_rows(acc, indices[s, :, j], upd, s, n_layers)
+    out = lax.fori_loop(0, c, body, out)
+  return out
+
+

@@ -1,0 +1,63 @@
+"""Compiled temporary memory of one train step against its [L, B, F] float32 pre-activations.
+
+Compile only (nothing is allocated): the step is lowered on abstract shapes at Gemma 3 270M
+all-layer sizes (18 layers, d=640, B=4096 tokens) and XLA's buffer assignment is read
+(`memory_analysis().temp_size_in_bytes`). Per-layer kinds use F=16384 per layer, a CLT F=8192 per
+layer (configs/train_clt_270m.py), a crosscoder one F=16384 dictionary over all 18 layers
+(its pre-activations are [1, B, F], so its parameters dominate the ratio).
+
+  python benchmarks/step_memory.py           # every kind, TopK and JumpReLU (+ BatchTopK, ReLU
+                                             #   for transcoders)
+  python benchmarks/step_memory.py --quick   # the issue's three rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+from allscope.trainers import mesh as mesh_lib, step
+from allscope.trainers.config import TrainConfig
+
+D, B, LAYERS = 640, 4096, 18
+QUICK = (("transcoder", "topk"), ("transcoder", "jumprelu"), ("clt", "topk"))
+FULL = (("sae", "topk"), ("sae", "jumprelu"), ("transcoder", "topk"), ("transcoder", "batchtopk"),
+        ("transcoder", "jumprelu"), ("transcoder", "relu"), ("skip_transcoder", "topk"),
+        ("skip_transcoder", "jumprelu"), ("clt", "topk"), ("clt", "jumprelu"),
+        ("crosscoder", "topk"), ("crosscoder", "jumprelu"))
+
+
+def measure(kind: str, activation: str, kernels: str) -> tuple[TrainConfig, object, float]:
+  width = 8192 if kind == "clt" else 16384
+  cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(LAYERS)), width=width,
+                    k=64, target_l0=64, batch_size=B, mesh_data=1, kernels=kernels)
+  mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
+  t = time.perf_counter()
+  mem = step.lower_step(cfg, D, D, mesh).compile().memory_analysis()
+  return cfg, mem, time.perf_counter() - t
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="TopK/JumpReLU transcoders and the TopK CLT")
+  ap.add_argument("--kernels", default="auto", choices=("auto", "xla", "pallas"))
+  args = ap.parse_args()
+  print(f"backend {jax.default_backend()}, Gemma 3 270M: {LAYERS} layers, d={D}, B={B}, k / target "
+        f"L0 64, kernels={args.kernels}")
+  header = (f"{'kind':>15} {'activation':>10} {'F':>6} {'capacity':>8} {'[L,B,F] GiB':>11} "
+            f"{'temp GiB':>9} {'temp/pre':>8} {'params+opt GiB':>14} {'compile s':>9}")
+  print(header)
+  print("-" * len(header))
+  gib = float(1 << 30)
+  for kind, activation in (QUICK if args.quick else FULL):
+    cfg, mem, secs = measure(kind, activation, args.kernels)
+    pre = cfg.n_groups * cfg.batch_size * cfg.width * 4
+    print(f"{kind:>15} {activation:>10} {cfg.width:>6} {cfg.slots:>8} {pre / gib:>11.2f} "
+          f"{mem.temp_size_in_bytes / gib:>9.2f} {mem.temp_size_in_bytes / pre:>8.2f} "
+          f"{mem.argument_size_in_bytes / gib:>14.2f} {secs:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

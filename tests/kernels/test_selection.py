@@ -1,0 +1,68 @@
+"""Selectors over the seam's top_k: TopK, BatchTopK, JumpReLU (with window), ReLU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allscope import kernels
+
+B, F, C = 32, 96, 6
+
+
+def test_topk_selection_and_ties(rng):
+  pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
+  sel = kernels.topk(pre, C)
+  want = np.sort(np.asarray(pre), axis=1)[:, ::-1][:, :C]
+  assert np.array_equal(np.asarray(sel.values), want)
+  assert sel.indices.dtype == jnp.int32
+  assert int(sel.overflow) == 0 and bool(np.all(sel.active))
+  g = jnp.asarray(rng.standard_normal((B, C)), jnp.float32)
+  dpre = jax.vjp(lambda p: kernels.topk(p, C).values, pre)[1](g)[0]
+  ref = np.zeros((B, F))
+  np.put_along_axis(ref, np.asarray(sel.indices), np.asarray(g), axis=1)
+  assert np.array_equal(np.asarray(dpre), ref)
+  tied = jnp.asarray(rng.integers(0, 3, (B, F)), jnp.float32)  # ties go to the lower index
+  np.testing.assert_array_equal(np.asarray(kernels.topk(tied, C).indices),
+                                np.argsort(-np.asarray(tied), axis=1, kind="stable")[:, :C])
+
+
+def test_jumprelu_selection_keeps_window_and_counts_overflow(rng):
+  pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
+  thr = jnp.asarray(rng.uniform(1.0, 2.0, F), jnp.float32)
+  window = 0.4
+  keep = np.asarray(pre) > np.asarray(thr) - window / 2
+  sel = kernels.jumprelu(pre, thr, F, window)
+  got = np.zeros((B, F), bool)
+  rows = np.arange(B)[:, None]
+  got[rows, np.asarray(sel.indices)] |= np.asarray(sel.active)
+  assert np.array_equal(got, keep) and int(sel.overflow) == 0
+  assert np.all(np.asarray(sel.values)[~np.asarray(sel.active)] == 0)
+  small = kernels.jumprelu(pre, thr, 2, window)
+  assert int(small.overflow) == int(np.maximum(keep.sum(1) - 2, 0).sum()) > 0
+
+
+def test_batchtopk_selection_matches_global_threshold(rng):
+  pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
+  k = 4
+  sel, thr = kernels.batchtopk(pre, k, capacity=F)
+  relu = np.maximum(np.asarray(pre), 0)
+  want_thr = np.sort(relu.ravel())[::-1][k * B - 1]
+  assert float(thr) == want_thr
+  assert int(np.asarray(sel.active).sum()) == k * B
+  assert np.allclose(np.sort(np.asarray(sel.values)[np.asarray(sel.active)]),
+                     np.sort(relu[relu >= want_thr]))
+  # With rows capped below their share, the threshold comes from the capped candidates and
+  # every winner beyond a row's capacity is counted as overflow.
+  capped, capped_thr = kernels.batchtopk(pre, k, capacity=k)
+  per_row = (relu >= float(capped_thr)).sum(1)
+  assert float(capped_thr) <= want_thr
+  assert int(capped.overflow) == int(np.maximum(per_row - k, 0).sum()) > 0
+  assert np.array_equal(np.asarray(capped.active).sum(1), np.minimum(per_row, k))
+
+
+def test_relu_selection(rng):
+  pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
+  sel = kernels.relu(pre, F)
+  assert int(np.asarray(sel.active).sum()) == int((np.asarray(pre) > 0).sum())

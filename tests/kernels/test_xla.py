@@ -1,0 +1,139 @@
+"""The XLA seam primitives against float64 numpy, forward and VJP, with duplicates, empty slots
+and ragged capacity; top_k (plain and two-stage) against lax.top_k, ties included."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from allscope.kernels import clt_layout, xla
+from tests.kernels.conftest import ragged_values, rel, sparse_indices
+
+B, C, N, D = 24, 7, 40, 12
+TOL = 1e-5
+
+
+def np_gather_decode(idx, v, table):
+  return np.einsum("bc,bcd->bd", v.astype(np.float64), table.astype(np.float64)[idx])
+
+
+def np_scatter_outer(idx, v, src, n):
+  out = np.zeros((n, src.shape[1]))
+  np.add.at(out, idx.reshape(-1), (v[:, :, None].astype(np.float64) * src[:, None, :]).reshape(-1, src.shape[1]))
+  return out
+
+
+def np_clt_decode(idx, v, w_dec):
+  n_layers = idx.shape[0]
+  out = np.zeros((idx.shape[1], n_layers, w_dec.shape[2]))
+  p = clt_layout.pair_index(n_layers)
+  for s in range(n_layers):
+    for t in range(s, n_layers):
+      out[:, t] += np.einsum("bc,bcd->bd", v[s].astype(np.float64), w_dec[:, p[s, t]].astype(np.float64)[idx[s]])
+  return out
+
+
+def _inputs(rng, dtype=np.float32):
+  idx = sparse_indices(rng, B, C, N)
+  v = ragged_values(rng, B, C)
+  table = rng.standard_normal((N, D)).astype(np.float32)
+  return idx, jnp.asarray(v, dtype), jnp.asarray(table, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_decode(rng, dtype):
+  idx, v, table = _inputs(rng, dtype)
+  got = xla.gather_decode(jnp.asarray(idx), v, table)
+  assert got.dtype == jnp.float32 and got.shape == (B, D)
+  want = np_gather_decode(idx, np.asarray(v, np.float64), np.asarray(table, np.float64))
+  assert rel(got, want) <= TOL
+
+
+def test_gather_dot_and_scatter_outer_are_the_vjp_of_gather_decode(rng):
+  idx, v, table = _inputs(rng)
+  g = rng.standard_normal((B, D)).astype(np.float32)
+  want_dv = np.einsum("bd,bcd->bc", g.astype(np.float64), np.asarray(table, np.float64)[idx])
+  want_dt = np_scatter_outer(idx, np.asarray(v), g, N)
+  assert rel(xla.gather_dot(jnp.asarray(idx), jnp.asarray(g), table), want_dv) <= TOL
+  assert rel(xla.scatter_outer(jnp.asarray(idx), v, jnp.asarray(g), N), want_dt) <= TOL
+  # and jax.vjp of the forward (autodiff through the loop) agrees with them
+  _, vjp = jax.vjp(lambda v, t: xla.gather_decode(jnp.asarray(idx), v, t), v, table)
+  dv, dt = vjp(jnp.asarray(g))
+  assert rel(dv, want_dv) <= TOL and rel(dt, want_dt) <= TOL
+
+
+def test_scatter_outer_many_duplicates(rng):
+  idx = rng.integers(0, 3, (B, C)).astype(np.int32)  # every row hits the same 3 rows
+  v = ragged_values(rng, B, C)
+  src = rng.standard_normal((B, D)).astype(np.float32)
+  got = xla.scatter_outer(jnp.asarray(idx), jnp.asarray(v), jnp.asarray(src), N)
+  assert rel(got, np_scatter_outer(idx, v, src, N)) <= TOL
+  assert not np.any(np.asarray(got)[3:])
+
+
+@pytest.mark.parametrize("n_layers", [1, 3, 5])
+def test_clt_primitives_match_numpy_and_masked_dense(rng, n_layers):
+  f, d = 16, 6
+  p = clt_layout.n_pairs(n_layers)
+  idx = np.stack([sparse_indices(rng, B, C, f) for _ in range(n_layers)])
+  v = np.stack([ragged_values(rng, B, C) for _ in range(n_layers)])
+  w = rng.standard_normal((f, p, d)).astype(np.float32)
+  g = rng.standard_normal((B, n_layers, d)).astype(np.float32)
+  ji, jv, jw, jg = map(jnp.asarray, (idx, v, w, g))
+  want = np_clt_decode(idx, v, w)
+  assert rel(xla.clt_decode(ji, jv, jw), want) <= TOL
+  # VJP: d values and d w_dec by float64 autodiff-free formulas over the dense masked layout
+  dense = np.zeros((n_layers, f, n_layers, d))
+  pi = clt_layout.pair_index(n_layers)
+  for s in range(n_layers):
+    for t in range(s, n_layers):
+      dense[s, :, t] = w[:, pi[s, t]]
+  want_dv = np.stack([np.einsum("btd,bctd->bc", g[:, :], dense[s][idx[s]]) for s in range(n_layers)])
+  want_dw_dense = np.zeros_like(dense)
+  for s in range(n_layers):
+    np.add.at(want_dw_dense[s], idx[s].reshape(-1),
+              (v[s][:, :, None, None] * g[:, None]).reshape(-1, n_layers, d))
+  want_dw = np.concatenate([want_dw_dense[s][:, s:] for s in range(n_layers)], axis=1)
+  assert rel(xla.clt_gather_dot(ji, jg, jw), want_dv) <= TOL
+  assert rel(xla.clt_scatter_outer(ji, jv, jg, f), want_dw) <= TOL
+  np.testing.assert_array_equal(clt_layout.from_dense(dense), w)
+  for s in range(n_layers):
+    np.testing.assert_array_equal(clt_layout.to_dense(w, s), dense[s])
+
+
+def test_clt_layout_pairs():
+  n = 4
+  pi = clt_layout.pair_index(n)
+  flat = [(s, t) for s in range(n) for t in range(s, n)]
+  assert [pi[s, t] for s, t in flat] == list(range(clt_layout.n_pairs(n)))
+  assert list(clt_layout.pair_source(n)) == [s for s, _ in flat]
+  assert list(clt_layout.pair_target(n)) == [t for _, t in flat]
+  assert clt_layout.n_layers_of(10) == 4
+  with pytest.raises(ValueError, match="L \\(L \\+ 1\\) / 2"):
+    clt_layout.n_layers_of(11)
+
+
+def _tied_rows(rng, b, n):
+  """Rows with many ties: a few distinct values (and -inf) over long rows."""
+  levels = np.array([-np.inf, -1.0, 0.0, 0.5, 2.0, 3.0], np.float32)
+  return levels[rng.integers(0, len(levels), (b, n))]
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 17, 64), (4096, 64, 256), (300, 300, 512), (513, 8, 8)])
+def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, n, k, chunk):
+  for x in (_tied_rows(rng, 16, n), rng.standard_normal((16, n)).astype(np.float32)):
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+    got_v, got_i = xla.two_stage_top_k(jnp.asarray(x), k, chunk)
+    assert got_i.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+
+
+def test_top_k_is_lax_top_k(rng):
+  x = jnp.asarray(_tied_rows(rng, 8, 20000))
+  for k in (1, 64):
+    got, want = xla.top_k(x, k), jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
