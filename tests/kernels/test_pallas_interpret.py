@@ -185,6 +185,19 @@ def test_top_k_falls_back_when_a_chunk_overflows(rng):
   np.testing.assert_array_equal(values, want_v)
 
 
+def test_top_k_under_vmap_folds_the_mapped_axis_into_rows(rng):
+  """A vmapped top_k (one dictionary per layer) is one call over all rows: its fallback stays a
+  real lax.cond on one scalar, not a select that would run the full lax.top_k every time."""
+  x = rng.normal(size=(3, B, NX)).astype(np.float32)
+  fn = jax.vmap(lambda a: pallas.top_k(a, K, interpret=True, **TOPK_SMALL))
+  values, indices = fn(x)
+  want_v, want_i = lax.top_k(x, K)
+  np.testing.assert_array_equal(indices, want_i)
+  np.testing.assert_array_equal(values, want_v)
+  jaxpr = str(jax.make_jaxpr(fn)(x))
+  assert "cond[" in jaxpr and jaxpr.count("pallas_call") == 1
+
+
 def test_top_k_masked_rows_with_fewer_than_k_finite(rng):
   """A masked selector's scores: few finite entries, the rest -inf. Rows with fewer than k
   finite scores end with the lowest-index -inf entries, exactly, and without the fallback."""

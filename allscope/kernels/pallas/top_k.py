@@ -72,7 +72,6 @@ def _kernel(x_ref, val_ref, idx_ref, *, chunk: int, m: int, n: int):
   idx_ref[...] = out_i
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "chunk", "rows", "backend"))
 def top_k(x: jax.Array, k: int, *, interpret: bool = False, chunk: int = 256, rows: int = 8,
           backend: str | None = None) -> tuple[jax.Array, jax.Array]:
   """x [B, N] -> (values [B, k] in x's dtype, indices [B, k] int32), as `lax.top_k`.
@@ -80,13 +79,38 @@ def top_k(x: jax.Array, k: int, *, interpret: bool = False, chunk: int = 256, ro
   GPU: Triton; TPU: Mosaic (the same kernel body; blocks of at least (16, 256), which the (8, 128)
   tiling and bf16's (16, 128) packing both accept). `backend` overrides jax.default_backend().
   """
-  if not 0 < k <= x.shape[1]:
-    raise ValueError(f"top_k: k={k} must be in [1, N={x.shape[1]}]")
-  staged = two_stage(x, k, interpret=interpret, chunk=chunk, rows=rows, backend=backend)
-  if staged is None:
-    return tuple(lax.top_k(x, k))  # too small to split
-  values, indices, overflow = staged
-  return lax.cond(overflow, lambda: tuple(lax.top_k(x, k)), lambda: (values, indices))
+  if not 0 < k <= x.shape[-1]:
+    raise ValueError(f"top_k: k={k} must be in [1, N={x.shape[-1]}]")
+  return _rows_top_k(k, interpret, chunk, rows, backend)(x)
+
+
+@functools.cache
+def _rows_top_k(k: int, interpret: bool, chunk: int, rows: int, backend: str | None):
+  """The jitted [B, N] top-k, batched by folding any vmapped axes into the rows.
+
+  Under a plain vmap, the fallback's `lax.cond` on a batched predicate would become a select
+  that always runs the full `lax.top_k`; folding the vmapped axes into B keeps one scalar
+  predicate, so the fallback still costs only when taken.
+  """
+
+  @jax.custom_batching.custom_vmap
+  @jax.jit
+  def rows_top_k(x):
+    staged = two_stage(x, k, interpret=interpret, chunk=chunk, rows=rows, backend=backend)
+    if staged is None:
+      return tuple(lax.top_k(x, k))  # too small to split
+    values, indices, overflow = staged
+    return lax.cond(overflow, lambda: tuple(lax.top_k(x, k)), lambda: (values, indices))
+
+  @rows_top_k.def_vmap
+  def _fold(axis_size, in_batched, x):
+    if not in_batched[0]:
+      return rows_top_k(x), (False, False)
+    values, indices = rows_top_k(x.reshape(-1, x.shape[-1]))
+    shape = (axis_size,) + x.shape[1:-1] + (k,)
+    return (values.reshape(shape), indices.reshape(shape)), (True, True)
+
+  return rows_top_k
 
 
 def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
