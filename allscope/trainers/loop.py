@@ -236,8 +236,8 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
       mngr.wait_until_finished()
       good = checkpoint.latest_step(mngr)
       where = f"step {good} in {out / 'checkpoints'}" if good is not None else "none saved"
-      raise TrainingDiverged(f"training stopped at step {bad + 1}: {cause}; the state was not "
-                             f"updated by it; last good checkpoint: {where}")
+      raise TrainingDiverged(f"training stopped at step {bad + 1}: {cause}; nothing from it was "
+                             f"saved; last good checkpoint: {where}")
 
   try:
     with preemption.Guard() as guard:

@@ -27,9 +27,10 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
                norm_in: jax.Array, norm_out: jax.Array) -> tuple[state_lib.TrainState, dict]:
   """One update. x [B, L, d_in], y [B, L, d_out] raw (any float dtype); norm_* [L] scalars.
 
-  A step whose input, loss or update is not finite leaves the state unchanged and records the
+  A step whose input, loss or gradient is not finite leaves the state unchanged and records the
   step and cause in bad_step/bad_cause, so the host can stop with a clear message at its next
-  check and no checkpoint ever holds a non-finite value.
+  check; an update that overflows (finite gradient, non-finite parameters) is recorded the same
+  way. The loop checks before every save, so no checkpoint ever holds a non-finite value.
   """
   x = dictionaries.prepare(cfg, x.astype(jnp.float32) * norm_in[None, :, None])
   y = dictionaries.prepare(cfg, y.astype(jnp.float32) * norm_out[None, :, None])
@@ -38,18 +39,32 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   scale = losses.sparsity_scale(cfg, st.step)
   grad_fn = jax.grad(losses.loss_fn, has_aux=True)
   grads, (metrics, extras) = grad_fn(params, cfg, x, y, dead, scale)
-  if cfg.decoder_norm == "unit":
-    # Remove the gradient component that would only change the decoder rows' norms.
-    w = params["w_dec"]
-    par = dictionaries.per_row(dictionaries.latent_sums(grads["w_dec"] * w, cfg), cfg)
-    grads = {**grads, "w_dec": grads["w_dec"] - par * w}
-  tx = state_lib.optimizer(cfg)
-  updates, opt_state = tx.update(grads, st.opt_state, params)
-  if "log_threshold" in updates and cfg.threshold_lr_multiple != 1.0:
-    updates = {**updates, "log_threshold": updates["log_threshold"] * cfg.threshold_lr_multiple}
-  new_params = optax.apply_updates(params, updates)
-  if cfg.decoder_norm == "unit":
-    new_params["w_dec"] = dictionaries.normalize_decoder(new_params["w_dec"], cfg)
+
+  ok_in = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
+  ok_loss = jnp.isfinite(metrics["loss"])
+  ok_grad = jnp.isfinite(optax.tree.norm(grads))  # finite gradients keep Adam's moments finite
+  good = ok_in & ok_loss & ok_grad & (st.bad_step < 0)
+
+  def update(_):
+    g = grads
+    if cfg.decoder_norm == "unit":
+      # Remove the gradient component that would only change the decoder rows' norms.
+      w = params["w_dec"]
+      par = dictionaries.per_row(dictionaries.latent_sums(g["w_dec"] * w, cfg), cfg)
+      g = {**g, "w_dec": g["w_dec"] - par * w}
+    tx = state_lib.optimizer(cfg)
+    updates, opt_state = tx.update(g, st.opt_state, params)
+    if "log_threshold" in updates and cfg.threshold_lr_multiple != 1.0:
+      updates = {**updates, "log_threshold": updates["log_threshold"] * cfg.threshold_lr_multiple}
+    new_params = optax.apply_updates(params, updates)
+    if cfg.decoder_norm == "unit":
+      new_params["w_dec"] = dictionaries.normalize_decoder(new_params["w_dec"], cfg)
+    return new_params, opt_state
+
+  # A branch, not a select between old and new: the update runs in place on the donated state
+  # and a skipped step copies nothing (a select would read both and write every array again).
+  new_params, opt_state = jax.lax.cond(good, update, lambda _: (params, st.opt_state), None)
+  ok_params = _finite(new_params)  # an update can still overflow (a huge learning rate)
 
   batch = x.shape[0]
   fired = jax.vmap(lambda i, v: jax.ops.segment_max(v.reshape(-1), i.reshape(-1),
@@ -61,15 +76,12 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
                         0.99 * st.batch_thr + 0.01 * extras["batch_threshold"])
   l0 = jnp.where(first, metrics["l0_per_group"], 0.99 * st.l0 + 0.01 * metrics["l0_per_group"])
 
-  ok_in = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
-  ok_loss = jnp.isfinite(metrics["loss"])
-  ok_update = _finite(new_params) & _finite(opt_state)
-  cause = jnp.where(~ok_in, 1, jnp.where(~ok_loss, 2, jnp.where(~ok_update, 3, 0)))
-  good = (cause == 0) & (st.bad_step < 0)
+  cause = jnp.where(~ok_in, 1, jnp.where(~ok_loss, 2, jnp.where(~(ok_grad & ok_params), 3, 0)))
+  good = good & ok_params
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(good, a, b), new, old)
   new = state_lib.TrainState(
-      params=keep(new_params, params),
-      opt_state=keep(opt_state, st.opt_state),
+      params=new_params,
+      opt_state=opt_state,
       step=st.step + good.astype(jnp.int32),
       rng=keep(jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st.rng))[0]),
                st.rng),
