@@ -138,7 +138,9 @@ def cases(sh: Shapes, dtype):
   val = jax.random.normal(next(key), (b, c), dtype)
   table = jax.random.normal(next(key), (f, d), dtype)
   src = jax.random.normal(next(key), (b, d), dtype)
-  pre = jax.random.normal(next(key), (b, f), dtype)
+  # Pre-activations are the encoder product's float32 output; drawn in float32 (jax.random's
+  # bfloat16 normals have a heavily tied tail, which sends every row to top_k's exact fallback).
+  pre = jax.random.normal(next(key), (b, f), jnp.float32)
   cidx = jax.random.randint(next(key), (el, b, c), 0, fc, jnp.int32)
   cval = jax.random.normal(next(key), (el, b, c), dtype)
   w_dec = jax.random.normal(next(key), (fc, p, dc), dtype)
@@ -150,7 +152,7 @@ def cases(sh: Shapes, dtype):
       ("gather_decode", sae, (idx, val, table), {}, rows + b * d * 4),
       ("gather_dot", sae, (idx, src, table), {}, rows + b * d * e + b * c * 4),
       ("scatter_outer", sae, (idx, val, src), {"num_rows": f}, rows + f * d * 4),
-      ("top_k", f"B={b} N={f} k={sh.k}", (pre,), {"k": sh.k}, b * f * e),
+      ("top_k", f"B={b} N={f} k={sh.k}", (pre,), {"k": sh.k}, b * f * 4),
       ("clt_decode", clt, (cidx, cval, w_dec), {}, crows + b * el * dc * 4),
       ("clt_gather_dot", clt, (cidx, g, w_dec), {}, crows + b * el * dc * e + el * b * c * 4),
       ("clt_scatter_outer", clt, (cidx, cval, g), {"num_rows": fc}, crows + fc * p * dc * 4),
