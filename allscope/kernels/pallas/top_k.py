@@ -100,7 +100,7 @@ def _rows_top_k(k: int, interpret: bool, chunk: int, rows: int, backend: str | N
     if staged is None:
       return tuple(lax.top_k(x, k))  # too small to split
     values, indices, overflow = staged
-    return lax.cond(overflow, lambda: tuple(lax.top_k(x, k)), lambda: (values, indices))
+    return lax.cond(overflow, lambda: _blockwise_top_k(x, k), lambda: (values, indices))
 
   @rows_top_k.def_vmap
   def _fold(axis_size, in_batched, x):
@@ -111,6 +111,16 @@ def _rows_top_k(k: int, interpret: bool, chunk: int, rows: int, backend: str | N
     return (values.reshape(shape), indices.reshape(shape)), (True, True)
 
   return rows_top_k
+
+
+def _blockwise_top_k(x: jax.Array, k: int, rows: int = 256) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k a block of rows at a time: the fallback's sort buffers are one block, not x.
+
+  `lax.cond` reserves memory for both branches, so a whole-array sort here would cost two
+  copies of x in every step's temporaries even though it almost never runs.
+  """
+  values, indices = lax.map(lambda row: lax.top_k(row, k), x, batch_size=min(rows, x.shape[0]))
+  return values, indices.astype(jnp.int32)
 
 
 def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
