@@ -10,7 +10,7 @@ import pytest
 
 import allscope.release as rel
 from allscope.release import ReleaseConfig
-from allscope.trainers import dictionaries, export
+from allscope.trainers import dictionaries, export, state as state_lib
 from allscope.trainers.config import TrainConfig
 
 from .reference import ref_clt, ref_decode, ref_encode, rel_err
@@ -29,8 +29,9 @@ def _exported(kind, activation, layers=LAYERS):
   if "log_threshold" in params:
     params["log_threshold"] = jnp.log(jnp.asarray(rng.uniform(0.05, 0.4, (cfg.n_groups, F)),
                                                   jnp.float32))
-  state = {"params": params, "l0": jnp.arange(cfg.n_groups, dtype=jnp.float32) + 3.0,
-           "batch_thr": jnp.full((cfg.n_groups,), 0.2)}
+  state = state_lib.init_state(cfg, params, jax.random.key(0)).replace(
+      l0=jnp.arange(cfg.n_groups, dtype=jnp.float32) + 3.0,
+      batch_thr=jnp.full((cfg.n_groups,), 0.2))
   site_in, site_out = cfg.sites
   norm = {site_in: rng.uniform(0.2, 3.0, n), site_out: rng.uniform(0.2, 3.0, n)}
   return export.release_arrays(cfg, state, norm)
