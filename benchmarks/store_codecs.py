@@ -142,7 +142,8 @@ def main() -> None:
       if os.path.exists(out):
         import shutil
         shutil.rmtree(out)
-      result = train(cfg, st.loader(args.batch, (site,), layers, seed=0), norm, out, progress=False)
+      result = train(cfg, st.global_batches(args.batch, (site,), layers, seed=0), norm, out,
+                     progress=False)
       x = held_x[site] * norm[site][None, :, None]
       recon, _ = dictionaries.forward({k: jnp.asarray(v) for k, v in result.params.items()}, cfg,
                                       jnp.asarray(x))
