@@ -2,8 +2,7 @@
 
 For every primitive it times the Pallas kernel (GPU: Triton, TPU: Mosaic; elsewhere the column
 is skipped) and the XLA version
-(`allscope.kernels.xla` when present, else the plain gather / segment-sum / `lax.top_k`
-baselines below), and prints the floor: the bytes the primitive must move divided by
+(`allscope.kernels.xla`), and prints the floor: the bytes the primitive must move divided by
 the measured memory bandwidth of this device (a large elementwise copy). The dense encoder
 product x @ w_enc at the same shape is printed for context: every primitive should cost well
 under it.
@@ -23,9 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from allscope.kernels import clt_layout
+from allscope.kernels import clt_layout, dispatch, xla as xla_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,61 +44,8 @@ QUICK = Shapes(batch=512, slots=32, rows=8192, dim=256, k=32, layers=4, clt_rows
                clt_dim=128)
 
 
-# Plain XLA baselines, used when allscope.kernels.xla is not in this checkout.
-def _gather_decode(indices, values, table):
-  return jnp.einsum("bc,bcd->bd", values.astype(jnp.float32), table[indices].astype(jnp.float32))
-
-
-def _gather_dot(indices, g, table):
-  return jnp.einsum("bd,bcd->bc", g.astype(jnp.float32), table[indices].astype(jnp.float32))
-
-
-def _scatter_outer(indices, values, src, num_rows):
-  contrib = values.astype(jnp.float32)[:, :, None] * src.astype(jnp.float32)[:, None, :]
-  return jax.ops.segment_sum(contrib.reshape(-1, src.shape[1]), indices.reshape(-1),
-                             num_segments=num_rows)
-
-
-def _clt_rows(w_dec, indices, s):
-  num_layers = indices.shape[0]
-  off = clt_layout.offset(s, num_layers)
-  return w_dec[indices[s]][:, :, off:off + num_layers - s].astype(jnp.float32)  # [B, C, L-s, d]
-
-
-def _clt_decode(indices, values, w_dec):
-  num_layers = indices.shape[0]
-  out = jnp.zeros((indices.shape[1], num_layers, w_dec.shape[2]), jnp.float32)
-  for s in range(num_layers):
-    part = jnp.einsum("bc,bctd->btd", values[s].astype(jnp.float32), _clt_rows(w_dec, indices, s))
-    out = out.at[:, s:].add(part)
-  return out
-
-
-def _clt_gather_dot(indices, g, w_dec):
-  return jnp.stack([
-      jnp.einsum("btd,bctd->bc", g[:, s:].astype(jnp.float32), _clt_rows(w_dec, indices, s))
-      for s in range(indices.shape[0])])
-
-
-def _clt_scatter_outer(indices, values, g, num_rows):
-  num_layers = indices.shape[0]
-  parts = [_scatter_outer(indices[s], values[s], g[:, s:].reshape(g.shape[0], -1), num_rows)
-           .reshape(num_rows, num_layers - s, g.shape[2]) for s in range(num_layers)]
-  return jnp.concatenate(parts, axis=1)
-
-
-LOCAL_XLA = dict(gather_decode=_gather_decode, gather_dot=_gather_dot,
-                 scatter_outer=_scatter_outer, top_k=lambda x, k: tuple(lax.top_k(x, k)),
-                 clt_decode=_clt_decode, clt_gather_dot=_clt_gather_dot,
-                 clt_scatter_outer=_clt_scatter_outer)
-
-
 def xla_ops() -> tuple[str, dict[str, Callable]]:
-  try:
-    from allscope.kernels import xla
-  except ImportError:
-    return "plain XLA baselines (allscope.kernels.xla absent)", LOCAL_XLA
-  return "allscope.kernels.xla", {name: getattr(xla, name) for name in LOCAL_XLA}
+  return "allscope.kernels.xla", {name: getattr(xla_kernels, name) for name in dispatch.PRIMITIVES}
 
 
 def _time(fn, args, n: int) -> float:
