@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from allscope.models import ModelConfig
-from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store
+from allscope import files
+from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store, worker
 from allscope.pipelines.config import CorpusConfig, HarvestConfig
 from tests.pipelines.helpers import all_rows, file_digests
 
@@ -179,7 +180,7 @@ def test_two_worker_processes_write_a_byte_identical_store(reference, gemma270m,
 
 def test_a_finished_store_is_returned_without_work(reference, gemma270m, monkeypatch):
   root, manifest, _ = reference
-  monkeypatch.setattr(job, "load_model", lambda cfg: pytest.fail("model loaded"))
+  monkeypatch.setattr(worker, "load_model", lambda *a: pytest.fail("model loaded"))
   again, counters = _run(gemma270m, BASE, root)
   assert again == manifest and counters == {}
 
@@ -266,7 +267,7 @@ def test_bad_input_fails_before_the_model_loads(gemma270m, tmp_path, monkeypatch
     change["corpus"] = dataclasses.replace(
         corpus_cfg, path=corpus_cfg.path.format(empty=tmp_path / "empty"),
         data_dir=corpus_cfg.data_dir.format(empty=tmp_path / "empty"))
-  monkeypatch.setattr(job, "load_model", lambda cfg: pytest.fail("model loaded"))
+  monkeypatch.setattr(worker, "load_model", lambda *a: pytest.fail("model loaded"))
   with pytest.raises(HarvestError, match=message):
     _run(gemma270m, dataclasses.replace(BASE, **change), tmp_path / "out")
   assert not (tmp_path / "out").exists()
@@ -275,13 +276,12 @@ def test_bad_input_fails_before_the_model_loads(gemma270m, tmp_path, monkeypatch
 def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tmp_path,
                                                        monkeypatch):
   root, manifest, _ = reference
-  real = store._Committer.scratch
-  # /dev/full answers every write with ENOSPC: a real disk-full at the filesystem boundary.
-  monkeypatch.setattr(store._Committer, "scratch", lambda self, rel: "/dev/full"
-                      if rel == "mlp_out/layer_3/shard_00002.array_record" else real(self, rel))
-  discard = store._Committer.discard
-  monkeypatch.setattr(store._Committer, "discard",
-                      lambda self, tmp: tmp != "/dev/full" and discard(self, tmp))
+  # A temporary name that is a link to /dev/full makes the kernel answer ENOSPC: a real
+  # disk-full at the filesystem boundary.
+  os.symlink("/dev/full", tmp_path / "dev_full")
+  real = files._temporary_name
+  monkeypatch.setattr(files, "_temporary_name", lambda path: str(tmp_path / "dev_full")
+                      if path.endswith("mlp_out/layer_3/shard_00002.array_record") else real(path))
   out = tmp_path / "full"
   with pytest.raises(Exception, match="No space left on device") as info:
     _run(gemma270m, BASE, out)
