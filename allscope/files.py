@@ -3,8 +3,8 @@
 Every stage writes through `atomic_write`: the bytes go to a temporary name beside the final one
 (`.<name>.tmp-<hex>`, hidden, so listings and releases skip it), are fsynced, and are renamed
 into place, so a name that exists is complete. The temporary file is created with mode 0o666 and
-the kernel applies the umask (mkstemp would give 0600, unreadable to colleagues on a shared
-filesystem). Remote destinations (`gs://...`, any fsspec URL) are written to local scratch and
+the kernel applies the umask; a writer that replaces it (safetensors writes 0600) gets that mode
+back before the rename (mkstemp's 0600 left releases unreadable to colleagues). Remote destinations (`gs://...`, any fsspec URL) are written to local scratch and
 uploaded in one put: object stores have no partial objects.
 
 This module is a leaf: it imports nothing from allscope, so every stage may use it.
@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -143,9 +144,13 @@ def _temporary_name(path: str) -> str:
   return os.path.join(folder, f".{name}{_TMP}{uuid.uuid4().hex}")
 
 
-def _new_file(path: str) -> None:
-  """Creates an empty file with mode 0o666 minus the umask (writers that reopen it keep it)."""
-  os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+def _new_file(path: str) -> int:
+  """Creates an empty file with mode 0o666 minus the umask; returns that mode."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+  try:
+    return stat.S_IMODE(os.fstat(fd).st_mode)
+  finally:
+    os.close(fd)
 
 
 def _fsync(path: str) -> None:
@@ -192,6 +197,7 @@ class _Deferred:
     self.path = str(path)
     self.tmp = ""
     self._scratch = ""
+    self._mode = 0
 
   def begin(self) -> None:
     if is_remote(self.path):
@@ -200,13 +206,15 @@ class _Deferred:
     else:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       self.tmp = _temporary_name(self.path)
-    _new_file(self.tmp)
+    self._mode = _new_file(self.tmp)
 
   def commit(self) -> None:
     if is_remote(self.path):
       fs, inner = filesystem(self.path)
       fs.put_file(self.tmp, inner)
       return
+    if stat.S_IMODE(os.stat(self.tmp).st_mode) != self._mode:
+      os.chmod(self.tmp, self._mode)  # a writer that replaced the file (safetensors: 0600)
     _fsync(self.tmp)
     os.replace(self.tmp, self.path)
     with contextlib.suppress(OSError):

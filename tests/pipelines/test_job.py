@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allscope.models import ModelConfig
 from allscope import files
+from allscope.models import ModelConfig
 from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store, worker
 from allscope.pipelines.config import CorpusConfig, HarvestConfig
 from tests.pipelines.helpers import all_rows, file_digests
@@ -291,3 +292,39 @@ def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tm
   monkeypatch.undo()
   resumed, _ = _run(gemma270m, BASE, out)
   assert resumed == manifest and file_digests(out) == file_digests(root)
+
+
+def test_a_reharvest_rewrites_shards_that_fail_their_receipts(reference, gemma270m, tmp_path):
+  """Flipped bytes of the same size (in a finished store, and in an unfinished one) are found
+  by the receipts' sha256 and rewritten; the intact shards are kept as they are."""
+  root, manifest, _ = reference
+  out = tmp_path / "copy"
+  shutil.copytree(root, out)
+  bad = out / "mlp_in/layer_3/shard_00001.array_record"
+  data = bytearray(bad.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  bad.write_bytes(bytes(data))
+  kept = out / "mlp_in/layer_3/shard_00000.array_record"
+  kept_inode = kept.stat().st_ino
+  repaired, counters = _run(gemma270m, BASE, out)
+  assert repaired == manifest and counters["tokens_written"] > 0  # a shard was recomputed
+  assert file_digests(out) == file_digests(root)
+  assert kept.stat().st_ino == kept_inode  # an intact shard is not rewritten
+  # Unfinished store (no manifest yet): a resumed harvest checks the receipts the same way.
+  (out / store.MANIFEST).unlink()
+  bad.write_bytes(bytes(data))
+  _run(gemma270m, BASE, out)
+  assert file_digests(out) == file_digests(root)
+
+
+def test_the_corrupt_shard_message_names_the_fix(reference, tmp_path):
+  root, manifest, _ = reference
+  out = tmp_path / "copy"
+  shutil.copytree(root, out)
+  bad = out / "mlp_out/layer_1/shard_00000.array_record"
+  data = bytearray(bad.read_bytes())
+  data[-100] ^= 0xFF
+  bad.write_bytes(bytes(data))
+  with pytest.raises(store.CorruptShardError, match="re-run the same harvest command on this "
+                     "output: it checks every shard against its receipt"):
+    ActivationStore(str(out)).source(("mlp_out",), (1,), verify="checksum")[0]

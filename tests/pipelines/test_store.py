@@ -93,3 +93,15 @@ def test_failed_write_raises_oserror_naming_the_file_and_leaves_no_partial(tmp_p
   assert not (tmp_path / "s" / "manifest.json").exists()
   assert not (tmp_path / "s" / store.RECEIPTS).exists()
   assert not [p for p in (tmp_path / "s").rglob("*") if ".tmp-" in p.name]
+
+
+def test_store_files_are_readable_by_others(tmp_path):
+  old = os.umask(0o022)
+  try:
+    write_random_store(tmp_path / "s")
+  finally:
+    os.umask(old)
+  modes = {p.relative_to(tmp_path / "s").as_posix(): p.stat().st_mode & 0o777
+           for p in (tmp_path / "s").rglob("*") if p.is_file()}
+  assert {"manifest.json", "stats.safetensors", "harvest.json"} & set(modes)
+  assert set(modes.values()) == {0o644}, modes

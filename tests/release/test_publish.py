@@ -262,3 +262,16 @@ def test_publish_over_an_old_copy_replaces_its_manifest_last(release, tmp_path, 
   rel.publish(release, str(dest))
   assert seen == [False] * 6
   assert rel.load(dest, verify=True)
+
+
+def test_a_written_release_is_readable_by_others(tmp_path, make_dict, make_clt):
+  old = os.umask(0o022)
+  try:
+    root = rel.write_release(ReleaseConfig(directory=str(tmp_path / "rel")),
+                             [make_dict("transcoder", layer=0), make_clt(n_layers=2)], tmp_path)
+  finally:
+    os.umask(old)
+  modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode)
+           for p in root.rglob("*") if p.is_file()}
+  assert "README.md" in modes and "manifest.json" in modes
+  assert set(modes.values()) == {0o644}, modes
