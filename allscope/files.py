@@ -94,6 +94,16 @@ def listdir(path: str | os.PathLike) -> list[str]:
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+def glob(pattern: str) -> list[str]:
+  """Files matching a glob (`**` recurses), sorted; URLs come back as URLs."""
+  if is_remote(pattern):
+    fs, inner = filesystem(pattern)
+    return sorted(fs.unstrip_protocol(p) for p in fs.glob(inner) if fs.isfile(p))
+  import glob as glob_lib
+  return sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
+                if os.path.isfile(p))
+
+
 def remove(path: str | os.PathLike) -> None:
   """Deletes a file or a folder tree; a missing path is fine."""
   if is_remote(path):

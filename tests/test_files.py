@@ -95,3 +95,18 @@ def test_the_same_calls_work_on_a_url():
   assert files.listdir(root) == ["c.bin"]
   files.remove(root)
   assert not fs.exists("/allscope-test-files")
+
+
+def test_glob_matches_local_files_and_urls(tmp_path):
+  for name in ("a.txt", "b.jsonl", "sub/c.txt"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("x")
+  assert files.glob(str(tmp_path / "**/*.txt")) == [str(tmp_path / "a.txt"),
+                                                    str(tmp_path / "sub/c.txt")]
+  root = "memory://allscope-test-glob"
+  for name in ("a.txt", "b.jsonl"):
+    files.write_text(files.join(root, name), "x")
+  found = files.glob(root + "/*.txt")
+  assert found == ["memory:///allscope-test-glob/a.txt"]  # fsspec's own spelling of the URL
+  assert files.read_bytes(found[0]) == b"x"
+  files.remove(root)

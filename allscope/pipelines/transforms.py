@@ -166,7 +166,7 @@ def _finish(receipts: list[dict], p: Plan) -> None:
                context_length=p.cfg.context_length, codec=p.cfg.codec)
 
 
-def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles,
+def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: worker.Handles,
           job_id: str) -> None:
   seqs = (pipeline
           | "Units" >> beam.Create(list(enumerate(p.units)))

@@ -133,7 +133,7 @@ def publish(release_dir: str | Path, to: str, *, dry_run: bool = False, private:
 
     _check(to, names, {f: local(f) for f in names}, hub)
   else:
-    fs = filesystem if filesystem is not None else _gcs()
+    fs = filesystem if filesystem is not None else files.filesystem(to)[0]
     log.info("uploading %d files to gs://%s", len(names), target.location)
     if fs.exists(destinations[-1]):
       fs.rm(destinations[-1])
@@ -167,10 +167,3 @@ def _check(to: str, names: list[str], expected: dict[str, tuple[int, str]], read
           else "differs from the release (checksum)")
       raise PublishError(f"published {to}/{f} {what}; the copy is incomplete, publish again "
                          "(the manifest is written last, so clients see no half release)")
-def _gcs() -> Any:
-  try:
-    import fsspec
-    return fsspec.filesystem("gs")
-  except (ImportError, ValueError) as e:
-    raise RuntimeError("publishing to gs:// needs gcsfs: pip install gcsfs (credentials come "
-                       "from GOOGLE_APPLICATION_CREDENTIALS or the metadata server)") from e
