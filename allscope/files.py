@@ -4,8 +4,9 @@ Every stage writes through `atomic_write`: the bytes go to a temporary name besi
 (`.<name>.tmp-<hex>`, hidden, so listings and releases skip it), are fsynced, and are renamed
 into place, so a name that exists is complete. The temporary file is created with mode 0o666 and
 the kernel applies the umask; a writer that replaces it (safetensors writes 0600) gets that mode
-back before the rename (mkstemp's 0600 left releases unreadable to colleagues). Remote destinations (`gs://...`, any fsspec URL) are written to local scratch and
-uploaded in one put: object stores have no partial objects.
+back before the rename (mkstemp's 0600 left releases unreadable to colleagues). Remote
+destinations (`gs://...`, any fsspec URL) are written to local scratch and uploaded in one put:
+object stores have no partial objects.
 
 This module is a leaf: it imports nothing from allscope, so every stage may use it.
 """

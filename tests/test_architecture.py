@@ -33,4 +33,5 @@ def test_a_kernel_importing_launch_breaks_the_contract(tmp_path):
     f.write("\nimport allscope.launch.cli  # a lower layer reaching up\n")
   result = _lint_imports(tmp_path)
   assert result.returncode != 0
-  assert "BROKEN" in result.stdout and "allscope.kernels.xla -> allscope.launch.cli" in result.stdout
+  assert "BROKEN" in result.stdout
+  assert "allscope.kernels.xla -> allscope.launch.cli" in result.stdout

@@ -14,6 +14,6 @@ from allscope.release.write import release_dir, write_release
 
 __all__ = [
     "CrossLayerTranscoder", "Dictionary", "EvalConfig", "Evaluation", "Release", "ReleaseConfig",
-    "PublishError", "ReleaseError", "evaluate", "from_exported", "load", "publish", "release_dir", "write_dictionary",
-    "write_release", "write_saelens",
+    "ReleaseError", "evaluate", "from_exported", "load", "publish", "release_dir", "write_dictionary",
+    "write_release", "write_saelens", "PublishError",
 ]

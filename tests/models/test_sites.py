@@ -31,7 +31,8 @@ def test_preset_names_map_to_hugging_face_repos(name, repo):
 
 def test_hook_points_and_widths():
   assert models.hf_hook_point("mlp_in", 5) == "model.layers.5.pre_feedforward_layernorm.output"
-  assert models.hf_hook_point("attn_out", "{layer}") == "model.layers.{layer}.self_attn.o_proj.input"
+  assert (models.hf_hook_point("attn_out", "{layer}")
+          == "model.layers.{layer}.self_attn.o_proj.input")
   with pytest.raises(ValueError, match="unknown site 'mlp'; expected one of resid_post"):
     models.hf_hook_point("mlp", 0)
   cfg = models.PRESETS["gemma3-27b"]
