@@ -60,7 +60,7 @@ def main() -> None:
 
   from allscope import models
   from allscope.models import sharding
-  from allscope.pipelines import corpus, job
+  from allscope.pipelines import corpus, job, worker
   from allscope.pipelines.config import CorpusConfig, HarvestConfig
 
   model_cfg = models.ModelConfig(name=args.model, dtype=args.dtype)
@@ -103,9 +103,9 @@ def main() -> None:
   mask = np.arange(args.context)[None, :] < valid[:, None]
   stored = int(np.sum(valid - 1))
 
-  single = None if args.random_weights and mesh else job.capture_fn(
+  single = None if args.random_weights and mesh else worker.capture_fn(
       sharding.place(model, jax.local_devices()[0]) if mesh else model, sites, layers)
-  sharded = job.capture_fn(model if args.random_weights else sharding.place(
+  sharded = worker.capture_fn(model if args.random_weights else sharding.place(
       model, sharding.param_sharding(mesh, arch)), sites, layers, mesh) if mesh else None
 
   def baseline(fetch: bool, forward=None) -> float:

@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 
 from allscope.models.presets import Gemma3Config
-
-SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")
+from allscope.models.sites import SITES
 
 Splice = Mapping[tuple[str, int], Callable[[jax.Array], jax.Array]]
 

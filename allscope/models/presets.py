@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from allscope.models import sites
+
 
 @dataclasses.dataclass(frozen=True)
 class Gemma3Config:
@@ -37,13 +39,8 @@ class Gemma3Config:
 
   @property
   def site_widths(self) -> dict[str, int]:
-    """Width of each capturable site (see shared DESIGN: sites)."""
-    return {
-        "resid_post": self.d_model,
-        "attn_out": self.n_heads * self.head_dim,
-        "mlp_in": self.d_model,
-        "mlp_out": self.d_model,
-    }
+    """Width of each capturable site (models/sites.py)."""
+    return sites.widths(self.d_model, self.n_heads, self.head_dim)
 
 
 PRESETS: dict[str, Gemma3Config] = {
@@ -73,3 +70,15 @@ def preset(name: str) -> Gemma3Config:
     raise ValueError(
         f"unknown model name {name!r}; valid names: {', '.join(PRESETS)} "
         "(or a path to a .gguf file or a Hugging Face model directory)") from None
+
+
+def hf_repo(name: str) -> str:
+  """The Hugging Face repo of a preset name (`gemma3-270m` -> `google/gemma-3-270m`,
+  `gemma3-1b` -> `google/gemma-3-1b-pt`, `gemma3-4b-it` -> `google/gemma-3-4b-it`); any other
+  name (a path, an HF id) is returned as is."""
+  base = name.removesuffix("-it")
+  if base not in PRESETS:
+    return name
+  size = base.removeprefix("gemma3-")
+  suffix = "-it" if name.endswith("-it") else ("" if size == "270m" else "-pt")
+  return f"google/gemma-3-{size}{suffix}"

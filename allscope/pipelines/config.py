@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")
+from allscope.models.sites import SITES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,13 +12,12 @@ are never stored.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from allscope import files
 from allscope.pipelines.config import CorpusConfig
 
 Unit = tuple[str, Any]  # (kind, payload): small and picklable, so Beam can ship it to workers
@@ -34,18 +33,13 @@ def _builtin_documents() -> list[str]:
 
 
 def _match(pattern: str) -> list[str]:
-  if "://" in pattern:
-    from apache_beam.io.filesystems import FileSystems
-    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
-  return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                if os.path.isfile(p))
+  return files.glob(pattern)
 
 
 def _open_text(path: str):
-  if "://" in path:
-    import io
-    from apache_beam.io.filesystems import FileSystems
-    return io.TextIOWrapper(FileSystems.open(path), encoding="utf-8")
+  if files.is_remote(path):
+    fs, inner = files.filesystem(path)
+    return fs.open(inner, "rt", encoding="utf-8")
   return open(path, encoding="utf-8")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from allscope import files
 from allscope.pipelines import codecs, store
 
 
@@ -50,8 +51,8 @@ class _Files:
     try:
       return reader.read([record])[0]
     except Exception as e:  # decode failure inside the C++ reader
-      raise store.CorruptShardError(f"{store.join(self._root, rel)}: record {record} cannot be "
-                                    f"decoded ({e}); the shard is corrupt") from e
+      raise store.CorruptShardError(f"{files.join(self._root, rel)}: record {record} cannot be "
+                                    f"decoded ({e}); the shard is corrupt: {store.REPAIR}") from e
 
   def tensors(self, rel: str) -> dict[str, np.ndarray]:
     """A verified safetensors file of the store (a shard's codec scales), read once."""
@@ -59,29 +60,30 @@ class _Files:
     if found is None:
       from safetensors.numpy import load_file
       self._check(rel)
-      found = self._readers[rel] = load_file(store.join(self._root, rel))
+      found = self._readers[rel] = load_file(files.join(self._root, rel))
     return found
 
   def _open(self, rel: str):
     self._check(rel)
-    return store.open_reader(store.join(self._root, rel))
+    return store.open_reader(files.join(self._root, rel))
 
   def _check(self, rel: str) -> None:
-    path = store.join(self._root, rel)
+    path = files.join(self._root, rel)
     info = self._info[rel]
-    if store.is_remote(path):
+    if files.is_remote(path):
       raise store.StoreError(f"{path}: reading object storage directly is not supported; mount "
                              "the bucket (e.g. gcsfuse) and give the local path")
     if not os.path.exists(path):
-      raise store.CorruptShardError(f"{path} is missing; the store is damaged, re-run the harvest")
+      raise store.CorruptShardError(f"{path} is missing; the store is damaged: {store.REPAIR}")
     if self._verify != "none" and os.path.getsize(path) != info["bytes"]:
       raise store.CorruptShardError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
-                                    f"{info['bytes']}; the shard is corrupt")
+                                    f"{info['bytes']}; the shard is corrupt: {store.REPAIR}")
     if self._verify == "checksum":
-      digest = store.sha256_file(path)
+      digest = files.digest(path)
       if digest != info["sha256"]:
         raise store.CorruptShardError(f"{path}: sha256 {digest[:16]}... does not match the "
-                                      f"manifest ({info['sha256'][:16]}...); the shard is corrupt")
+                                      f"manifest ({info['sha256'][:16]}...); the shard is corrupt: "
+                                      f"{store.REPAIR}")
 
 
 class _Records:
@@ -127,8 +129,8 @@ class ActivationSource:
       return codecs.decode(self._codec, data, self._r, width, scale)
     except Exception as e:  # a wrong size or a zstd frame that does not decode
       raise store.CorruptShardError(
-          f"{store.join(self._root, rel)}: record {rec} cannot be decoded as {self._r} rows x "
-          f"{width} {self._codec} ({e}); the shard is corrupt") from e
+          f"{files.join(self._root, rel)}: record {rec} cannot be decoded as {self._r} rows x "
+          f"{width} {self._codec} ({e}); the shard is corrupt: {store.REPAIR}") from e
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     shard, rec = self._records.locate(int(i))
@@ -216,9 +218,9 @@ class ActivationStore:
     from safetensors.numpy import load_file
     layers = self._check((site,), layers)
     info = self.manifest["stats_file"]
-    path = store.join(self.path, info["path"])
-    if store.sha256_file(path) != info["sha256"]:
-      raise store.CorruptShardError(f"{path}: sha256 does not match the manifest")
+    path = files.join(self.path, info["path"])
+    if files.digest(path) != info["sha256"]:
+      raise store.CorruptShardError(f"{path}: sha256 does not match the manifest; {store.REPAIR}")
     tensors = load_file(path)
     return np.stack([tensors[f"{site}/{l}/mean"] for l in layers])
 

@@ -11,26 +11,26 @@ Layout under the output folder (see docs/harvest.md):
   manifest.json                        written last: a store without it is incomplete
 
 Record i of shard k holds the same tokens in every (site, layer) file and in the index file.
-Files are written under temporary names and renamed, so a name that exists is complete.
+Files are written under temporary names and renamed (allscope.files.atomic_write), so a name
+that exists is complete.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
-import hashlib
 import json
 import os
-import posixpath
-import tempfile
-import uuid
 from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
+from safetensors.numpy import save_file
 
+from allscope import files
 from allscope.pipelines import codecs
 
 SCHEMA_VERSION = 1
@@ -60,14 +60,11 @@ class CorruptShardError(StoreError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Paths. Local paths and object-store URLs (gs://...) are both joined with '/'.
+# Names. Paths, digests and atomic writes are allscope.files'.
 
-def is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def join(*parts: str) -> str:
-  return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
+# What to do about a damaged store: the re-harvest checks every shard against its receipt.
+REPAIR = ("re-run the same harvest command on this output: it checks every shard against its "
+          "receipt and rewrites the damaged ones")
 
 
 def layer_dir(site: str, layer: int) -> str:
@@ -90,79 +87,12 @@ def shard_files(sites: tuple[str, ...], layers: tuple[int, ...], shard: int,
   return [f"index/{name}"] + [f"{layer_dir(s, l)}/{name}" for s in sites for l in layers] + extra
 
 
+def receipt_name(shard: int) -> str:
+  return f"{RECEIPTS}/shard_{shard:05d}.safetensors"
+
+
 def receipt_path(root: str, shard: int) -> str:
-  return join(root, RECEIPTS, f"shard_{shard:05d}.safetensors")
-
-
-def exists(path: str) -> bool:
-  if is_remote(path):
-    from apache_beam.io.filesystems import FileSystems
-    return FileSystems.exists(path)
-  return os.path.exists(path)
-
-
-def read_bytes(path: str) -> bytes:
-  if is_remote(path):
-    from apache_beam.io.filesystems import FileSystems
-    with FileSystems.open(path) as f:
-      return f.read()
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-class _Committer:
-  """Writes files under temporary names and renames them into place.
-
-  Local destinations get a temporary name in the destination folder, so the rename is atomic.
-  Remote ones are written to local scratch and copied (object stores have no partial objects).
-  """
-
-  def __init__(self, root: str):
-    self.root = root
-
-  def scratch(self, rel: str) -> str:
-    if is_remote(self.root):
-      return os.path.join(tempfile.mkdtemp(prefix="allscope-"), os.path.basename(rel))
-    dest = join(self.root, rel)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    return f"{dest}.tmp-{uuid.uuid4().hex}"
-
-  def commit(self, tmp: str, rel: str) -> None:
-    dest = join(self.root, rel)
-    if is_remote(self.root):
-      from apache_beam.io.filesystems import FileSystems
-      FileSystems.copy([tmp], [dest])
-      os.remove(tmp)
-    else:
-      os.replace(tmp, dest)
-
-  def discard(self, tmp: str) -> None:
-    try:
-      os.remove(tmp)
-    except FileNotFoundError:
-      pass
-
-
-def write_text_atomic(root: str, rel: str, text: str) -> None:
-  committer = _Committer(root)
-  tmp = committer.scratch(rel)
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    committer.commit(tmp, rel)
-  except BaseException:
-    committer.discard(tmp)
-    raise
+  return files.join(root, receipt_name(shard))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,28 +147,21 @@ def write_shard(root: str, rows: ShardRows, rows_per_record: int, meta: dict[str
   serve: the decoded ones for a lossy codec).
   """
   codecs.check(codec)
-  committer = _Committer(root)
-  files: dict[str, dict[str, Any]] = {}
+  written: dict[str, dict[str, Any]] = {}
   sums: dict[str, np.ndarray] = {}
   n_records = -1
 
   def put(rel: str, records, write=_write_records) -> None:
     nonlocal n_records
-    tmp = committer.scratch(rel)
+    path = files.join(root, rel)
+    fill = lambda tmp: (write(tmp, records), os.path.getsize(tmp), files.digest(tmp))
     try:
-      n = write(tmp, records)
-      size = os.path.getsize(tmp)
-      digest = sha256_file(tmp)
-      committer.commit(tmp, rel)
+      n, size, digest = files.atomic_write(path, fill)
     except OSError as e:
-      committer.discard(tmp)
-      raise OSError(e.errno, f"writing {join(root, rel)} failed: {e.strerror or e}; "
+      raise OSError(e.errno, f"writing {path} failed: {e.strerror or e}; "
                     "free space or fix permissions, then re-run the same harvest to resume "
                     "(finished shards are kept)") from e
-    except BaseException:
-      committer.discard(tmp)
-      raise
-    files[rel] = {"bytes": size, "sha256": digest}
+    written[rel] = {"bytes": size, "sha256": digest}
     if n >= 0:
       n_records = n
 
@@ -263,43 +186,37 @@ def write_shard(root: str, rows: ShardRows, rows_per_record: int, meta: dict[str
   if shard_scales:
     put(scales_name(rows.shard), shard_scales, write=_write_tensors)
   receipt = dict(meta, shard=rows.shard, rows=int(len(rows.index)), records=n_records,
-                 files=files)
-  tmp = committer.scratch(f"{RECEIPTS}/shard_{rows.shard:05d}.safetensors")
-  try:
-    save_file(sums, tmp, metadata={"receipt": json.dumps(receipt, sort_keys=True)})
-    committer.commit(tmp, f"{RECEIPTS}/shard_{rows.shard:05d}.safetensors")
-  except BaseException:
-    committer.discard(tmp)
-    raise
+                 files=written)
+  files.atomic_write(receipt_path(root, rows.shard), lambda tmp: save_file(
+      sums, tmp, metadata={"receipt": json.dumps(receipt, sort_keys=True)}))
   return receipt, sums
 
 
 def read_receipt(root: str, shard: int) -> tuple[dict, dict[str, np.ndarray]] | None:
   """A finished shard's receipt and statistic sums, or None when the shard is not finished."""
   path = receipt_path(root, shard)
-  if not exists(path):
+  if not files.exists(path):
     return None
-  from safetensors import safe_open
-  if is_remote(path):
-    local = os.path.join(tempfile.mkdtemp(prefix="allscope-"), "receipt.safetensors")
-    with open(local, "wb") as f:
-      f.write(read_bytes(path))
-    path = local
-  with safe_open(path, framework="numpy") as f:
-    receipt = json.loads(f.metadata()["receipt"])
-  return receipt, load_file(path)
+  data = files.read_bytes(path)  # receipts are small: read once, locally or remotely
+  header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+  return json.loads(header["__metadata__"]["receipt"]), safetensors.numpy.load(data)
 
 
-def receipt_intact(root: str, receipt: dict) -> bool:
-  """Cheap check that a finished shard's files are still there with their recorded sizes."""
-  for rel, info in receipt["files"].items():
-    path = join(root, rel)
-    if is_remote(path):
-      if not exists(path):
-        return False
-    elif not os.path.exists(path) or os.path.getsize(path) != info["bytes"]:
-      return False
-  return True
+def damaged_files(root: str, receipt: dict, workers: int = 8) -> list[str]:
+  """The files of a finished shard that are missing or differ from its receipt (size, sha256).
+
+  Same-size corruption (flipped bytes) is caught by the digest; files are hashed in parallel.
+  """
+  def bad(item) -> bool:
+    rel, info = item
+    path = files.join(root, rel)
+    if not files.exists(path) or files.size(path) != info["bytes"]:
+      return True
+    return files.digest(path) != info["sha256"]
+
+  items = sorted(receipt["files"].items())
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return [rel for (rel, _), is_bad in zip(items, pool.map(bad, items)) if is_bad]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,16 +248,11 @@ def stats_entries(total: dict[str, np.ndarray], sites, layers, count: int) -> tu
 
 
 def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
-  committer = _Committer(root)
-  tmp = committer.scratch(STATS)
-  try:
+  def fill(tmp: str) -> dict[str, Any]:
     save_file(means, tmp)
-    info = {"path": STATS, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
-    committer.commit(tmp, STATS)
-  except BaseException:
-    committer.discard(tmp)
-    raise
-  return info
+    return {"path": STATS, "bytes": os.path.getsize(tmp), "sha256": files.digest(tmp)}
+
+  return files.atomic_write(files.join(root, STATS), fill)
 
 
 def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
@@ -372,7 +284,7 @@ def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
       shards=[{k: r[k] for k in ("shard", "rows", "records", "sequences", "files")}
               for r in receipts],
       stats=entries, stats_file=write_stats(root, means))
-  write_text_atomic(root, MANIFEST, dumps(manifest))
+  files.write_text(files.join(root, MANIFEST), dumps(manifest))
   return manifest
 
 
@@ -380,20 +292,16 @@ def dumps(obj: Any) -> str:
   return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
 
-def read_json(path: str) -> dict:
-  return json.loads(read_bytes(path))
-
-
 def load_manifest(root: str) -> dict:
   """The manifest of a finished store; refuses incomplete and unknown stores."""
-  path = join(root, MANIFEST)
-  if not exists(path):
+  path = files.join(root, MANIFEST)
+  if not files.exists(path):
     hint = ("a harvest was started here but did not finish; re-run the same harvest command on "
-            "this output to resume it" if exists(join(root, SPEC)) else
+            "this output to resume it" if files.exists(files.join(root, SPEC)) else
             "no harvest has been written here; check the path")
     raise IncompleteStoreError(f"{root} is not a complete activation store: {path} is missing ({hint})")
   try:
-    manifest = read_json(path)
+    manifest = files.read_json(path)
   except (ValueError, UnicodeDecodeError) as e:
     raise StoreError(f"{path} is not valid JSON ({e}); the store is damaged, re-run the harvest") from e
   if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -408,6 +316,5 @@ def open_reader(path: str):
   try:
     return array_record_module.ArrayRecordReader(path, READER_OPTIONS)
   except Exception as e:  # the C++ reader raises RuntimeError/ValueError variants
-    raise CorruptShardError(f"{path}: cannot be opened as ArrayRecord ({e}); the shard is corrupt. "
-                            "Delete it with its receipt in _receipts/ and manifest.json, then "
-                            "re-run the same harvest to rewrite it") from e
+    raise CorruptShardError(f"{path}: cannot be opened as ArrayRecord ({e}); the shard is "
+                            f"corrupt: {REPAIR}") from e

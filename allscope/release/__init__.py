@@ -8,12 +8,12 @@ from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
 from allscope.release.evaluate import Evaluation, evaluate
 from allscope.release.export import write_dictionary
 from allscope.release.load import Release, ReleaseError, load
-from allscope.release.publish import publish
+from allscope.release.publish import PublishError, publish
 from allscope.release.saelens import write_saelens
 from allscope.release.write import release_dir, write_release
 
 __all__ = [
     "CrossLayerTranscoder", "Dictionary", "EvalConfig", "Evaluation", "Release", "ReleaseConfig",
     "ReleaseError", "evaluate", "from_exported", "load", "publish", "release_dir", "write_dictionary",
-    "write_release", "write_saelens",
+    "write_release", "write_saelens", "PublishError",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from allscope import files
+
 PLOTS = ("l0_vs_fvu.png", "delta_lm_loss.png", "latent_frequency.png")
 
 
@@ -90,7 +92,7 @@ def _save(fig, release_dir: Path, name: str) -> str:
   import matplotlib.pyplot as plt
 
   fig.tight_layout()
-  fig.savefig(release_dir / name, dpi=110)
+  files.atomic_write(release_dir / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
   plt.close(fig)
   return name
 

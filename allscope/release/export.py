@@ -4,17 +4,13 @@
   <release>/clt/width_<w>_l0_<tag>/params_layer_<i>.safetensors + config.json
   <release>/manifest.json
 
-Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written tensor file behind a valid name.
+Every file is written to a temporary name and renamed into place (allscope.files), so a crash
+never leaves a half-written tensor file behind a valid name, and file modes come from the umask.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from allscope import files
+from allscope.models.presets import hf_repo
 from allscope.release import layout
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
 
@@ -30,49 +28,18 @@ PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
-_PRESET = re.compile(r"^gemma3-(\d+[mb])(-it)?$")
-
-
-def hf_model_name(name: str) -> str:
-  """Our preset names as Hugging Face ids (`gemma3-270m` -> `google/gemma-3-270m`); others as is."""
-  match = _PRESET.match(name)
-  if not match:
-    return name
-  size, it = match.groups()
-  suffix = "-it" if it else ("" if size == "270m" else "-pt")
-  return f"google/gemma-3-{size}{suffix}"
-
-
-def sha256(path: str | Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-  """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+# Preset -> Hugging Face repo has one home (models/presets.py); this name stays for callers.
+hf_model_name = hf_repo
 
 
 def write_json(path: Path, data: Any) -> None:
-  text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
-  atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+  files.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
   arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-  atomic_write(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata)))
+  files.atomic_write(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp,
+                                                                  metadata=dict(metadata)))
 
 
 def _json_default(value: Any) -> Any:
@@ -170,14 +137,14 @@ def write_dictionary(release_dir: str | Path, d: Dictionary | CrossLayerTranscod
   for name, params in tensors.items():
     write_tensors(folder / name, params, meta)
   write_json(folder / CONFIG_FILE, config)
-  files = {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
-           for name in [*tensors, CONFIG_FILE]}
+  written = {name: {"sha256": files.digest(folder / name), "bytes": files.size(folder / name)}
+             for name in [*tensors, CONFIG_FILE]}
   entry = {k: config[k] for k in ("type", "architecture", "width", "l0", "affine_connection",
                                   "site_in", "site_out")}
   entry["layer"] = config.get("layer")
   entry["n_layers"] = config.get("n_layers")
   entry["path"] = rel
-  entry["files"] = files
+  entry["files"] = written
   return entry
 
 

@@ -1,4 +1,5 @@
-"""Names in a release folder: sites, Hugging Face hook points, folder names and safe paths.
+"""Names in a release folder: folder names and safe paths (sites and Hugging Face hook points
+come from allscope.models.sites).
 
 Folder names follow Gemma Scope 2 (`resid_post/layer_5_width_16k_l0_71`), because SAELens' Gemma 3
 loader infers the hook point from them: it looks for `resid_post`, `attn_out`, `mlp_out`,
@@ -12,24 +13,12 @@ import math
 import re
 from pathlib import Path
 
-SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")
+from allscope.models.sites import SITES, hf_hook_point  # noqa: F401  (their home is models)
+
 TYPES = ("sae", "transcoder", "clt", "crosscoder")
 ARCHITECTURES = ("jump_relu", "topk", "relu")
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def hf_hook_point(site: str, layer: int) -> str:
-  """The Hugging Face (transformers Gemma3) module output a site is read from or written to."""
-  if site == "resid_post":
-    return f"model.layers.{layer}.output"
-  if site == "attn_out":
-    return f"model.layers.{layer}.self_attn.o_proj.input"
-  if site == "mlp_in":
-    return f"model.layers.{layer}.pre_feedforward_layernorm.output"
-  if site == "mlp_out":
-    return f"model.layers.{layer}.post_feedforward_layernorm.output"
-  raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
 
 
 def check_component(name: str, what: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from allscope import files
 from allscope.release import export, layout
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary, check_params
 
@@ -82,7 +83,7 @@ def _verify(folder: Path, entry: dict[str, Any], manifest_path: Path) -> None:
       raise ReleaseError(f"{manifest_path}: {e}") from e
     if not file.exists():
       raise ReleaseError(f"{file}: missing (listed in {manifest_path})")
-    actual = export.sha256(file)
+    actual = files.digest(file)
     if actual != info.get("sha256"):
       raise ReleaseError(f"{file}: checksum mismatch: sha256 {actual}, manifest {manifest_path} "
                          f"says {info.get('sha256')}; the file is corrupt or was changed")

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from allscope import files
 from allscope.release import card, export, layout, saelens
 from allscope.release.config import ReleaseConfig
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
@@ -53,7 +54,7 @@ def write_release(cfg: ReleaseConfig, dictionaries: Sequence[Dictionary | CrossL
       target = layout.inside(root, f"saelens/{entry['path']}")
       saelens.write_saelens(d, target)
       entry["saelens_path"] = f"saelens/{entry['path']}"
-      entry["saelens_files"] = {n: {"sha256": export.sha256(target / n)}
+      entry["saelens_files"] = {n: {"sha256": files.digest(target / n)}
                                 for n in (saelens.CFG_FILE, saelens.WEIGHTS_FILE)}
     entries.append(entry)
   model_name = dictionaries[0].model_name
@@ -64,7 +65,7 @@ def write_release(cfg: ReleaseConfig, dictionaries: Sequence[Dictionary | CrossL
     if cfg.plots and evaluations is not None:
       plots = card.write_plots(root, entries, [e.frequency for e in evaluations])
     text = card.readme(cfg.name, manifest_info, entries, plots)
-    export.atomic_write(root / "README.md", lambda tmp: Path(tmp).write_text(text))
+    files.write_text(root / "README.md", text)
   export.write_manifest(root, entries, manifest_info)
   log.info("wrote release %s (%d dictionaries)", root, len(entries))
   return root

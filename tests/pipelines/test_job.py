@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from allscope import files
 from allscope.models import ModelConfig
-from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store
+from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store, worker
 from allscope.pipelines.config import CorpusConfig, HarvestConfig
 from tests.pipelines.helpers import all_rows, file_digests
 
@@ -179,7 +181,7 @@ def test_two_worker_processes_write_a_byte_identical_store(reference, gemma270m,
 
 def test_a_finished_store_is_returned_without_work(reference, gemma270m, monkeypatch):
   root, manifest, _ = reference
-  monkeypatch.setattr(job, "load_model", lambda cfg: pytest.fail("model loaded"))
+  monkeypatch.setattr(worker, "load_model", lambda *a: pytest.fail("model loaded"))
   again, counters = _run(gemma270m, BASE, root)
   assert again == manifest and counters == {}
 
@@ -266,7 +268,7 @@ def test_bad_input_fails_before_the_model_loads(gemma270m, tmp_path, monkeypatch
     change["corpus"] = dataclasses.replace(
         corpus_cfg, path=corpus_cfg.path.format(empty=tmp_path / "empty"),
         data_dir=corpus_cfg.data_dir.format(empty=tmp_path / "empty"))
-  monkeypatch.setattr(job, "load_model", lambda cfg: pytest.fail("model loaded"))
+  monkeypatch.setattr(worker, "load_model", lambda *a: pytest.fail("model loaded"))
   with pytest.raises(HarvestError, match=message):
     _run(gemma270m, dataclasses.replace(BASE, **change), tmp_path / "out")
   assert not (tmp_path / "out").exists()
@@ -275,13 +277,12 @@ def test_bad_input_fails_before_the_model_loads(gemma270m, tmp_path, monkeypatch
 def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tmp_path,
                                                        monkeypatch):
   root, manifest, _ = reference
-  real = store._Committer.scratch
-  # /dev/full answers every write with ENOSPC: a real disk-full at the filesystem boundary.
-  monkeypatch.setattr(store._Committer, "scratch", lambda self, rel: "/dev/full"
-                      if rel == "mlp_out/layer_3/shard_00002.array_record" else real(self, rel))
-  discard = store._Committer.discard
-  monkeypatch.setattr(store._Committer, "discard",
-                      lambda self, tmp: tmp != "/dev/full" and discard(self, tmp))
+  # A temporary name that is a link to /dev/full makes the kernel answer ENOSPC: a real
+  # disk-full at the filesystem boundary.
+  os.symlink("/dev/full", tmp_path / "dev_full")
+  real = files._temporary_name
+  monkeypatch.setattr(files, "_temporary_name", lambda path: str(tmp_path / "dev_full")
+                      if path.endswith("mlp_out/layer_3/shard_00002.array_record") else real(path))
   out = tmp_path / "full"
   with pytest.raises(Exception, match="No space left on device") as info:
     _run(gemma270m, BASE, out)
@@ -291,3 +292,39 @@ def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tm
   monkeypatch.undo()
   resumed, _ = _run(gemma270m, BASE, out)
   assert resumed == manifest and file_digests(out) == file_digests(root)
+
+
+def test_a_reharvest_rewrites_shards_that_fail_their_receipts(reference, gemma270m, tmp_path):
+  """Flipped bytes of the same size (in a finished store, and in an unfinished one) are found
+  by the receipts' sha256 and rewritten; the intact shards are kept as they are."""
+  root, manifest, _ = reference
+  out = tmp_path / "copy"
+  shutil.copytree(root, out)
+  bad = out / "mlp_in/layer_3/shard_00001.array_record"
+  data = bytearray(bad.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  bad.write_bytes(bytes(data))
+  kept = out / "mlp_in/layer_3/shard_00000.array_record"
+  kept_inode = kept.stat().st_ino
+  repaired, counters = _run(gemma270m, BASE, out)
+  assert repaired == manifest and counters["tokens_written"] > 0  # a shard was recomputed
+  assert file_digests(out) == file_digests(root)
+  assert kept.stat().st_ino == kept_inode  # an intact shard is not rewritten
+  # Unfinished store (no manifest yet): a resumed harvest checks the receipts the same way.
+  (out / store.MANIFEST).unlink()
+  bad.write_bytes(bytes(data))
+  _run(gemma270m, BASE, out)
+  assert file_digests(out) == file_digests(root)
+
+
+def test_the_corrupt_shard_message_names_the_fix(reference, tmp_path):
+  root, manifest, _ = reference
+  out = tmp_path / "copy"
+  shutil.copytree(root, out)
+  bad = out / "mlp_out/layer_1/shard_00000.array_record"
+  data = bytearray(bad.read_bytes())
+  data[-100] ^= 0xFF
+  bad.write_bytes(bytes(data))
+  with pytest.raises(store.CorruptShardError, match="re-run the same harvest command on this "
+                     "output: it checks every shard against its receipt"):
+    ActivationStore(str(out)).source(("mlp_out",), (1,), verify="checksum")[0]

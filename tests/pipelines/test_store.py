@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from allscope import files
 from allscope.pipelines import store
 from tests.pipelines.helpers import LAYERS, R, SITES, WIDTHS, write_random_store
 
@@ -38,7 +40,7 @@ def test_manifest_lists_every_file_with_its_checksum(random_store):
   assert set(files) == expected
   for rel, info in files.items():
     assert os.path.getsize(root / rel) == info["bytes"]
-    assert store.sha256_file(str(root / rel)) == info["sha256"]
+    assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == info["sha256"]
   leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name]
   assert not leftovers
 
@@ -78,12 +80,12 @@ def test_finish_refuses_a_hole(tmp_path):
 
 
 def test_failed_write_raises_oserror_naming_the_file_and_leaves_no_partial(tmp_path, monkeypatch):
-  # /dev/full makes the kernel answer ENOSPC: a real disk-full at the filesystem boundary.
-  real = store._Committer.scratch
-  monkeypatch.setattr(store._Committer, "scratch",
-                      lambda self, rel: "/dev/full" if "layer_4" in rel else real(self, rel))
-  monkeypatch.setattr(store._Committer, "discard", lambda self, tmp: None if tmp == "/dev/full"
-                      else os.path.exists(tmp) and os.remove(tmp))
+  # A temporary name that is a link to /dev/full makes the kernel answer ENOSPC: a real
+  # disk-full at the filesystem boundary.
+  os.symlink("/dev/full", tmp_path / "full")
+  real = files._temporary_name
+  monkeypatch.setattr(files, "_temporary_name", lambda path: str(tmp_path / "full")
+                      if "layer_4" in path else real(path))
   with pytest.raises(OSError, match="No space left") as info:
     write_random_store(tmp_path / "s")
   assert info.value.errno == 28
@@ -91,3 +93,15 @@ def test_failed_write_raises_oserror_naming_the_file_and_leaves_no_partial(tmp_p
   assert not (tmp_path / "s" / "manifest.json").exists()
   assert not (tmp_path / "s" / store.RECEIPTS).exists()
   assert not [p for p in (tmp_path / "s").rglob("*") if ".tmp-" in p.name]
+
+
+def test_store_files_are_readable_by_others(tmp_path):
+  old = os.umask(0o022)
+  try:
+    write_random_store(tmp_path / "s")
+  finally:
+    os.umask(old)
+  modes = {p.relative_to(tmp_path / "s").as_posix(): p.stat().st_mode & 0o777
+           for p in (tmp_path / "s").rglob("*") if p.is_file()}
+  assert {"manifest.json", "stats.safetensors", "harvest.json"} & set(modes)
+  assert set(modes.values()) == {0o644}, modes

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from allscope import files
 from allscope.pipelines import store as store_lib
 
 MISSING = -1
@@ -97,10 +98,10 @@ def read_rows(store, site: str, layer: int, shards: np.ndarray, rows: np.ndarray
 
 
 def _records(store, shard: dict, rel: str, verify: str, which: list[int] | None = None):
-  path = store_lib.join(store.path, rel)
-  if verify == "checksum" and store_lib.sha256_file(path) != shard["files"][rel]["sha256"]:
+  path = files.join(store.path, rel)
+  if verify == "checksum" and files.digest(path) != shard["files"][rel]["sha256"]:
     raise store_lib.CorruptShardError(f"{path}: sha256 does not match the manifest; the shard "
-                                      "is corrupt")
+                                      f"is corrupt: {store_lib.REPAIR}")
   reader = store_lib.open_reader(path)
   return reader.read_all() if which is None else reader.read(which)
 
