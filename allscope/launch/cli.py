@@ -21,13 +21,19 @@ def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   """Prints a greedy continuation, so a user can see that the model loaded right."""
   from allscope import models
 
+  if args.tokens < 1:
+    raise config_lib.ConfigError(f"--tokens {args.tokens}: give a number of tokens >= 1")
+  arch, tokenizer = models.describe(cfg.model.name)  # metadata only: checks before the load
+  prompt = tokenizer.encode(args.prompt, add_bos=True)
+  if len(prompt) + args.tokens > arch.max_context:
+    raise config_lib.ConfigError(
+        f"the prompt ({len(prompt)} tokens) + --tokens {args.tokens} exceeds the model's context "
+        f"of {arch.max_context}; lower --tokens")
+  print(f"loading {cfg.model.name} ({cfg.model.dtype}) ...", file=sys.stderr)
   start = time.perf_counter()
   model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
   print(f"loaded {cfg.model.name} ({cfg.model.dtype}) in {time.perf_counter() - start:.1f}s",
         file=sys.stderr)
-  prompt = tokenizer.encode(args.prompt, add_bos=True)
-  if len(prompt) + args.tokens > model.config.max_context:
-    raise ValueError(f"prompt + --tokens exceeds the model's context of {model.config.max_context}")
   start = time.perf_counter()
   out = models.generate(model, prompt, args.tokens)
   print(args.prompt + tokenizer.decode(out))

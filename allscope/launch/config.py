@@ -40,6 +40,17 @@ class RunConfig:
   output_dir: str = "outputs/run"
   seed: int = 0
 
+  def validate(self) -> None:
+    """Facts across sections that can be checked before any work."""
+    if not self.output_dir:
+      raise ValueError("output_dir must not be empty")
+    if self.seed < 0:
+      raise ValueError(f"seed={self.seed} must be >= 0")
+    if self.evaluate.seq_len > self.harvest.context_length:
+      raise ValueError(f"evaluate.seq_len={self.evaluate.seq_len} exceeds harvest.context_length="
+                       f"{self.harvest.context_length}: held-out sequences are cut from packed "
+                       "sequences of that length; lower evaluate.seq_len")
+
 
 class ConfigError(ValueError):
   """A config file, override or value that cannot be used; the message says which and why."""

@@ -69,11 +69,25 @@ def train(cfg: RunConfig) -> trainers.TrainResult:
   paths = Paths(Path(cfg.output_dir))
   distributed.on_primary("train config", lambda: config_lib.save(cfg, paths.root))
   store = pipelines.open_store(paths.store)
+  check_store_rows(cfg, store.num_rows_served, paths.store)
   sites = tuple(dict.fromkeys(cfg.train.sites))
   batches = store.global_batches(cfg.train.batch_size, sites=sites, layers=cfg.train.layers,
                                  seed=cfg.seed)
   norm = {site: store.norm_scale(site, cfg.train.layers) for site in sites}
   return trainers.train(cfg.train, batches, norm, paths.train)
+
+
+def check_store_rows(cfg: RunConfig, rows: int, where: Path) -> None:
+  """A batch larger than the store is refused; training past the store's rows is said aloud."""
+  t = cfg.train
+  if t.batch_size > rows:
+    raise ValueError(f"train.batch_size={t.batch_size} exceeds the {rows} rows the store {where} "
+                     "serves; lower train.batch_size or harvest more (harvest.token_budget)")
+  epochs = t.steps * t.batch_size / rows
+  if epochs > 1:
+    print(f"note: train.steps x train.batch_size = {t.steps * t.batch_size} rows is {epochs:.1f} "
+          f"passes over the store's {rows} rows: rows repeat; raise harvest.token_budget to see "
+          "each once", file=sys.stderr)
 
 
 def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = None, *,
@@ -131,8 +145,10 @@ def evaluate(cfg: RunConfig, dictionaries: list | None = None, *,
 
 def _evaluate(cfg: RunConfig, dictionaries: list) -> list[release.Evaluation]:
   paths = Paths(Path(cfg.output_dir))
+  arch, tokenizer = models.describe(cfg.model.name)
+  tokens = heldout_tokens(cfg, tokenizer, arch)  # refuses a short corpus before the model loads
+  print(f"loading {cfg.model.name} ({cfg.model.dtype}) to evaluate ...", file=sys.stderr)
   model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
-  tokens = heldout_tokens(cfg, tokenizer, model.config)
   evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
                                  log_dir=paths.root / "tensorboard_eval")
   tmp = paths.evaluation.with_name(f".{paths.evaluation.name}.tmp")
