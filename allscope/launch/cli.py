@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import errno
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -46,9 +47,13 @@ def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
 def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
+  layers = ",".join(map(str, cfg.harvest.layers)) or "all"
+  print(f"harvest: {', '.join(cfg.harvest.sites)} of layers {layers} of {cfg.model.name}; the "
+        "model loads in each worker first ...", file=sys.stderr)
   manifest = stages.harvest(cfg)
   print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
         f"({manifest.get('num_tokens')} tokens)")
+  print(f"next: {_again(args, 'train')}")
 
 
 def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -58,6 +63,8 @@ def train(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   if _primary():
     print(f"checkpoints and TensorBoard logs: {stages.Paths(Path(cfg.output_dir)).train}")
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+    print(f"curves: tensorboard --logdir {cfg.output_dir}")
+    print(f"next: {_again(args, 'evaluate')}")
 
 
 def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -70,6 +77,8 @@ def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   if _primary():
     _print_metrics(evaluations)
     print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
+    if not args.release:
+      print(f"next: {_again(args, 'release')}")
 
 
 def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -81,8 +90,10 @@ def release_(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
         dry_run=args.dry_run or cfg.release.dry_run))
     config_lib.validate(cfg)
   root = stages.release_stage(cfg, allow_partial=args.allow_partial)
-  if _primary():
-    print(f"release: {root}")
+  if _primary() and not cfg.release.dry_run:
+    print(f"release: {root}  (model card: {root}/README.md)")
+    if not cfg.release.publish_to:
+      print(f"next: {_again(args, 'release')} --to hf://<org>/<repo>  (or gs://..., a folder)")
 
 
 def browse(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -109,6 +120,7 @@ def run(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   print(f"checkpoints, logs: {out['train']}  (tensorboard --logdir {cfg.output_dir})")
   print(f"release          : {out['release']}  (model card: {out['release']}/README.md)")
   print("stage seconds    : " + ", ".join(f"{k} {v:.0f}" for k, v in out["seconds"].items()))
+  print(f"next: {_again(args, 'release')} --to hf://<org>/<repo>  (or gs://..., a folder)")
 
 
 def launch(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -123,6 +135,12 @@ def launch(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   path = clusters.write_job_script(text, cfg.output_dir, args.cluster, args.stage)
   print(f"job script: {path}")
   print(f"submit with: {'sbatch' if args.cluster == 'slurm' else 'bash'} {path}")
+
+
+def _again(args: argparse.Namespace, command: str) -> str:
+  """The command line running `command` on the same config and overrides."""
+  parts = ["allscope", command] + (["--config", args.config] if args.config else [])
+  return " ".join(shlex.quote(p) for p in parts + list(args.overrides))
 
 
 def _primary() -> bool:

@@ -1,6 +1,7 @@
-"""What the `allscope` command says and records when things go wrong: refused inputs stop before
-any work and leave the run's record alone; expected errors are one or two lines with the fix and
-a documented exit code (`--debug` adds the traceback)."""
+"""What the `allscope` command says and records: refused inputs stop before any work and leave
+the run's record alone; a stage ends with where its outputs are and the next command; expected
+errors are one or two lines with the fix and a documented exit code (`--debug` adds the
+traceback)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def test_a_batch_larger_than_the_store_is_refused_naming_both(run, capsys):
 
 
 def test_config_history_keeps_the_first_record_and_adds_one_per_working_command(run, capsys):
-  code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY)
+  code, out, err = _main(capsys, "train", f"output_dir={run}", *TINY)
   assert code == 0, err
+  assert f"curves: tensorboard --logdir {run}" in out  # where the outputs are, and what next
+  assert f"next: allscope evaluate output_dir={run} train.kind=transcoder" in out
   first = (run / "config.json").read_text()
   assert json.loads(first)["train"]["steps"] == 4
   assert [n.split("-")[0] for n in _history(run)] == ["train"]
@@ -69,17 +72,16 @@ def test_config_history_keeps_the_first_record_and_adds_one_per_working_command(
   code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.width=64")
   assert code == cli.EXIT_INPUT and "train.width=32" in err
   assert (run / "config.json").read_text() == first and len(_history(run)) == 1
-  # More steps: real work, so a second history entry; config.json still the first record.
-  code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.steps=6")
+  assert "passes over the store" not in err
+  # More steps: real work, so a second history entry; config.json still the first record. The
+  # 8 x 16 rows exceed the store's 104: said aloud.
+  code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.steps=8")
   assert code == 0, err
+  assert "1.2 passes over the store's 104 rows: rows repeat" in err
   assert (run / "config.json").read_text() == first
   entries = _history(run)
   assert len(entries) == 2
-  assert json.loads((run / "configs" / entries[-1]).read_text())["train"]["steps"] == 6
-  # More epochs than the store holds: said aloud.
-  assert "passes over the store's 104 rows: rows repeat" not in err
-  code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.steps=8")
-  assert code == 0 and "1.2 passes over the store's 104 rows" in err
+  assert json.loads((run / "configs" / entries[-1]).read_text())["train"]["steps"] == 8
 
 
 def test_launch_records_nothing(tmp_path, capsys):
@@ -179,6 +181,7 @@ def test_release_to_a_target_publishes_the_existing_release_as_it_is(tmp_path, c
                          "browse.enabled=false")
   assert code == 0, err
   assert f"keeping the existing release in {root}" in err
+  assert f"release: {root}  (model card: {root}/README.md)" in out and "next:" not in out
   assert _digests(root) == before
   assert (dest / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()
 
