@@ -236,7 +236,8 @@ def test_a_different_store_is_refused_unless_overwrite(gemma270m, tmp_path):
   small = dataclasses.replace(BASE, token_budget=8 * 63)
   _run(gemma270m, small, out)
   other = dataclasses.replace(small, layers=(0, 1))
-  with pytest.raises(HarvestError, match="holds a different activation store.*harvest"):
+  with pytest.raises(HarvestError, match=r"holds a different activation store: harvest.layers: "
+                     r"\[1, 3\] in the store, \[0, 1\] in the config; .*harvest.overwrite=true"):
     _run(gemma270m, other, out)
   assert (out / "mlp_in" / "layer_3").is_dir()
   replaced, _ = _run(gemma270m, dataclasses.replace(other, overwrite=True), out)
@@ -291,3 +292,15 @@ def test_disk_full_stops_the_job_and_leaves_no_manifest(reference, gemma270m, tm
   monkeypatch.undo()
   resumed, _ = _run(gemma270m, BASE, out)
   assert resumed == manifest and file_digests(out) == file_digests(root)
+
+
+def test_a_store_mismatch_names_every_differing_field_and_both_values():
+  found = {"format": "f", "harvest": {"token_budget": 1008, "layers": [1, 3],
+                                      "corpus": {"kind": "builtin", "path": ""}}, "units": 2}
+  wanted = {"format": "f", "harvest": {"token_budget": 2000, "layers": [1, 3],
+                                       "corpus": {"kind": "files", "path": "/d/*.txt"}}, "units": 2}
+  assert job.differences(found, wanted) == [
+      'harvest.corpus.kind: "builtin" in the store, "files" in the config',
+      'harvest.corpus.path: "" in the store, "/d/*.txt" in the config',
+      "harvest.token_budget: 1008 in the store, 2000 in the config"]
+  assert job.differences(found, found) == []
