@@ -48,8 +48,8 @@ def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
   layers = ",".join(map(str, cfg.harvest.layers)) or "all"
-  print(f"harvest: {', '.join(cfg.harvest.sites)} of layers {layers} of {cfg.model.name}; the "
-        "model loads in each worker first ...", file=sys.stderr)
+  print(f"harvest: {', '.join(cfg.harvest.sites)} of layers {layers} of {cfg.model.name}: checking the inputs, "
+        "then loading the model in each worker ...", file=sys.stderr)
   manifest = stages.harvest(cfg)
   print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
         f"({manifest.get('num_tokens')} tokens)")

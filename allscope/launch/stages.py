@@ -176,6 +176,11 @@ def release_stage(cfg: RunConfig, dictionaries: list | None = None,
   """
   root = release.release_dir(cfg.release, Path(cfg.output_dir))
   exists = (root / "manifest.json").exists()
+  checkpoints = Paths(Path(cfg.output_dir)).train / "checkpoints"
+  if cfg.release.dry_run and not exists and not any(
+      p.name.isdigit() for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())):
+    raise ValueError(f"nothing to release: no release in {root} and no checkpoints in "
+                     f"{checkpoints}; train first (allscope train)")
   if cfg.release.dry_run or (exists and not cfg.release.overwrite):
     distributed.on_primary("release", lambda: _keep_release(cfg, root, exists))
     return root

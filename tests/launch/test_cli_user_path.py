@@ -190,3 +190,9 @@ def test_unknown_flags_are_still_refused(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["release", "--dryrun"])
   assert e.value.code == 2 and "unrecognized arguments: --dryrun" in capsys.readouterr().err
+
+
+def test_release_dry_run_without_a_release_or_checkpoint_says_train_first(tmp_path, capsys):
+  code, _, err = _main(capsys, "release", "--dry-run", f"output_dir={tmp_path}")
+  assert code == cli.EXIT_INPUT and "nothing to release" in err and "allscope train" in err
+  assert list(tmp_path.iterdir()) == []
