@@ -185,12 +185,13 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   primary = jax.process_index() == 0
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if primary:
-    _write_json(out / "train_config.json", dataclasses.asdict(cfg))
   mngr = checkpoint.manager(out / "checkpoints", cfg)
   latest = checkpoint.latest_step(mngr)
   if latest is not None:
     checkpoint.check_compatible(checkpoint.saved_config(mngr, latest), cfg, out)
+    if latest > cfg.steps:
+      raise ValueError(f"{out / 'checkpoints'} holds step {latest}, past train.steps={cfg.steps}; "
+                       f"give train.steps >= {latest} (or a new output_dir)")
   site_in, site_out = cfg.sites
 
   batch_sh = mesh_lib.batch_sharding(mesh)
@@ -204,6 +205,8 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   first = next(iterator)
   d_in, d_out = _check_batch(first, cfg, row_stop - row_start)
   norm = _check_norm(norm_scale, cfg)
+  if primary:  # after every check: a refused run leaves the record of the last one
+    _write_json(out / "train_config.json", dataclasses.asdict(cfg))
 
   def put(a: np.ndarray) -> jax.Array:
     shape = (cfg.batch_size,) + np.shape(a)[1:]

@@ -67,11 +67,17 @@ def test_config_history_keeps_the_first_record_and_adds_one_per_working_command(
   assert f"next: allscope evaluate output_dir={run} train.kind=transcoder" in out
   first = (run / "config.json").read_text()
   assert json.loads(first)["train"]["steps"] == 4
+  train_record = (run / "train" / "train_config.json").read_text()
   assert [n.split("-")[0] for n in _history(run)] == ["train"]
   # Refused (a different width than the checkpoint's): nothing recorded, config.json unchanged.
   code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.width=64")
   assert code == cli.EXIT_INPUT and "train.width=32" in err
   assert (run / "config.json").read_text() == first and len(_history(run)) == 1
+  # Refused (fewer steps than the finished run's): the same.
+  code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "train.steps=2")
+  assert code == cli.EXIT_INPUT and "holds step 4, past train.steps=2" in err
+  assert (run / "config.json").read_text() == first and len(_history(run)) == 1
+  assert (run / "train" / "train_config.json").read_text() == train_record
   assert "passes over the store" not in err
   # More steps: real work, so a second history entry; config.json still the first record. The
   # 8 x 16 rows exceed the store's 104: said aloud.
