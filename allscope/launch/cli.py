@@ -48,8 +48,8 @@ def harvest(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
   layers = ",".join(map(str, cfg.harvest.layers)) or "all"
-  print(f"harvest: {', '.join(cfg.harvest.sites)} of layers {layers} of {cfg.model.name}: checking the inputs, "
-        "then loading the model in each worker ...", file=sys.stderr)
+  print(f"harvest: {', '.join(cfg.harvest.sites)} of layers {layers} of {cfg.model.name}: "
+        "checking the inputs, then loading the model in each worker ...", file=sys.stderr)
   manifest = stages.harvest(cfg)
   print(f"activation store: {stages.Paths(Path(cfg.output_dir)).store} "
         f"({manifest.get('num_tokens')} tokens)")
@@ -236,7 +236,7 @@ _FIXES = {
     "TrainingDiverged": "fix: lower train.lr (or raise train.lr_warmup_steps) and run train "
                         "again; it resumes from the last good checkpoint",
 }
-_OURS = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Run)): (.+)$", re.M)
+_OURS = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$", re.M)  # `pkg.module.SomeError: message`
 
 
 def classify(error: BaseException) -> tuple[int, str, str] | None:
@@ -248,8 +248,9 @@ def classify(error: BaseException) -> tuple[int, str, str] | None:
   if isinstance(error, KeyboardInterrupt):
     return EXIT_INTERRUPTED, "interrupted", ("finished stages are kept; run the same command "
                                              "again to resume")
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    where = f" writing {error.filename}" if error.filename else ""
+  beam_enospc = isinstance(error, RuntimeError) and f"[Errno {errno.ENOSPC}]" in str(error)
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC or beam_enospc:
+    where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
     return EXIT_DISK_FULL, f"no space left on the device{where}", (
         "fix: free space (or point output_dir elsewhere) and run the same command again; "
         "finished stages and checkpoints are kept")

@@ -210,9 +210,9 @@ def _keep_release(cfg: RunConfig, root: Path, exists: bool) -> None:
 
 def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Path:
   paths = Paths(Path(cfg.output_dir))
-  config_lib.record(cfg, "release")
   if evaluations is None:
     evaluations = _evaluate(cfg, dictionaries)
+  config_lib.record(cfg, "release")
   manifest = pipelines.open_store(paths.store).manifest
   info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
           "corpus": dataclasses.asdict(cfg.harvest.corpus),

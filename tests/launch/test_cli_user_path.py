@@ -37,7 +37,7 @@ def _main(capsys, *argv):
 
 
 def _history(run: Path) -> list[str]:
-  return sorted(p.name for p in (run / "configs").glob("*.json")) if (run / "configs").exists() else []
+  return sorted(p.name for p in (run / "configs").glob("*.json"))
 
 
 def test_negative_lr_is_refused_before_any_work(tmp_path, capsys):
@@ -116,6 +116,7 @@ def test_an_incomplete_store_says_how_to_resume(tmp_path, capsys):
   assert "resumes" in err and "Traceback" not in err
 
 
+# As a Beam worker process reports a failure (FnApiRunner with direct_num_workers > 1).
 BEAM_TEXT = """Traceback (most recent call last):
   File "apache_beam/runners/common.py", line 1512, in process
 allscope.pipelines.corpus.CorpusError: corpus file /d/x.txt is not UTF-8 text (byte 3: invalid)
@@ -127,13 +128,16 @@ RuntimeError: bundle failed [while running 'Harvest/TokenizePack']"""
 @pytest.mark.parametrize("error,code,message,fix", [
     (store.CorruptShardError("s: the shard is corrupt"), cli.EXIT_STORE, "s: the shard is corrupt",
      "re-run `allscope harvest`"),
-    (store.IncompleteStoreError("x is not a complete store"), cli.EXIT_STORE, "x is not", "resumes"),
+    (store.IncompleteStoreError("x is not a complete store"), cli.EXIT_STORE, "x is not",
+     "resumes"),
     (FileExistsError("r holds a release"), cli.EXIT_RELEASE, "r holds a release", ""),
     (OSError(errno.ENOSPC, "No space left on device", "/o/train/x"), cli.EXIT_DISK_FULL,
      "no space left on the device writing /o/train/x", "free space"),
     (KeyboardInterrupt(), cli.EXIT_INTERRUPTED, "interrupted", "run the same command again"),
     (preemption.Preempted(3, "/o/ckpt"), preemption.EXIT_CODE, "checkpoint at step 3", ""),
     (RuntimeError(BEAM_TEXT), cli.EXIT_INPUT, "corpus file /d/x.txt is not UTF-8 text", ""),
+    (RuntimeError("Traceback ...\nOSError: [Errno 28] No space left on device: '/o/s/x'"),
+     cli.EXIT_DISK_FULL, "no space left on the device", "free space"),
     (ValueError("train.lr bad"), cli.EXIT_INPUT, "train.lr bad", ""),
 ])
 def test_expected_errors_have_distinct_codes_messages_and_fixes(error, code, message, fix):
@@ -202,3 +206,8 @@ def test_release_dry_run_without_a_release_or_checkpoint_says_train_first(tmp_pa
   code, _, err = _main(capsys, "release", "--dry-run", f"output_dir={tmp_path}")
   assert code == cli.EXIT_INPUT and "nothing to release" in err and "allscope train" in err
   assert list(tmp_path.iterdir()) == []
+
+
+def test_training_divergence_from_a_beam_style_text_keeps_its_code():
+  text = "Traceback ...\nallscope.trainers.loop.TrainingDiverged: training stopped at step 3\n"
+  assert cli.classify(RuntimeError(text))[:2] == (cli.EXIT_DIVERGED, "training stopped at step 3")
