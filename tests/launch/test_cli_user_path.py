@@ -211,3 +211,22 @@ def test_release_dry_run_without_a_release_or_checkpoint_says_train_first(tmp_pa
 def test_training_divergence_from_a_beam_style_text_keeps_its_code():
   text = "Traceback ...\nallscope.trainers.loop.TrainingDiverged: training stopped at step 3\n"
   assert cli.classify(RuntimeError(text))[:2] == (cli.EXIT_DIVERGED, "training stopped at step 3")
+
+
+def test_evaluate_reads_the_held_out_text_before_loading_the_model(tmp_path, monkeypatch):
+  """Too many evaluate.n_sequences for the corpus is refused before the weights load."""
+  from allscope import models
+  from allscope.launch import config as config_lib, stages
+
+  def no_load(*a, **k):
+    raise AssertionError("the model loaded before the held-out text was checked")
+
+  monkeypatch.setattr(models, "load", no_load)
+  cfg = config_lib.load(None, [f"output_dir={tmp_path}", "harvest.context_length=64",
+                               "harvest.token_budget=64", "harvest.corpus.docs_per_unit=4",
+                               "harvest.corpus.kind=files", f"harvest.corpus.path={tmp_path}/*.txt",
+                               "evaluate.seq_len=32", "evaluate.n_sequences=50"])
+  (tmp_path / "a.txt").write_text("A short document about lighthouses and the sea. " * 20)
+  with pytest.raises(ValueError, match="the corpus holds only"):
+    stages._evaluate(cfg, [])
+  assert _history(tmp_path) == []
