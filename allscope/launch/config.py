@@ -4,15 +4,17 @@ A run is described by a tree of typed, frozen dataclasses (`RunConfig` and its s
 files are Python modules with a `get_config()` that returns one, so they read like documentation
 and can compute values. The command line adds dotted overrides (`train.steps=1000`), which are
 parsed, type-checked against the dataclass annotations and validated before any work starts.
-The resolved config is saved as JSON beside every output.
+A command that starts work records its resolved config in the run folder (`record`).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime
 import importlib.util
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -39,6 +41,17 @@ class RunConfig:
   browse: BrowseConfig = BrowseConfig()
   output_dir: str = "outputs/run"
   seed: int = 0
+
+  def validate(self) -> None:
+    """Facts across sections that can be checked before any work."""
+    if not self.output_dir:
+      raise ValueError("output_dir must not be empty")
+    if self.seed < 0:
+      raise ValueError(f"seed={self.seed} must be >= 0")
+    if self.evaluate.seq_len > self.harvest.context_length:
+      raise ValueError(f"evaluate.seq_len={self.evaluate.seq_len} exceeds harvest.context_length="
+                       f"{self.harvest.context_length}: held-out sequences are cut from packed "
+                       "sequences of that length; lower evaluate.seq_len")
 
 
 class ConfigError(ValueError):
@@ -190,8 +203,26 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def save(config: Any, directory: str | Path, name: str = "config.json") -> Path:
-  """Writes the resolved config beside an output, so every artefact says how it was made."""
+  """Writes the resolved config beside an output (atomically: temp name + rename)."""
   path = Path(directory) / name
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
   return path
+
+
+HISTORY = "configs"  # <output_dir>/configs/<stage>-<UTC time>.json: one per command that worked
+
+
+def record(config: RunConfig, stage: str) -> Path:
+  """Records the resolved config of a command that starts real work (call it after every check
+  that may refuse the command): `configs/<stage>-<UTC time>.json` always, and `config.json`
+  (the run's first resolved config) only when the run has none, so no later command, refused
+  or not, replaces a run's record. Returns the history entry."""
+  root = Path(config.output_dir)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+  entry = save(config, root / HISTORY, f"{stage}-{stamp}.json")
+  if not (root / "config.json").exists():
+    save(config, root)
+  return entry

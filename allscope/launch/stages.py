@@ -1,6 +1,7 @@
 """The stages behind the CLI, wired over one output folder:
 
-  <output_dir>/config.json     the resolved run config
+  <output_dir>/config.json     the run's first resolved config (never replaced)
+  <output_dir>/configs/        <stage>-<UTC time>.json: the config of every command that worked
   <output_dir>/store/          activation store (harvest)
   <output_dir>/train/          checkpoints/, tensorboard/ (train)
   <output_dir>/evaluation.json metrics per dictionary (evaluate)
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from allscope import models, pipelines, release, trainers
@@ -53,8 +55,9 @@ def harvest(cfg: RunConfig) -> dict:
   paths = Paths(Path(cfg.output_dir))
 
   def work():
-    config_lib.save(cfg, paths.root)
-    return pipelines.harvest(cfg.harvest, cfg.model, str(paths.store))
+    manifest = pipelines.harvest(cfg.harvest, cfg.model, str(paths.store))
+    config_lib.record(cfg, "harvest")  # after the harvest's own checks (it may refuse the store)
+    return manifest
 
   distributed.on_primary("harvest", work)
   return pipelines.open_store(paths.store).manifest
@@ -67,13 +70,32 @@ def train(cfg: RunConfig) -> trainers.TrainResult:
   trainers.Preempted after checkpointing on SIGTERM/SIGINT.
   """
   paths = Paths(Path(cfg.output_dir))
-  distributed.on_primary("train config", lambda: config_lib.save(cfg, paths.root))
   store = pipelines.open_store(paths.store)
+  check_store_rows(cfg, store.num_rows_served, paths.store)
   sites = tuple(dict.fromkeys(cfg.train.sites))
   batches = store.global_batches(cfg.train.batch_size, sites=sites, layers=cfg.train.layers,
                                  seed=cfg.seed)
   norm = {site: store.norm_scale(site, cfg.train.layers) for site in sites}
-  return trainers.train(cfg.train, batches, norm, paths.train)
+  recorded = []
+
+  def record(step: int, context: dict) -> None:  # the first step taken: every check has passed
+    if not recorded and jax.process_index() == 0:
+      recorded.append(config_lib.record(cfg, "train"))
+
+  return trainers.train(cfg.train, batches, norm, paths.train, hooks=(record,))
+
+
+def check_store_rows(cfg: RunConfig, rows: int, where: Path) -> None:
+  """A batch larger than the store is refused; training past the store's rows is said aloud."""
+  t = cfg.train
+  if t.batch_size > rows:
+    raise ValueError(f"train.batch_size={t.batch_size} exceeds the {rows} rows the store {where} "
+                     "serves; lower train.batch_size or harvest more (harvest.token_budget)")
+  epochs = t.steps * t.batch_size / rows
+  if epochs > 1:
+    print(f"note: train.steps x train.batch_size = {t.steps * t.batch_size} rows is {epochs:.1f} "
+          f"passes over the store's {rows} rows: rows repeat; raise harvest.token_budget to see "
+          "each once", file=sys.stderr)
 
 
 def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = None, *,
@@ -131,8 +153,11 @@ def evaluate(cfg: RunConfig, dictionaries: list | None = None, *,
 
 def _evaluate(cfg: RunConfig, dictionaries: list) -> list[release.Evaluation]:
   paths = Paths(Path(cfg.output_dir))
+  arch, tokenizer = models.describe(cfg.model.name)
+  tokens = heldout_tokens(cfg, tokenizer, arch)  # refuses a short corpus before the model loads
+  config_lib.record(cfg, "evaluate")
+  print(f"loading {cfg.model.name} ({cfg.model.dtype}) to evaluate ...", file=sys.stderr)
   model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
-  tokens = heldout_tokens(cfg, tokenizer, model.config)
   evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
                                  log_dir=paths.root / "tensorboard_eval")
   tmp = paths.evaluation.with_name(f".{paths.evaluation.name}.tmp")
@@ -144,16 +169,50 @@ def _evaluate(cfg: RunConfig, dictionaries: list) -> list[release.Evaluation]:
 
 def release_stage(cfg: RunConfig, dictionaries: list | None = None,
                   evaluations: list | None = None, *, allow_partial: bool = False) -> Path:
-  """Writes (and publishes) the release of the latest checkpoint on process 0; the others wait."""
+  """Writes (and publishes) the release of the latest checkpoint on process 0; the others wait.
+
+  A folder that already holds a release is kept (and published as it is) unless
+  release.overwrite; with release.dry_run nothing is evaluated or written, only said.
+  """
+  root = release.release_dir(cfg.release, Path(cfg.output_dir))
+  exists = (root / "manifest.json").exists()
+  checkpoints = Paths(Path(cfg.output_dir)).train / "checkpoints"
+  if cfg.release.dry_run and not exists and not any(
+      p.name.isdigit() for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())):
+    raise ValueError(f"nothing to release: no release in {root} and no checkpoints in "
+                     f"{checkpoints}; train first (allscope train)")
+  if cfg.release.dry_run or (exists and not cfg.release.overwrite):
+    distributed.on_primary("release", lambda: _keep_release(cfg, root, exists))
+    return root
   dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
-  root = distributed.on_primary("release", lambda: _release(cfg, dictionaries, evaluations))
-  return root or release.release_dir(cfg.release, Path(cfg.output_dir))
+  out = distributed.on_primary("release", lambda: _release(cfg, dictionaries, evaluations))
+  return out or root
+
+
+def _keep_release(cfg: RunConfig, root: Path, exists: bool) -> None:
+  """Says what a dry run would do, or publishes an existing release as it is."""
+  r = cfg.release
+  if r.dry_run:
+    if not exists:
+      print(f"[dry run] would evaluate the latest checkpoint and write the release to {root}"
+            + (f", then publish it to {r.publish_to}" if r.publish_to else ""), file=sys.stderr)
+      return
+    action = "rewrite (release.overwrite=true)" if r.overwrite else "keep"
+    print(f"[dry run] would {action} the release in {root}", file=sys.stderr)
+  else:
+    print(f"keeping the existing release in {root} (release.overwrite=true rewrites it)",
+          file=sys.stderr)
+  if r.publish_to:
+    if not r.dry_run:
+      config_lib.record(cfg, "publish")
+    release.publish(root, r.publish_to, dry_run=r.dry_run, private=r.private)
 
 
 def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Path:
   paths = Paths(Path(cfg.output_dir))
   if evaluations is None:
     evaluations = _evaluate(cfg, dictionaries)
+  config_lib.record(cfg, "release")
   manifest = pipelines.open_store(paths.store).manifest
   info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
           "corpus": dataclasses.asdict(cfg.harvest.corpus),

@@ -73,6 +73,8 @@ class HarvestConfig:
                  "num_workers", "mesh_model"):
       if getattr(self, name) < 1:
         raise ValueError(f"harvest.{name}={getattr(self, name)} must be >= 1")
+    if self.seed < 0:
+      raise ValueError(f"harvest.seed={self.seed} must be >= 0")
     if self.devices_per_worker < 0:
       raise ValueError(f"harvest.devices_per_worker={self.devices_per_worker} must be >= 0 "
                        "(0: divide the host's devices among num_workers)")

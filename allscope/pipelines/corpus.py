@@ -43,6 +43,19 @@ def _open_text(path: str):
   return open(path, encoding="utf-8")
 
 
+def _text(path: str, read: Callable[[], str]) -> str:
+  """`read()`, with a binary or non-UTF-8 file named (the decoder's own error names no file)."""
+  try:
+    text = read()
+  except UnicodeDecodeError as e:
+    raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                      "convert it to UTF-8 or leave it out of corpus.path") from e
+  if "\x00" in text:
+    raise CorpusError(f"corpus file {path} holds NUL bytes: it looks binary; leave it out of "
+                      "corpus.path")
+  return text
+
+
 def tfds_source(cfg: CorpusConfig):
   import tensorflow_datasets as tfds
   try:
@@ -84,10 +97,10 @@ def documents(cfg: CorpusConfig, unit: Unit, source: Any = None) -> Iterator[str
   elif kind == "text":
     for path in payload:
       with _open_text(path) as f:
-        yield f.read()
+        yield _text(path, f.read)
   elif kind == "jsonl":
     with _open_text(payload) as f:
-      for lineno, line in enumerate(f, 1):
+      for lineno, line in enumerate(iter(lambda: _text(payload, f.readline), ""), 1):
         if not line.strip():
           continue
         try:

@@ -7,6 +7,7 @@ shards lose their receipt and the manifest, so the job rewrites exactly those sh
 
 from __future__ import annotations
 
+import json
 import logging
 
 from allscope import files
@@ -31,9 +32,10 @@ def claim(p: Plan) -> dict | None:
           return manifest
       return None  # same harvest, unfinished (or just repaired): resume
     if not p.cfg.overwrite:
-      diff = sorted(k for k in set(found) | set(p.identity) if found.get(k) != p.identity.get(k))
-      raise HarvestError(f"{root} holds a different activation store (differs in: "
-                         f"{', '.join(diff)}); choose another output or set harvest.overwrite=True")
+      raise HarvestError(f"{root} holds a different activation store: "
+                         f"{'; '.join(differences(found, p.identity))}; use the store's "
+                         "settings, choose another output_dir, or set harvest.overwrite=true "
+                         "to replace it")
   elif files.listdir(root) and not p.cfg.overwrite:
     raise HarvestError(f"{root} is not empty and holds no activation store; choose an empty "
                        "output or set harvest.overwrite=True")
@@ -41,6 +43,24 @@ def claim(p: Plan) -> dict | None:
     remove_store(root)
   files.write_text(spec_path, store.dumps(p.identity))
   return None
+
+
+def differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
+  """`key: <found> in the store, <wanted> in the config` for every differing leaf, dotted
+  (harvest.* keys are the config fields of the same name)."""
+  out = []
+  for key in sorted(set(found) | set(wanted)):
+    a, b, name = found.get(key), wanted.get(key), f"{prefix}{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, f"{name}.")
+    elif a != b:
+      out.append(f"{name}: {_short(a)} in the store, {_short(b)} in the config")
+  return out
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."
 
 
 def repair(root: str, shards: list[dict]) -> list[str]:

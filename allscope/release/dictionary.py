@@ -56,6 +56,23 @@ class Dictionary:
   def affine(self) -> bool:
     return "affine_skip_connection" in self.params
 
+  def encode(self, x: Any, xp: Any = np) -> Any:
+    """Latent activations [..., F] of inputs x [..., d_in] (a crosscoder: its layers' inputs
+    concatenated, layer-major); float32 numpy, or jax.numpy arrays with `xp=jax.numpy`."""
+    x = _as_input(x, self.params["w_enc"].shape[0], "x", xp)
+    return encode(self.params, x, self.architecture, self.k, xp)
+
+  def decode(self, f: Any, x: Any | None = None, xp: Any = np) -> Any:
+    """Outputs [..., d_out] of latents f [..., F]; an affine skip-transcoder also needs its
+    inputs x (the skip term x @ affine_skip_connection is part of its output)."""
+    f = _as_input(f, self.width, "f", xp)
+    if self.affine:
+      if x is None:
+        raise ValueError("this skip-transcoder's output adds x @ affine_skip_connection: "
+                         "call decode(f, x) with the inputs x")
+      x = _as_input(x, self.params["w_enc"].shape[0], "x", xp)
+    return decode(self.params, f, x)
+
   def validate(self, source: str = "dictionary") -> None:
     if self.type not in ("sae", "transcoder", "crosscoder"):
       raise ValueError(f"{source}: type {self.type!r} must be sae, transcoder or crosscoder "
@@ -109,6 +126,31 @@ class CrossLayerTranscoder:
   def affine(self) -> bool:
     return "affine_skip_connection" in self.layer_params[0]
 
+  def encode(self, xs: Any, xp: Any = np) -> list[Any]:
+    """Latents per layer [..., F] of inputs xs (one [..., d] mlp_in per layer, in order)."""
+    xs = self._inputs(xs, xp)
+    return [encode(p, x, self.architecture, self.k, xp) for p, x in zip(self.layer_params, xs)]
+
+  def decode(self, feats: Any, xs: Any | None = None, xp: Any = np) -> list[Any]:
+    """Outputs per layer [..., d] (mlp_out of layer j sums the decoders of every layer i <= j)
+    of latents `feats` (one [..., F] per layer); an affine CLT also needs its inputs xs."""
+    if len(feats) != self.n_layers:
+      raise ValueError(f"got latents of {len(feats)} layers; this CLT has {self.n_layers}")
+    feats = [_as_input(f, self.width, f"feats[{i}]", xp) for i, f in enumerate(feats)]
+    if self.affine:
+      if xs is None:
+        raise ValueError("this CLT's outputs add x @ affine_skip_connection: call "
+                         "decode(feats, xs) with the inputs xs")
+      xs = self._inputs(xs, xp)
+    return clt_decode(self.layer_params, feats, xs)
+
+  def _inputs(self, xs: Any, xp: Any) -> list[Any]:
+    if len(xs) != self.n_layers:
+      raise ValueError(f"got inputs of {len(xs)} layers; this CLT reads {self.n_layers} "
+                       f"(model layers {self.model_layers})")
+    d = self.layer_params[0]["w_enc"].shape[0]
+    return [_as_input(x, d, f"xs[{i}]", xp) for i, x in enumerate(xs)]
+
   def validate(self, source: str = "clt") -> None:
     _check_common(self.architecture, self.k, source)
     n = self.n_layers
@@ -126,6 +168,14 @@ class CrossLayerTranscoder:
         raise ValueError(f"{where}: affine_skip_connection must be present on all layers or none")
       if l > 0 and np.any(params["w_dec"][:, :l]):
         raise ValueError(f"{where}: w_dec writes to earlier layers 0..{l - 1}; a CLT writes to l' >= l")
+
+
+def _as_input(a: Any, width: int, name: str, xp: Any) -> Any:
+  """`a` as float32 with `width` features last; the error names the argument and both widths."""
+  a = xp.asarray(a, dtype=xp.float32)
+  if a.ndim < 1 or a.shape[-1] != width:
+    raise ValueError(f"{name} has shape {tuple(a.shape)}; expected [..., {width}]")
+  return a
 
 
 def _check_common(architecture: str, k: int | None, source: str) -> None:
@@ -206,12 +256,19 @@ def clt_forward(clt: CrossLayerTranscoder, xs: list[Any], xp: Any = np,
   """CLT features per layer and outputs per layer from inputs `xs[l]` = mlp_in[l] [..., d]."""
   params = params if params is not None else clt.layer_params
   feats = [encode(p, x, clt.architecture, clt.k, xp) for p, x in zip(params, xs)]
+  return feats, clt_decode(params, feats, xs)
+
+
+def clt_decode(params: tuple[Mapping[str, Any], ...], feats: list[Any],
+               xs: list[Any] | None) -> list[Any]:
+  """Per target layer j: b_dec[j] + sum over sources i <= j of feats[i] @ w_dec[i][:, j]
+  (+ xs[j] @ affine_skip_connection[j])."""
   outs = []
-  for target in range(clt.n_layers):
+  for target in range(len(params)):
     y = params[target]["b_dec"]
     for source in range(target + 1):
       y = y + feats[source] @ params[source]["w_dec"][:, target]
     if "affine_skip_connection" in params[target]:
       y = y + xs[target] @ params[target]["affine_skip_connection"]
     outs.append(y)
-  return feats, outs
+  return outs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from allscope.kernels.dispatch import CHOICES
@@ -101,6 +102,7 @@ class TrainConfig:
     return min(max(4 * base, 8), self.width)
 
   def validate(self) -> None:
+    self._check_numbers()
     if self.kernels not in KERNELS:
       raise ValueError(f"train.kernels={self.kernels!r} is unknown; use one of {', '.join(KERNELS)}")
     if self.kind not in KINDS:
@@ -141,3 +143,32 @@ class TrainConfig:
       raise ValueError(f"train.matryoshka={self.matryoshka} must be increasing sizes in (0, width)")
     if not 0 <= self.lr_decay_fraction <= 1:
       raise ValueError(f"train.lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")
+
+  def _check_numbers(self) -> None:
+    """Sign and range of every numeric field, before any work (a negative lr trains by ascent)."""
+    # (field, low, high, low_open, high_open); None = unbounded. Fields that may be None (a
+    # default chosen elsewhere) are checked only when given.
+    ranges = (("lr", 0, None, True, False), ("l0_coef", 0, None, False, False),
+              ("bandwidth", 0, None, True, False), ("threshold_init", 0, None, False, False),
+              ("init_l0_multiple", 0, None, True, False),
+              ("threshold_lr_multiple", 0, None, False, False),
+              ("freq_coef", 0, None, False, False), ("freq_max", 0, 1, True, False),
+              ("aux_k", 0, None, False, False), ("aux_coef", 0, None, False, False),
+              ("dead_tokens", 1, None, False, False), ("target_l0", 0, None, True, False),
+              ("sparsity_warmup_steps", 0, None, False, False),
+              ("lr_warmup_steps", 0, None, False, False), ("lr_decay_fraction", 0, 1, False, False),
+              ("adam_b1", 0, 1, False, True), ("adam_b2", 0, 1, False, True),
+              ("grad_clip", 0, None, True, False), ("init_decoder_norm", 0, None, True, False),
+              ("d_in", 1, None, False, False), ("d_out", 1, None, False, False),
+              ("seed", 0, None, False, False))
+    for name, low, high, low_open, high_open in ranges:
+      value = getattr(self, name)
+      if value is None:
+        continue
+      bad = not math.isfinite(value) or (low is not None and (
+          value <= low if low_open else value < low)) or (high is not None and (
+              value >= high if high_open else value > high))
+      if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + str(low)
+        hi = "inf)" if high is None else str(high) + (")" if high_open else "]")
+        raise ValueError(f"train.{name}={value} is out of range; it must lie in {lo}, {hi}")

@@ -169,6 +169,8 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   output_dir: checkpoints/ and tensorboard/ go here, plus train_config.json.
   hooks: called as hook(step_done, context) after every step (context holds the state and the
     checkpoint manager); used by tests.
+  TensorBoard (output_dir/tensorboard): train/<metric> aggregates and train/lr every log_every
+  steps, and per dictionary fvu/<layer>, l0/<layer>, dead/<layer>.
   Raises preemption.Preempted after checkpointing on SIGTERM/SIGINT.
   """
   cfg.validate()
@@ -183,12 +185,13 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   primary = jax.process_index() == 0
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if primary:
-    _write_json(out / "train_config.json", dataclasses.asdict(cfg))
   mngr = checkpoint.manager(out / "checkpoints", cfg)
   latest = checkpoint.latest_step(mngr)
   if latest is not None:
     checkpoint.check_compatible(checkpoint.saved_config(mngr, latest), cfg, out)
+    if latest > cfg.steps:
+      raise ValueError(f"{out / 'checkpoints'} holds step {latest}, past train.steps={cfg.steps}; "
+                       f"give train.steps >= {latest} (or a new output_dir)")
   site_in, site_out = cfg.sites
 
   batch_sh = mesh_lib.batch_sharding(mesh)
@@ -202,6 +205,8 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   first = next(iterator)
   d_in, d_out = _check_batch(first, cfg, row_stop - row_start)
   norm = _check_norm(norm_scale, cfg)
+  if primary:  # after every check: a refused run leaves the record of the last one
+    _write_json(out / "train_config.json", dataclasses.asdict(cfg))
 
   def put(a: np.ndarray) -> jax.Array:
     shape = (cfg.batch_size,) + np.shape(a)[1:]
@@ -228,6 +233,10 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
                   unit="step", desc=f"train {cfg.kind}/{cfg.activation}", dynamic_ncols=True)
   metrics: dict[str, float] = {}
   t_last, s_last = time.perf_counter(), start
+  lr_at = state_lib.schedule(cfg)
+  # Curves per dictionary: layer_<l> (a crosscoder has one dictionary over all its layers).
+  group_names = (["all_layers"] if cfg.kind == "crosscoder"
+                 else [f"layer_{l}" for l in cfg.layers])
 
   def check() -> None:
     bad = int(jax.device_get(st.bad_step))
@@ -250,13 +259,19 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
         bar.update(1)
         if step_done % cfg.log_every == 0 or step_done == cfg.steps:
           check()
-          metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+          host = jax.device_get(m)
+          per_group = host.pop("per_group")
+          metrics = {k: float(v) for k, v in host.items()}
           now = time.perf_counter()
           metrics["tokens_per_s"] = (cfg.batch_size * (step_done - s_last)
                                      / max(now - t_last, 1e-9))
+          metrics["lr"] = float(lr_at(step_done - 1))  # the rate of this step's update
           t_last, s_last = now, step_done
           for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, step_done)
+          for k, values in per_group.items():
+            for name, v in zip(group_names, np.asarray(values).reshape(-1)):
+              writer.add_scalar(f"{k}/{name}", float(v), step_done)
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", fvu=f"{metrics['fvu']:.3f}",
                           l0=f"{metrics['l0']:.1f}", dead=f"{100 * metrics['dead']:.1f}%",
                           tok_s=f"{metrics['tokens_per_s']:.3g}")

@@ -39,8 +39,9 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
   err = _sq(y - y_hat)  # [B, G_out]
   mse = jnp.sum(jnp.mean(err, axis=0))
-  total_var = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)))
-  metrics = {"mse": mse, "fvu": jnp.sum(err) / jnp.maximum(total_var, 1e-12)}
+  var = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)), axis=(0, 2))  # [G_out]
+  metrics = {"mse": mse, "fvu": jnp.sum(err) / jnp.maximum(jnp.sum(var), 1e-12),
+             "fvu_per_group": jax.lax.stop_gradient(jnp.sum(err, axis=0) / jnp.maximum(var, 1e-12))}
   loss = mse
 
   for m in cfg.matryoshka:

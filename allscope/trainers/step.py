@@ -92,7 +92,11 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
       bad_cause=jnp.where((cause != 0) & (st.bad_step < 0), cause, st.bad_cause),
   )
   out = {k: metrics[k] for k in ("loss", "mse", "fvu", "l0", "overflow")}
-  out["dead"] = jnp.mean((since >= cfg.dead_tokens).astype(jnp.float32))
+  dead_now = (since >= cfg.dead_tokens).astype(jnp.float32)  # [G, F]
+  out["dead"] = jnp.mean(dead_now)
+  # Per dictionary (output group for FVU): TensorBoard's per-layer curves.
+  out["per_group"] = {"fvu": metrics["fvu_per_group"], "l0": metrics["l0_per_group"],
+                      "dead": jnp.mean(dead_now, axis=-1)}
   return new, out
 
 

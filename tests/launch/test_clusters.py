@@ -52,5 +52,5 @@ def test_cli_writes_the_script_inside_the_output_folder(tmp_path):
   assert out.returncode == 0, out.stderr
   script = tmp_path / "launch" / "train.slurm.sh"
   assert script.exists() and f"job script: {script}" in out.stdout
-  assert (tmp_path / "config.json").exists()
+  assert not (tmp_path / "config.json").exists()  # launch starts no work: nothing recorded
   assert f"output_dir={tmp_path}" in script.read_text()

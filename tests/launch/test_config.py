@@ -68,3 +68,43 @@ def test_sequences_and_optionals_are_coerced():
   assert config_lib.apply_overrides(Root(), ["s.layers=5"]).s.layers == (5,)
   with pytest.raises(ConfigError, match="expected int"):
     config_lib.apply_overrides(Root(), ["s.layers=[1,'a']"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-1", r"train.lr=-1.0 is out of range; it must lie in \(0, inf\)"),
+    ("train.lr=0", r"train.lr=0.0 is out of range"),
+    ("train.l0_coef=-0.5", r"train.l0_coef=-0.5 is out of range; it must lie in \[0, inf\)"),
+    ("train.aux_coef=-1", r"train.aux_coef"),
+    ("train.freq_coef=-1", r"train.freq_coef"),
+    ("train.freq_max=0", r"train.freq_max=0.0 is out of range; it must lie in \(0, 1\]"),
+    ("train.adam_b1=1", r"train.adam_b1=1.0 is out of range; it must lie in \[0, 1\)"),
+    ("train.adam_b2=-0.1", r"train.adam_b2"),
+    ("train.grad_clip=0", r"train.grad_clip"),
+    ("train.lr_warmup_steps=-1", r"train.lr_warmup_steps=-1"),
+    ("train.sparsity_warmup_steps=-5", r"train.sparsity_warmup_steps=-5"),
+    ("train.lr_decay_fraction=1.5", r"train.lr_decay_fraction=1.5"),
+    ("train.dead_tokens=0", r"train.dead_tokens=0"),
+    ("train.threshold_init=-0.1", r"train.threshold_init"),
+    ("train.init_l0_multiple=0", r"train.init_l0_multiple"),
+    ("train.threshold_lr_multiple=-1", r"train.threshold_lr_multiple"),
+    ("train.init_decoder_norm=0", r"train.init_decoder_norm"),
+    ("train.aux_k=-1", r"train.aux_k"),
+    ("train.d_in=0", r"train.d_in"),
+    ("train.seed=-1", r"train.seed"),
+    ("train.steps=0", r"train.steps=0 must be positive"),
+    ("harvest.seed=-2", r"harvest.seed=-2 must be >= 0"),
+    ("seed=-1", r"seed=-1 must be >= 0"),
+    ("output_dir=", r"output_dir must not be empty"),
+    ("browse.min_log10=3", r"browse.max_log10 \(3.0\) must exceed"),
+    ("evaluate.seq_len=4096", r"evaluate.seq_len=4096 exceeds harvest.context_length=1024"),
+])
+def test_numbers_out_of_range_are_refused_with_the_field_and_its_range(override, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.load(None, [override])
+
+
+def test_in_range_edges_are_accepted():
+  cfg = config_lib.load(None, ["train.l0_coef=0", "train.adam_b1=0", "train.freq_max=1",
+                               "train.lr_warmup_steps=0", "train.threshold_init=0",
+                               "evaluate.seq_len=1024"])
+  assert cfg.train.l0_coef == 0.0 and cfg.train.freq_max == 1.0

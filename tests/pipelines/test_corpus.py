@@ -54,3 +54,15 @@ def test_missing_corpus_and_bad_jsonl_are_named(tmp_path):
     list(corpus.documents(cfg, corpus.units(cfg)[0]))
   with pytest.raises(corpus.CorpusError, match="TFDS cannot open"):
     corpus.units(CorpusConfig(kind="tfds", path="no_such_dataset", data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("latin1.txt", "caf\xe9".encode("latin-1"), r"latin1.txt is not UTF-8 text"),
+    ("blob.txt", b"\x00\x01\x02abc", r"blob.txt holds NUL bytes: it looks binary"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl is not UTF-8"),
+])
+def test_binary_or_non_utf8_corpus_files_are_named(tmp_path, name, data, message):
+  (tmp_path / name).write_bytes(data)
+  cfg = CorpusConfig(kind="files", path=str(tmp_path / name))
+  with pytest.raises(corpus.CorpusError, match=message):
+    list(corpus.documents(cfg, corpus.units(cfg)[0]))

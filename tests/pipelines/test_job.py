@@ -20,7 +20,7 @@ import pytest
 
 from allscope import files
 from allscope.models import ModelConfig
-from allscope.pipelines import ActivationStore, HarvestError, corpus, job, store, worker
+from allscope.pipelines import ActivationStore, HarvestError, corpus, job, output, store, worker
 from allscope.pipelines.config import CorpusConfig, HarvestConfig
 from tests.pipelines.helpers import all_rows, file_digests
 
@@ -238,7 +238,8 @@ def test_a_different_store_is_refused_unless_overwrite(gemma270m, tmp_path):
   small = dataclasses.replace(BASE, token_budget=8 * 63)
   _run(gemma270m, small, out)
   other = dataclasses.replace(small, layers=(0, 1))
-  with pytest.raises(HarvestError, match="holds a different activation store.*harvest"):
+  with pytest.raises(HarvestError, match=r"holds a different activation store: harvest.layers: "
+                     r"\[1, 3\] in the store, \[0, 1\] in the config; .*harvest.overwrite=true"):
     _run(gemma270m, other, out)
   assert (out / "mlp_in" / "layer_3").is_dir()
   replaced, _ = _run(gemma270m, dataclasses.replace(other, overwrite=True), out)
@@ -328,3 +329,15 @@ def test_the_corrupt_shard_message_names_the_fix(reference, tmp_path):
   with pytest.raises(store.CorruptShardError, match="re-run the same harvest command on this "
                      "output: it checks every shard against its receipt"):
     ActivationStore(str(out)).source(("mlp_out",), (1,), verify="checksum")[0]
+
+
+def test_a_store_mismatch_names_every_differing_field_and_both_values():
+  found = {"format": "f", "harvest": {"token_budget": 1008, "layers": [1, 3],
+                                      "corpus": {"kind": "builtin", "path": ""}}, "units": 2}
+  wanted = {"format": "f", "harvest": {"token_budget": 2000, "layers": [1, 3],
+                                       "corpus": {"kind": "files", "path": "/d/*.txt"}}, "units": 2}
+  assert output.differences(found, wanted) == [
+      'harvest.corpus.kind: "builtin" in the store, "files" in the config',
+      'harvest.corpus.path: "" in the store, "/d/*.txt" in the config',
+      "harvest.token_budget: 1008 in the store, 2000 in the config"]
+  assert output.differences(found, found) == []

@@ -102,3 +102,27 @@ def test_sigint_checkpoints_at_the_next_step_and_the_restart_ends_where_it_would
   assert resumed.resumed_from == 6
   for k, v in straight.params.items():
     assert np.array_equal(v, resumed.params[k]), k
+
+
+def test_tensorboard_holds_learning_rate_and_per_layer_curves(tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  cfg = dataclasses.replace(CFG, steps=8, lr_warmup_steps=4, log_every=2, checkpoint_every=8)
+  train(cfg, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path, progress=False)
+  events = EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = lambda tag: {e.step: e.value for e in events.Scalars(tag)}
+  # Linear warm-up over 4 updates, flat, then linear decay over the last 20% (int(1.6) = 1 step):
+  # step s applies the rate of update count s - 1.
+  lr = scalars("train/lr")
+  assert sorted(lr) == [2, 4, 6, 8]
+  np.testing.assert_allclose([lr[2], lr[4], lr[6], lr[8]], [2.5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-6)
+  for name in ("fvu", "l0", "dead"):
+    assert {t for t in events.Tags()["scalars"] if t.startswith(f"{name}/")} == {
+        f"{name}/layer_0", f"{name}/layer_1"}
+  for step in (2, 4, 6, 8):
+    per_layer_l0 = [scalars(f"l0/layer_{l}")[step] for l in (0, 1)]
+    assert np.mean(per_layer_l0) == pytest.approx(scalars("train/l0")[step], rel=1e-6)
+    assert all(v <= 3 for v in per_layer_l0)  # TopK, k=3
+    assert all(0 <= scalars(f"fvu/layer_{l}")[step] < 2 for l in (0, 1))
+    assert all(0 <= scalars(f"dead/layer_{l}")[step] <= 1 for l in (0, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,8 @@ class BrowseConfig:
     for name in ("max_tokens", "skip_tokens", "before", "after"):
       if getattr(self, name) < 0:
         raise ValueError(f"browse.{name} must be >= 0, got {getattr(self, name)}")
-    if not self.max_log10 > self.min_log10:
+    if not (math.isfinite(self.min_log10) and math.isfinite(self.max_log10)
+            and self.max_log10 > self.min_log10):
       raise ValueError(f"browse.max_log10 ({self.max_log10}) must exceed browse.min_log10 "
                        f"({self.min_log10})")
     if not 0.0 < self.dense_threshold < 1.0:
