@@ -103,7 +103,7 @@ def test_a_corrupt_shard_is_one_line_with_the_fix_and_exit_3(run, capsys):
   shard.write_bytes(bytes(data))
   code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY)
   assert code == cli.EXIT_STORE, err
-  assert "the shard is corrupt" in err and "re-run `allscope harvest`" in err
+  assert "does not match" in err and store.REPAIR in err
   assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
   code, _, err = _main(capsys, "train", f"output_dir={run}", *TINY, "--debug")
   assert code == cli.EXIT_STORE and "Traceback" in err
@@ -230,3 +230,9 @@ def test_evaluate_reads_the_held_out_text_before_loading_the_model(tmp_path, mon
   with pytest.raises(ValueError, match="the corpus holds only"):
     stages._evaluate(cfg, [])
   assert _history(tmp_path) == []
+
+
+def test_a_message_that_names_its_fix_is_not_given_a_second_one():
+  error = store.CorruptShardError(f"s: sha256 does not match its receipt; {store.REPAIR}")
+  code, message, fix = cli.classify(error)
+  assert code == cli.EXIT_STORE and store.REPAIR in message and fix == ""
