@@ -1,5 +1,7 @@
 """Real clients load our release: SAELens and circuit-tracer reproduce our encodings and
-reconstructions (relative error <= 1e-5 against a float64 numpy reference), offline.
+reconstructions (relative error <= 1e-5 against a float64 numpy reference), offline; for every
+activation x kind the trainer exports, each loader either reads it exactly or refuses it (a TopK
+is never read as a ReLU).
 
 Each client runs in a subprocess of its own Python environment (circuit-tracer 0.5.0 pins
 transformers<=4.57.3, which cannot share our test environment):
