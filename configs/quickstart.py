@@ -3,9 +3,9 @@
   allscope run configs/quickstart.py
 
 Harvests mlp_in/mlp_out of all 18 layers of the bundled Gemma 3 270M on CPython's bundled English
-documentation, trains one skip-transcoder per layer (all 18 in one pass), measures them on
-held-out text (FVU, L0, spliced delta LM loss against zero ablation) and writes a release folder
-with its model card under outputs/quickstart/.
+documentation, trains one BatchTopK skip-transcoder per layer (all 18 in one pass, released as
+JumpReLU), measures them on held-out text (FVU, L0, spliced delta LM loss against zero ablation)
+and writes a release folder with its model card under outputs/quickstart/.
 """
 
 from allscope.launch.config import RunConfig
@@ -25,10 +25,13 @@ def get_config() -> RunConfig:
           corpus=CorpusConfig(kind="builtin"),
           sites=("mlp_in", "mlp_out"), layers=LAYERS,
           context_length=128, token_budget=24_576, batch_size=8),
+      # Gemma Scope 2's recipe, as BatchTopK released as JumpReLU (its tracked threshold), so
+      # SAELens' Gemma Scope 2 loader and circuit-tracer read the release; capacity 2k keeps the
+      # step as fast as TopK's.
       train=TrainConfig(
-          kind="skip_transcoder", activation="topk", k=16, layers=LAYERS, width=1024,
-          batch_size=512, steps=300, lr=1e-3, lr_warmup_steps=20, checkpoint_every=150,
-          log_every=20),
+          kind="skip_transcoder", activation="batchtopk", k=16, capacity=32, layers=LAYERS,
+          width=1024, batch_size=512, steps=300, lr=1e-3, lr_warmup_steps=20,
+          checkpoint_every=150, log_every=20),
       evaluate=EvalConfig(n_sequences=4, seq_len=128, batch_size=4),
       release=ReleaseConfig(name="gemma3-270m-quickstart"),
   )

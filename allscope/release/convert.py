@@ -28,6 +28,8 @@ def from_exported(items: Iterable[Any]) -> list[Dictionary | CrossLayerTranscode
       if key not in meta:
         raise ValueError(f"exported dictionary {getattr(item, 'name', '?')!r}: metadata has no {key!r}")
     extra = {k: v for k, v in meta.items() if k not in _DROP}
+    if "l0" in meta:  # the training estimate; the release's `l0` is the held-out measurement
+      extra["train_l0"] = meta["l0"]
     if meta["type"] == "clt":
       clt_parts.append((item, meta, extra))
       continue
@@ -44,6 +46,8 @@ def from_exported(items: Iterable[Any]) -> list[Dictionary | CrossLayerTranscode
     if targets is not None and tuple(targets) != layers:
       raise ValueError(f"CLT parts cover layers {layers} but write to {tuple(targets)}")
     l0 = sum(float(m["l0"]) for m in metas) if all("l0" in m for m in metas) else None
+    if l0 is not None:
+      clt_parts[0][2]["train_l0"] = l0
     out.append(CrossLayerTranscoder(tuple(dict(item.arrays) for item, _, _ in clt_parts),
                                     metas[0]["architecture"], metas[0]["model_name"], l0=l0,
                                     k=metas[0].get("k"), metadata=clt_parts[0][2], layers=layers))

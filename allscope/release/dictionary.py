@@ -6,9 +6,12 @@ read them. The math here is the released math, written once for numpy and jax.nu
 
   pre = x @ w_enc + b_enc
   f   = pre * (pre > threshold)           jump_relu
-        relu(pre) on its k largest         topk
-        relu(pre)                          relu
+        relu(pre) on its k largest         topk   (no threshold tensor)
+        relu(pre)                          relu   (threshold absent or all 0)
   y   = f @ w_dec + b_dec [+ x @ affine_skip_connection]
+
+A TopK dictionary carries no `threshold`: a JumpReLU-only loader (SAELens' Gemma Scope 2 loader,
+circuit-tracer's) then fails on the missing tensor instead of reading zeros as a ReLU.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import numpy as np
 
 from allscope.release import layout
 
-REQUIRED = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+REQUIRED = ("w_enc", "w_dec", "b_enc", "b_dec")  # + threshold for jump_relu
 OPTIONAL = ("affine_skip_connection",)
+
+
+def threshold_rule(architecture: str) -> str:
+  """Whether `threshold` is "required" (jump_relu), "forbidden" (topk) or "optional" (relu)."""
+  return {"jump_relu": "required", "topk": "forbidden"}.get(architecture, "optional")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,9 +38,11 @@ class Dictionary:
   """One per-layer dictionary (SAE, transcoder or skip-transcoder, or a crosscoder).
 
   `params` holds float32 arrays: w_enc [d_in, F], w_dec [F, d_out], b_enc [F], b_dec [d_out],
-  threshold [F] and optionally affine_skip_connection [d_in, d_out]. `layer` is the layer it
-  reads (a crosscoder lists all of its layers in `layers`). `l0` is the measured mean L0, used for
-  the folder tag unless `l0_tag` is given. `k` is TopK's k. `metadata` adds config.json fields.
+  threshold [F] (jump_relu; none for topk; absent or 0 for relu) and optionally
+  affine_skip_connection [d_in, d_out]. `layer` is the layer it reads (a crosscoder lists all of
+  its layers in `layers`). `l0` is a fallback mean L0 (e.g. the training estimate): the release
+  names folders and fills config `l0` with the held-out L0 from evaluation when it has one, and
+  `l0_tag` overrides both for the folder name. `k` is TopK's k. `metadata` adds config.json fields.
   """
 
   params: Mapping[str, np.ndarray]
@@ -189,11 +199,16 @@ def _check_common(architecture: str, k: int | None, source: str) -> None:
 def check_params(params: Mapping[str, np.ndarray], source: str, architecture: str = "jump_relu",
                  clt_layers: int | None = None) -> None:
   """Keys, dtypes, shapes and finiteness, with the file (or object) named in every error."""
-  missing = [k for k in REQUIRED if k not in params]
+  rule = threshold_rule(architecture)
+  required = REQUIRED + (("threshold",) if rule == "required" else ())
+  missing = [k for k in required if k not in params]
   if missing:
-    raise ValueError(f"{source}: missing tensor(s) {', '.join(missing)}; a release dictionary has "
-                     f"{', '.join(REQUIRED)} (+ optional {', '.join(OPTIONAL)})")
-  unknown = sorted(set(params) - set(REQUIRED) - set(OPTIONAL))
+    raise ValueError(f"{source}: missing tensor(s) {', '.join(missing)}; a {architecture} "
+                     f"dictionary has {', '.join(required)} (+ optional {', '.join(OPTIONAL)})")
+  if rule == "forbidden" and "threshold" in params:
+    raise ValueError(f"{source}: a topk dictionary has no threshold tensor (a JumpReLU loader "
+                     "would read it as one); drop params['threshold']")
+  unknown = sorted(set(params) - set(required) - set(OPTIONAL) - {"threshold"})
   if unknown:
     raise ValueError(f"{source}: unknown tensor(s) {', '.join(unknown)}")
   for key, value in params.items():
@@ -224,6 +239,9 @@ def check_params(params: Mapping[str, np.ndarray], source: str, architecture: st
     # SAELens computes relu(pre) * (pre > threshold): equal to ours only for thresholds >= 0.
     raise ValueError(f"{source}: threshold has negative entries; JumpReLU thresholds must be >= 0 "
                      "for SAELens and circuit-tracer to reproduce the encodings")
+  if architecture == "relu" and "threshold" in params and np.any(params["threshold"] != 0):
+    raise ValueError(f"{source}: a relu dictionary's threshold must be absent or all 0 (a ReLU "
+                     "is a JumpReLU at 0); use architecture jump_relu for non-zero thresholds")
 
 
 def activate(pre: Any, threshold: Any, architecture: str, k: int | None = None, xp: Any = np) -> Any:
@@ -241,7 +259,7 @@ def activate(pre: Any, threshold: Any, architecture: str, k: int | None = None, 
 def encode(params: Mapping[str, Any], x: Any, architecture: str, k: int | None = None,
            xp: Any = np) -> Any:
   pre = x @ params["w_enc"] + params["b_enc"]
-  return activate(pre, params["threshold"], architecture, k, xp)
+  return activate(pre, params.get("threshold"), architecture, k, xp)
 
 
 def decode(params: Mapping[str, Any], f: Any, x: Any | None = None) -> Any:

@@ -51,24 +51,35 @@ def _json_default(value: Any) -> Any:
 
 
 def folder_of(d: Dictionary | CrossLayerTranscoder, l0: float | None = None) -> str:
-  """The release-relative folder of a dictionary; `l0` stands in when the dictionary has none."""
-  measured = d.l0 if d.l0 is not None else l0
+  """The release-relative folder of a dictionary; `l0` (the held-out L0 measured by evaluation)
+  names it, `d.l0` only when no measurement is given."""
+  measured = l0 if l0 is not None else d.l0
   if isinstance(d, CrossLayerTranscoder):
     return layout.clt_folder(d.width, measured, d.l0_tag, d.affine)
   return layout.dictionary_folder(d.type, d.site_in, d.site_out, d.layer, d.width, measured,
                                   d.l0_tag, d.affine)
 
 
+def gemma_scope_form(architecture: str, params: Mapping[str, np.ndarray]
+                     ) -> tuple[str, dict[str, np.ndarray]]:
+  """(architecture, tensors) as a Gemma Scope 2 folder holds them: a ReLU as JumpReLU at 0, which
+  every JumpReLU loader reads exactly; TopK without a threshold (see dictionary.py)."""
+  if architecture == "relu":
+    return "jump_relu", {**params, "threshold": np.zeros_like(params["b_enc"])}
+  return architecture, dict(params)
+
+
 def dictionary_config(d: Dictionary, l0: float | None = None) -> dict[str, Any]:
-  """config.json of a per-layer dictionary (Gemma Scope 2 fields first, then ours)."""
+  """config.json of a per-layer dictionary (Gemma Scope 2 fields first, then ours); `l0` is the
+  measured held-out L0 (d.l0 when None)."""
   layers = d.layers or (d.layer,)
   config = {
       **dict(d.metadata),
-      "architecture": d.architecture,
+      "architecture": gemma_scope_form(d.architecture, d.params)[0],
       "model_name": hf_model_name(d.model_name),
       "allscope_model": d.model_name,
       "width": d.width,
-      "l0": d.l0 if d.l0 is not None else l0,
+      "l0": l0 if l0 is not None else d.l0,
       "type": d.type,
       "affine_connection": d.affine,
       "hf_hook_point_in": layout.hf_hook_point(d.site_in, d.layer),
@@ -94,11 +105,11 @@ def clt_config(clt: CrossLayerTranscoder, l0: float | None = None) -> dict[str, 
   n = clt.n_layers
   config = {
       **dict(clt.metadata),
-      "architecture": clt.architecture,
+      "architecture": gemma_scope_form(clt.architecture, clt.layer_params[0])[0],
       "model_name": hf_model_name(clt.model_name),
       "allscope_model": clt.model_name,
       "width": clt.width,
-      "l0": clt.l0 if clt.l0 is not None else l0,
+      "l0": l0 if l0 is not None else clt.l0,
       "type": "clt",
       "affine_connection": clt.affine,
       "n_layers": n,
@@ -129,11 +140,12 @@ def write_dictionary(release_dir: str | Path, d: Dictionary | CrossLayerTranscod
   folder = layout.inside(release_dir, rel)
   if isinstance(d, CrossLayerTranscoder):
     config = clt_config(d, l0)
-    tensors = {f"params_layer_{l}.safetensors": p for l, p in enumerate(d.layer_params)}
+    tensors = {f"params_layer_{l}.safetensors": gemma_scope_form(d.architecture, p)[1]
+               for l, p in enumerate(d.layer_params)}
   else:
     config = dictionary_config(d, l0)
-    tensors = {PARAMS_FILE: d.params}
-  meta = {"format": "gemma-scope-2", "writer": "allscope", "architecture": d.architecture}
+    tensors = {PARAMS_FILE: gemma_scope_form(d.architecture, d.params)[1]}
+  meta = {"format": "gemma-scope-2", "writer": "allscope", "architecture": config["architecture"]}
   for name, params in tensors.items():
     write_tensors(folder / name, params, meta)
   write_json(folder / CONFIG_FILE, config)

@@ -6,6 +6,10 @@ shapes with HTTP range requests), so a local folder in SAELens' format is the of
   <dir>/cfg.json                  flat SAELens config, apply_b_dec_to_input false
   <dir>/sae_weights.safetensors   W_enc [d_in, F], W_dec [F, d_out], b_enc, b_dec, threshold,
                                   W_skip [d_out, d_in] (the transpose of affine_skip_connection)
+
+Architectures: jump_relu -> jumprelu[_skip]_transcoder / jumprelu, relu -> [skip_]transcoder /
+standard, topk SAE -> topk (with `k`). SAELens has no TopK transcoder class, so a TopK
+transcoder gets no SAELens copy (`unsupported` says why; the release records it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ _TL_HOOKS = {"resid_post": "blocks.{l}.hook_resid_post", "attn_out": "blocks.{l}
              "mlp_in": "blocks.{l}.hook_mlp_in", "mlp_out": "blocks.{l}.hook_mlp_out"}
 
 
+def unsupported(d: Dictionary) -> str | None:
+  """Why SAELens has no class for `d` (None when it has one)."""
+  try:
+    saelens_architecture(d)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def saelens_architecture(d: Dictionary) -> str:
   if d.type == "sae":
     names = {"jump_relu": "jumprelu", "relu": "standard", "topk": "topk"}
@@ -33,7 +46,7 @@ def saelens_architecture(d: Dictionary) -> str:
   else:
     names = {}
   if d.architecture not in names:
-    raise ValueError(f"SAELens has no architecture for a {d.architecture} {d.type}"
+    raise ValueError(f"SAELens (6.54) has no architecture for a {d.architecture} {d.type}"
                      f"{' with a skip connection' if d.affine else ''}")
   if d.type == "sae" and d.affine:
     raise ValueError("SAELens SAEs have no affine skip connection")

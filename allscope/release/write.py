@@ -27,7 +27,8 @@ def write_release(cfg: ReleaseConfig, dictionaries: Sequence[Dictionary | CrossL
                   info: Mapping[str, Any] | None = None) -> Path:
   """Writes the release folder: dictionaries, manifest.json (metrics + sha256), README.md, plots.
 
-  `evaluations` (from `evaluate`, same order) supply metrics and the L0 used in folder names;
+  `evaluations` (from `evaluate`, same order) supply metrics and the held-out L0 that names the
+  folders and fills config.json's `l0` (over each dictionary's own `l0`);
   `info` adds model-card facts (model_fingerprint, corpus, train_tokens, eval_tokens, ...).
   Refuses a folder that already holds a release unless `cfg.overwrite`.
   """
@@ -51,11 +52,16 @@ def write_release(cfg: ReleaseConfig, dictionaries: Sequence[Dictionary | CrossL
     if evaluation is not None:
       entry["metrics"] = {k: v for k, v in evaluation.metrics.items()}
     if cfg.saelens_format and isinstance(d, Dictionary) and d.type != "crosscoder":
-      target = layout.inside(root, f"saelens/{entry['path']}")
-      saelens.write_saelens(d, target)
-      entry["saelens_path"] = f"saelens/{entry['path']}"
-      entry["saelens_files"] = {n: {"sha256": files.digest(target / n)}
-                                for n in (saelens.CFG_FILE, saelens.WEIGHTS_FILE)}
+      reason = saelens.unsupported(d)
+      if reason:  # said in the manifest and the log, never a copy SAELens would misread
+        log.warning("no SAELens-format copy of %s: %s", entry["path"], reason)
+        entry["saelens_unsupported"] = reason
+      else:
+        target = layout.inside(root, f"saelens/{entry['path']}")
+        saelens.write_saelens(d, target)
+        entry["saelens_path"] = f"saelens/{entry['path']}"
+        entry["saelens_files"] = {n: {"sha256": files.digest(target / n)}
+                                  for n in (saelens.CFG_FILE, saelens.WEIGHTS_FILE)}
     entries.append(entry)
   model_name = dictionaries[0].model_name
   manifest_info = {"name": cfg.name, "model_name": export.hf_model_name(model_name),

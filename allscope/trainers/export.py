@@ -6,10 +6,12 @@ dictionary acts on raw activations: with x = s_in * x_raw during training,
   w_dec' = w_dec / s_out,  b_dec' = b_dec / s_out,  affine_skip' = w_skip * s_in / s_out
 (per layer block for a CLT's targets and a crosscoder's input/output blocks).
 
-Activations: JumpReLU exports its thresholds; ReLU exports as JumpReLU with threshold 0;
-BatchTopK exports as JumpReLU whose threshold (every latent) is the running mean of the
-training batches' smallest kept value; TopK exports as architecture "topk" with `k` in the
-metadata and a zero threshold (f = relu of the k largest pre-activations).
+Activations: JumpReLU exports its thresholds; ReLU exports as JumpReLU with threshold 0 (the
+same function); BatchTopK exports as JumpReLU whose threshold (every latent of a dictionary) is
+the running mean of the training batches' smallest kept value (TrainState.batch_thr, Bussmann et
+al. 2024); TopK exports as architecture "topk" with `k` in the metadata and no threshold at all
+(f = relu of the k largest pre-activations), so a JumpReLU-only loader fails on it instead of
+reading a ReLU. `l0` in the metadata is the training estimate (running mean).
 """
 
 from __future__ import annotations
@@ -43,12 +45,22 @@ def _architecture(cfg: TrainConfig) -> str:
   return "topk" if cfg.activation == "topk" else "jump_relu"
 
 
-def _threshold(cfg: TrainConfig, params, state, g: int) -> np.ndarray:
+def _thresholds(cfg: TrainConfig, params, state) -> np.ndarray | None:
+  """[G, F] JumpReLU thresholds of the export; None for TopK, which has none."""
+  g, f = cfg.n_groups, cfg.width
   if cfg.activation == "jumprelu":
-    return np.exp(params["log_threshold"][g])
+    return np.exp(params["log_threshold"])
   if cfg.activation == "batchtopk":
-    return np.full(cfg.width, float(_np(state.batch_thr)[g]))
-  return np.zeros(cfg.width)
+    thr = _np(state.batch_thr)
+    if not np.all(thr > 0):
+      # 0 would release the BatchTopK dictionary as a ReLU, which it is not.
+      raise ValueError(f"BatchTopK thresholds {thr.tolist()} are not all positive: the state "
+                       "has not trained (or every batch kept a non-positive value); train "
+                       "steps before exporting")
+    return np.repeat(thr[:, None], f, axis=1)
+  if cfg.activation == "relu":
+    return np.zeros((g, f))
+  return None
 
 
 def release_arrays(cfg: TrainConfig, state: TrainState, norm_scale: Mapping[str, Any],
@@ -59,6 +71,7 @@ def release_arrays(cfg: TrainConfig, state: TrainState, norm_scale: Mapping[str,
   train state to release arrays); norm_scale: {site: [n_layers]}.
   """
   params = {k: _np(v) for k, v in state.params.items()}
+  thresholds = _thresholds(cfg, params, state)
   l0 = _np(state.l0)
   site_in, site_out = cfg.sites
   s_in = np.asarray(norm_scale[site_in], np.float64).reshape(-1)
@@ -78,14 +91,16 @@ def release_arrays(cfg: TrainConfig, state: TrainState, norm_scale: Mapping[str,
     rows_in = np.repeat(s_in, d_in)
     cols_out = np.repeat(s_out, d_out)
     arrays = {"w_enc": params["w_enc"][0] * rows_in[:, None], "b_enc": params["b_enc"][0],
-              "w_dec": params["w_dec"][0] / cols_out[None, :], "b_dec": params["b_dec"][0] / cols_out,
-              "threshold": _threshold(cfg, params, state, 0)}
+              "w_dec": params["w_dec"][0] / cols_out[None, :], "b_dec": params["b_dec"][0] / cols_out}
+    if thresholds is not None:
+      arrays["threshold"] = thresholds[0]
     meta = {**base, "layers": list(cfg.layers), "l0": float(l0[0]),
             "layout": "inputs and outputs are the listed layers concatenated, layer-major"}
     return [ExportedDictionary(f"crosscoder/width_{cfg.width}", _f32(arrays), meta)]
   for g, layer in enumerate(cfg.layers):
-    arrays = {"w_enc": params["w_enc"][g] * s_in[g], "b_enc": params["b_enc"][g],
-              "threshold": _threshold(cfg, params, state, g)}
+    arrays = {"w_enc": params["w_enc"][g] * s_in[g], "b_enc": params["b_enc"][g]}
+    if thresholds is not None:
+      arrays["threshold"] = thresholds[g]
     if cfg.kind == "clt":
       # Causal [F, P, d] -> this source's Gemma Scope 2 [F, L, d], zero rows for targets t < g.
       arrays["w_dec"] = clt_layout.to_dense(params["w_dec"], g) / s_out[None, :, None]

@@ -72,8 +72,11 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
       extras["indices"], extras["fired"]) > 0  # [G, F]
   since = jnp.where(fired, 0, jnp.minimum(st.since_fired + batch, _SATURATE))
   first = st.step == 0
-  batch_thr = jnp.where(first, extras["batch_threshold"],
-                        0.99 * st.batch_thr + 0.01 * extras["batch_threshold"])
+  # BatchTopK's inference threshold: a running mean of each batch's k*B-th value whose horizon
+  # is a quarter of the steps so far (at most 100 steps), so the first steps' thresholds, far
+  # from the trained encoder's, fade out in short runs too (0 at step 0: the first value).
+  decay = jnp.minimum(0.99, 1.0 - 4.0 / (st.step.astype(jnp.float32) + 4.0))
+  batch_thr = decay * st.batch_thr + (1.0 - decay) * extras["batch_threshold"]
   l0 = jnp.where(first, metrics["l0_per_group"], 0.99 * st.l0 + 0.01 * metrics["l0_per_group"])
 
   cause = jnp.where(~ok_in, 1, jnp.where(~ok_loss, 2, jnp.where(~(ok_grad & ok_params), 3, 0)))

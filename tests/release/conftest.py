@@ -36,10 +36,14 @@ def rng():
 @pytest.fixture
 def make_dict(rng):
   def make(type_="sae", site="resid_post", layer=1, d=16, width=64, architecture="jump_relu",
-           affine=False, l0=7.3, k=None, l0_tag=None):
+           affine=False, l0=7.3, k=None, l0_tag=None, metadata=None):
     site_in, site_out = ("mlp_in", "mlp_out") if type_ == "transcoder" else (site, site)
-    return Dictionary(random_params(rng, d, width, d, affine), type_, architecture, "gemma3-270m",
-                      layer, site_in, site_out, l0=l0, k=k, l0_tag=l0_tag)
+    params = random_params(rng, d, width, d, affine)
+    if architecture != "jump_relu":  # TopK has no threshold; a ReLU's would be 0
+      del params["threshold"]
+    return Dictionary(params, type_, architecture, "gemma3-270m",
+                      layer, site_in, site_out, l0=l0, k=k, l0_tag=l0_tag,
+                      metadata=metadata or {})
   return make
 
 

@@ -50,7 +50,7 @@ def well_posed_inputs(rng, params_list, n, d, margin=1e-3):
     ok = np.ones(len(x), bool)
     for p in params_list:
       pre = x.astype(np.float64) @ p["w_enc"].astype(np.float64) + p["b_enc"]
-      ok &= np.all(np.abs(pre - p["threshold"]) > margin, axis=1)
+      ok &= np.all(np.abs(pre - p.get("threshold", 0.0)) > margin, axis=1)
     rows.append(x[ok])
   return np.concatenate(rows)[:n]
 

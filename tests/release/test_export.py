@@ -196,3 +196,42 @@ def test_no_pickle_anywhere():
       text = open(os.path.join(package, name)).read()
       for banned in ("import pickle", "np.load(", "torch.load(", "allow_pickle=True"):
         assert banned not in text, f"{name} uses {banned}"
+
+
+def test_measured_heldout_l0_names_the_folder_and_fills_config(tmp_path, make_dict, rng):
+  """The release's `l0` tag and config value are evaluation's held-out L0, not the dictionary's
+  own (training) estimate or its k."""
+  d = make_dict("transcoder", layer=4, affine=True, l0=16.0, metadata={"train_l0": 16.0})
+  evaluation = rel.Evaluation("", {"l0": 23.4, "fvu": 0.1}, rng.uniform(0, 0.1, d.width))
+  root = rel.write_release(ReleaseConfig(directory=str(tmp_path / "rel"), model_card=False), [d],
+                           tmp_path, evaluations=[evaluation])
+  folder = root / "transcoder/layer_4_width_64_l0_23_affine"
+  config = json.loads((folder / "config.json").read_text())
+  assert config["l0"] == 23.4 and config["train_l0"] == 16.0
+  (entry,) = json.loads((root / "manifest.json").read_text())["dictionaries"]
+  assert entry["l0"] == 23.4 and entry["path"] == "transcoder/layer_4_width_64_l0_23_affine"
+  assert rel.load(root).dictionaries[0].l0 == 23.4
+  # without a measurement the dictionary's own l0 still names it
+  root2 = _write(tmp_path / "b", [d], model_card=False)
+  assert (root2 / "transcoder/layer_4_width_64_l0_16_affine").is_dir()
+
+
+def test_topk_has_no_threshold_and_relu_is_jumprelu_at_zero(tmp_path, make_dict):
+  topk = make_dict("sae", "mlp_out", architecture="topk", k=5, l0=5.0)
+  relu = make_dict("sae", "attn_out", architecture="relu", l0=30.0)
+  root = _write(tmp_path, [topk, relu], model_card=False)
+  t = safetensors.numpy.load_file(str(root / "mlp_out/layer_1_width_64_l0_5/params.safetensors"))
+  assert "threshold" not in t
+  r = safetensors.numpy.load_file(str(root / "attn_out/layer_1_width_64_l0_30/params.safetensors"))
+  assert np.all(r["threshold"] == 0)
+  config = json.loads((root / "attn_out/layer_1_width_64_l0_30/config.json").read_text())
+  assert config["architecture"] == "jump_relu"  # what every JumpReLU loader reads exactly
+  bad = make_dict("sae", "mlp_out", architecture="topk", k=5)
+  bad = rel.Dictionary({**bad.params, "threshold": np.zeros(64, np.float32)}, "sae", "topk",
+                       "gemma3-270m", 1, "mlp_out", "mlp_out", k=5)
+  with pytest.raises(ValueError, match="topk dictionary has no threshold"):
+    _write(tmp_path / "c", [bad], model_card=False)
+  bad_relu = rel.Dictionary({**relu.params, "threshold": np.full(64, 0.1, np.float32)}, "sae",
+                            "relu", "gemma3-270m", 1, "attn_out", "attn_out")
+  with pytest.raises(ValueError, match="relu dictionary's threshold must be absent or all 0"):
+    _write(tmp_path / "d", [bad_relu], model_card=False)

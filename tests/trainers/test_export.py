@@ -57,7 +57,9 @@ def test_exported_arrays_act_on_raw_activations(kind, activation):
   exported = export.release_arrays(cfg, state, norm)
   for e in exported:
     assert all(v.dtype == np.float32 for v in e.arrays.values())
-    assert set(e.arrays) >= {"w_enc", "w_dec", "b_enc", "b_dec", "threshold"}
+    assert set(e.arrays) >= {"w_enc", "w_dec", "b_enc", "b_dec"}
+    # TopK has no threshold: zeros would make a JumpReLU loader read it as a ReLU.
+    assert ("threshold" in e.arrays) == (activation != "topk")
     assert e.metadata["width"] == F and e.metadata["site_in"] == site_in
   if kind == "crosscoder":
     (e,) = exported
@@ -95,3 +97,38 @@ def test_batchtopk_exports_jumprelu_with_running_threshold():
   for g, e in enumerate(exported):
     assert e.metadata["architecture"] == "jump_relu"
     np.testing.assert_allclose(e.arrays["threshold"], np.full(F, [0.1, 0.2, 0.3][g]), rtol=1e-6)
+
+
+def test_batchtopk_export_refuses_an_untracked_threshold():
+  """A BatchTopK state whose threshold was never tracked (0) would export as a ReLU."""
+  cfg = TrainConfig(kind="sae", activation="batchtopk", layers=(0, 1, 2), width=F, k=4)
+  state = _state(cfg, np.random.default_rng(0)).replace(batch_thr=jnp.asarray([0.1, 0.0, 0.3]))
+  with pytest.raises(ValueError, match="BatchTopK thresholds .* not all positive"):
+    export.release_arrays(cfg, state, {"resid_post": np.ones(L)})
+
+
+def test_batchtopk_threshold_is_tracked_during_training():
+  """batch_thr follows a running mean of each step's smallest kept pre-activation (the k*B-th
+  largest), with a horizon of a quarter of the steps taken."""
+  from allscope.trainers import mesh as mesh_lib
+  from allscope.trainers.step import compile_step
+
+  cfg = TrainConfig(kind="sae", activation="batchtopk", layers=(0, 1), width=F, k=3,
+                    batch_size=B, lr=0.0, capacity=F)
+  rng = np.random.default_rng(4)
+  params = dictionaries.init_params(cfg, D, D, jax.random.key(2))
+  w_enc, b_enc = np.asarray(params["w_enc"]), np.asarray(params["b_enc"])  # lr 0: they stay
+  st = state_lib.init_state(cfg, params, jax.random.key(0))
+  mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
+  sh = state_lib.shardings(cfg, jax.eval_shape(lambda: st), mesh)
+  step = compile_step(cfg, mesh, sh)
+  ones = jnp.ones((2,), jnp.float32)
+  want = None
+  for i in range(3):
+    x = rng.standard_normal((B, 2, D)).astype(np.float32)
+    pre = np.einsum("bgi,gif->gbf", x, w_enc) + b_enc[:, None]
+    kth = np.sort(np.maximum(pre, 0).reshape(2, -1), axis=1)[:, -cfg.k * B]  # k*B-th largest
+    decay = min(0.99, 1 - 4 / (i + 4))  # the horizon grows with the steps taken
+    want = kth if want is None else decay * want + (1 - decay) * kth
+    st, _ = step(st, jnp.asarray(x), jnp.asarray(x), ones, ones)
+  np.testing.assert_allclose(np.asarray(st.batch_thr), want, rtol=1e-5)

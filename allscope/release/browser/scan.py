@@ -151,7 +151,7 @@ def scan(units: Sequence[Unit], store: Any, cfg: BrowseConfig, *, progress: bool
 
   specs = tuple((u.site, layers[u.site].index(u.layer), u.architecture, u.k) for u in units)
   bins = (float(cfg.min_log10), int(cfg.bins_per_decade), cfg.n_bins)
-  params = [{k: jnp.asarray(u.params[k]) for k in ("w_enc", "b_enc", "threshold")} for u in units]
+  params = [_encoder(u) for u in units]
   states = [_init_state(u.width, cfg.top_n, cfg.n_bins) for u in units]
   bar = tqdm(total=n_rows, desc="browse", unit="tok", unit_scale=True, disable=not progress)
   start = time.perf_counter()
@@ -188,7 +188,7 @@ def pair_activations(unit: Unit, x: np.ndarray, rows: np.ndarray, latents: np.nd
   """Activations [P] of `latents[p]` on store rows `x[rows[p]]` (x [n, d_in]): the tokens around
   top contexts. Rows are encoded whole, `chunk` at a time (the release's own activation, TopK
   included), and only the wanted pairs come back; cost: one encode of each distinct row."""
-  params = {k: jnp.asarray(unit.params[k]) for k in ("w_enc", "b_enc", "threshold")}
+  params = _encoder(unit)
   order = np.argsort(rows, kind="stable")
   out = np.zeros(len(rows), np.float32)
   bounds = np.searchsorted(rows[order], np.arange(0, len(x) + chunk, chunk))
@@ -203,6 +203,11 @@ def pair_activations(unit: Unit, x: np.ndarray, rows: np.ndarray, latents: np.nd
                   k=unit.k)
     out[pick] = np.asarray(got)[:b - a]
   return out
+
+
+def _encoder(unit: Unit) -> dict[str, jax.Array]:
+  """The tensors encode reads (a TopK has no threshold)."""
+  return {k: jnp.asarray(v) for k, v in unit.params.items() if k in ("w_enc", "b_enc", "threshold")}
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:

@@ -82,8 +82,9 @@ def random_release(root, seed=1):
 
   tc = Dictionary(plant(random_params(rng, D, 40, D)), "transcoder", "jump_relu", "gemma3-270m",
                   1, "mlp_in", "mlp_out", l0=5)
-  sae = Dictionary(random_params(rng, D, 32, D), "sae", "topk", "gemma3-270m", 4, "mlp_out",
-                   "mlp_out", l0=4, k=4)
+  topk = random_params(rng, D, 32, D)
+  del topk["threshold"]  # a TopK has none
+  sae = Dictionary(topk, "sae", "topk", "gemma3-270m", 4, "mlp_out", "mlp_out", l0=4, k=4)
   sae.params["b_enc"][5] = -100.0  # a dead latent
   sae.params["b_enc"][6] = 100.0  # a dense one
   clt = CrossLayerTranscoder(

@@ -5,6 +5,7 @@ Run in an environment that has sae-lens (no allscope needed):
 Each job is {"name", "loader", "path", ...}; loader "load_from_disk" calls SAE.load_from_disk on
 a folder in SAELens' own format, "gemma_3_hub" calls SAE.from_pretrained(repo, folder,
 converter=SAELens' gemma_3 loader) against HF_ENDPOINT (a loopback server in the tests).
+A job with "expect_error": true reports the loader's exception as {"error": ...} instead.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ def main() -> None:
   out = {}
   report = {}
   for job in jobs:
-    if job["loader"] == "load_from_disk":
-      sae = SAE.load_from_disk(job["path"], device="cpu")
-    else:
-      sae = SAE.from_pretrained(job["repo"], job["folder"], device="cpu",
-                                converter=NAMED_PRETRAINED_SAE_LOADERS["gemma_3"])
+    try:
+      if job["loader"] == "load_from_disk":
+        sae = SAE.load_from_disk(job["path"], device="cpu")
+      else:
+        sae = SAE.from_pretrained(job["repo"], job["folder"], device="cpu",
+                                  converter=NAMED_PRETRAINED_SAE_LOADERS["gemma_3"])
+    except Exception as e:  # a refusal under test: report it instead of crashing
+      if not job.get("expect_error"):
+        raise
+      report[job["name"]] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      continue
     x = torch.from_numpy(inputs[job["input"]])
     with torch.no_grad():
       feats = sae.encode(x)
