@@ -37,7 +37,7 @@ from allscope import models
 from allscope.models import sharding
 from allscope.models.loader import ModelConfig
 from allscope.pipelines import corpus as corpus_lib
-from allscope.pipelines import devices, store
+from allscope.pipelines import devices, heldout, store
 from allscope.pipelines.config import SITES, HarvestConfig
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, arch=No
   if not per_unit:
     raise HarvestError(f"the corpus ({cfg.corpus.kind} {cfg.corpus.path!r}) holds no text: "
                        f"{len(units)} unit(s) read, all empty")
-  n_units = min(len(units), first + 1 + math.ceil(1.25 * num_sequences / per_unit))
+  wanted = num_sequences + cfg.heldout_sequences  # the held-out split follows the training ids
+  n_units = min(len(units), first + 1 + math.ceil(1.25 * wanted / per_unit))
   widths = {s: arch.site_widths[s] for s in cfg.sites}
   harvest_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
   harvest_cfg["layers"] = list(layers)
@@ -199,7 +200,7 @@ def _remove_store(root: str) -> None:
     return
   for name in os.listdir(root):
     path = os.path.join(root, name)
-    if name in (store.MANIFEST, store.SPEC, store.STATS) or name.startswith(store.SPEC + ".tmp"):
+    if name in (store.MANIFEST, store.SPEC, store.STATS, heldout.FILE) or name.startswith(store.SPEC + ".tmp"):
       os.remove(path)
     elif name in ("index", store.RECEIPTS, *SITES):
       shutil.rmtree(path)
@@ -217,7 +218,8 @@ class TokenizePack(beam.DoFn):
 
   def __init__(self, p: Plan, arch, tokenizer):
     self._corpus, self._ctx = p.cfg.corpus, p.cfg.context_length
-    self._limit = p.num_sequences  # a unit's sequence j >= this is never kept (id >= j)
+    # a unit's sequence j >= this is never kept (id >= j), held-out ids included
+    self._limit = p.num_sequences + p.cfg.heldout_sequences
     self._special = (arch.bos_id, arch.eos_id, arch.pad_id)
     self._tokenizer = tokenizer
 
@@ -361,10 +363,17 @@ class HarvestShard(beam.DoFn):
                            self._layers)
 
 
-def _finish(receipts: list[dict], p: Plan) -> None:
+def _finish(receipts: list[dict], p: Plan, heldout_entry: dict | None) -> None:
   store.finish(p.output_dir, p.identity, receipts, sites=p.cfg.sites, layers=p.layers,
                widths=p.widths, rows_per_record=p.cfg.rows_per_record,
-               context_length=p.cfg.context_length, codec=p.cfg.codec)
+               context_length=p.cfg.context_length, codec=p.cfg.codec, heldout=heldout_entry)
+
+
+def _write_heldout(items, p: Plan, eos_id: int) -> dict | None:
+  if not p.cfg.heldout_sequences:
+    return None
+  return heldout.write(items, p.output_dir, num_sequences=p.num_sequences,
+                       context_length=p.cfg.context_length, eos_id=eos_id)
 
 
 def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles,
@@ -378,13 +387,18 @@ def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: _Handles,
              | "CountPerUnit" >> beam.CombinePerKey(sum)
              | "ToDict" >> beam.combiners.ToDict()
              | "PrefixSums" >> beam.Map(_offsets, len(p.units)))
+  split = (seqs
+           | "HeldOut" >> beam.FlatMap(heldout.select, beam.pvalue.AsSingleton(offsets),
+                                       p.num_sequences, p.cfg.heldout_sequences)
+           | "GatherHeldOut" >> beam.combiners.ToList()
+           | "WriteHeldOut" >> beam.Map(_write_heldout, p, arch.eos_id))
   (seqs
    | "AssignIds" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), p.num_sequences,
                                  p.cfg.sequences_per_shard)
    | "GroupShards" >> beam.GroupByKey()
    | "HarvestShard" >> beam.ParDo(HarvestShard(p, arch, handles, job_id))
    | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-   | "WriteManifest" >> beam.Map(_finish, p))
+   | "WriteManifest" >> beam.Map(_finish, p, beam.pvalue.AsSingleton(split)))
 
 
 def pipeline_options(cfg: HarvestConfig) -> PipelineOptions:
@@ -496,4 +510,9 @@ def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=No
   if manifest["num_sequences"] < p.num_sequences:
     log.warning("the corpus ran out: %d of %d sequences harvested (%d tokens)",
                 manifest["num_sequences"], p.num_sequences, manifest["num_tokens"])
+  split = manifest.get("heldout") or {"sequences": 0}
+  if split["sequences"] < cfg.heldout_sequences:
+    log.warning("the corpus ran out: %d of %d held-out sequences written after the %d training "
+                "sequences; evaluation will have fewer held-out tokens", split["sequences"],
+                cfg.heldout_sequences, manifest["num_sequences"])
   return manifest, counters
