@@ -16,10 +16,11 @@ class EvalConfig:
   `n_sequences` sequences, cut to `seq_len` positions, give FVU, L0 and dead/dense latents, in
   batches of `batch_size` sequences. Latents firing on more than `dense_threshold` of tokens are
   dense; ones that never fire are dead. `splice` turns on the spliced LM losses, measured on the
-  first `splice_sequences` of them (-1: all): one clean forward per batch, then per dictionary
+  first `splice_sequences` of them (-1 or more than n_sequences: all): one clean forward per batch, then per dictionary
   the layers from its own onward and the unembedding; `zero_ablation` adds the zero-ablation loss
   (fraction of loss recovered) at the same cost again. `output` is where the metrics JSON goes
-  (default: the run's evaluation.json, or <release>/evaluation.json with --release).
+  (default: the run's evaluation.json, or <release>.evaluation.json beside a release evaluated
+  with --release).
   """
 
   n_sequences: int = 32
@@ -39,9 +40,6 @@ class EvalConfig:
     if self.splice_sequences == 0 or self.splice_sequences < -1:
       raise ValueError(f"evaluate.splice_sequences must be >= 1, or -1 (all), got "
                        f"{self.splice_sequences}; set evaluate.splice=false to skip the LM losses")
-    if self.splice_sequences > self.n_sequences:
-      raise ValueError(f"evaluate.splice_sequences={self.splice_sequences} exceeds "
-                       f"evaluate.n_sequences={self.n_sequences}; lower it or use -1 (all)")
     if not 0.0 < self.dense_threshold < 1.0:
       raise ValueError(f"evaluate.dense_threshold must lie in (0, 1), got {self.dense_threshold}")
     if self.tokens and not self.tokens.endswith(".npy"):

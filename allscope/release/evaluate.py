@@ -156,10 +156,7 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be an integer array [sequences, positions], got "
                      f"{tokens.dtype} {tokens.shape}")
-  if tokens.shape[0] < cfg.n_sequences:
-    raise ValueError(f"evaluate.n_sequences={cfg.n_sequences} but the held-out tokens hold only "
-                     f"{tokens.shape[0]} sequences; lower evaluate.n_sequences or provide more "
-                     "held-out text (harvest.heldout_sequences, or a larger evaluate.tokens file)")
+  check_tokens(cfg, tokens)
   tokens = tokens[:cfg.n_sequences, :cfg.seq_len].astype(np.int32)
   if tokens.shape[1] < 2:
     raise ValueError(f"need sequences of >= 2 tokens, got shape {tokens.shape}")
@@ -279,6 +276,14 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   if log_dir is not None:
     write_tensorboard(log_dir, results)
   return results
+
+
+def check_tokens(cfg: EvalConfig, tokens: np.ndarray) -> None:
+  """Enough held-out sequences for evaluate.n_sequences (checked before the model loads)."""
+  if tokens.shape[0] < cfg.n_sequences:
+    raise ValueError(f"evaluate.n_sequences={cfg.n_sequences} but the held-out tokens hold only "
+                     f"{tokens.shape[0]} sequences; lower evaluate.n_sequences or provide more "
+                     "held-out text (harvest.heldout_sequences, or a larger evaluate.tokens file)")
 
 
 def load_tokens(path: str | Path) -> np.ndarray:
