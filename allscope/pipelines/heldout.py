@@ -106,8 +106,9 @@ def read(root: str, manifest: dict) -> HeldOut:
     raise store.StoreError(f"{path} is missing; re-run the same harvest on {root} to rewrite it")
   data = store.read_bytes(path)
   if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-    raise store.CorruptShardError(f"{path} does not match its sha256 in the manifest; delete it "
-                                  f"and {store.MANIFEST}, then re-run the same harvest to rewrite it")
+    raise store.CorruptShardError(f"{path} does not match its sha256 in the manifest; delete "
+                                  f"it and {store.MANIFEST}, then re-run the same harvest to "
+                                  "rewrite it")
   tensors = load(data)
   return HeldOut(tensors["tokens"], tensors["n_valid"], tensors["doc_start"],
                  int(entry["first_sequence"]))

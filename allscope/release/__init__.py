@@ -14,6 +14,7 @@ from allscope.release.write import release_dir, write_release
 
 __all__ = [
     "CrossLayerTranscoder", "Dictionary", "EvalConfig", "Evaluation", "Release", "ReleaseConfig",
-    "ReleaseError", "evaluate", "from_exported", "load", "load_tokens", "publish", "release_dir", "write_dictionary",
+    "ReleaseError", "evaluate", "from_exported", "load", "load_tokens", "publish", "release_dir",
+    "write_dictionary",
     "write_release", "write_saelens",
 ]

@@ -16,11 +16,11 @@ class EvalConfig:
   `n_sequences` sequences, cut to `seq_len` positions, give FVU, L0 and dead/dense latents, in
   batches of `batch_size` sequences. Latents firing on more than `dense_threshold` of tokens are
   dense; ones that never fire are dead. `splice` turns on the spliced LM losses, measured on the
-  first `splice_sequences` of them (-1 or more than n_sequences: all): one clean forward per batch, then per dictionary
-  the layers from its own onward and the unembedding; `zero_ablation` adds the zero-ablation loss
-  (fraction of loss recovered) at the same cost again. `output` is where the metrics JSON goes
-  (default: the run's evaluation.json, or <release>.evaluation.json beside a release evaluated
-  with --release).
+  first `splice_sequences` of them (-1, or more than n_sequences: all): one clean forward per
+  batch, then per dictionary the layers from its own onward and the unembedding;
+  `zero_ablation` adds the zero-ablation loss (fraction of loss recovered) at the same cost
+  again. `output` is where the metrics JSON goes (default: the run's evaluation.json, or
+  <release>.evaluation.json beside a release evaluated with --release).
   """
 
   n_sequences: int = 32

@@ -54,7 +54,7 @@ def test_heldout_tokens_are_not_in_the_store(quick):
   rows = np.concatenate([index[i] for i in range(len(index))])
   rows = rows[np.lexsort((rows["position"], rows["sequence"]))]  # back into reading order
   stream = rows["token"].astype(np.int32).tobytes()
-  assert held.shape == (16, 64) and (held[:, 0] == arch.bos_id).all()
+  assert held.shape == (cfg.harvest.heldout_sequences, 64) and (held[:, 0] == arch.bos_id).all()
   # No 16-token window of the held-out text appears in the harvested token stream.
   windows = [held[i, j:j + 16].astype(np.int32).tobytes() for i in range(4) for j in (1, 16)]
   assert not any(w in stream for w in windows)

@@ -3,6 +3,7 @@ forward (a tiny random Gemma 3, and the real 270M for the identity check)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -347,6 +348,20 @@ def test_delta_lm_stderr_and_token_counts_per_metric(tiny, rng):
   want = np.sqrt(5 / 4 * np.sum((diff - r_mean * n_s) ** 2)) / n_s.sum()
   assert rel_err(m["delta_lm_loss"], r_mean) < 1e-4
   assert rel_err(m["delta_lm_loss_stderr"], want) < 1e-3 and want > 0
+  # Without the zero ablation: the same spliced figures, no zero-ablation keys.
+  (r2,) = evaluate(dataclasses.replace(cfg, zero_ablation=False), [tc], model, tokens,
+                   progress=False)
+  assert r2.metrics["delta_lm_loss"] == pytest.approx(m["delta_lm_loss"], rel=1e-9)
+  assert "ce_zero_ablation" not in r2.metrics and "fraction_loss_recovered" not in r2.metrics
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(splice_sequences=0), "evaluate.splice_sequences must be >= 1, or -1"),
+    (dict(tokens="held.pt"), "must name a .npy file"),
+])
+def test_bad_eval_config_is_refused(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(CFG, **change).validate()
 
 
 def test_too_few_heldout_sequences_are_counted_right(tiny):
