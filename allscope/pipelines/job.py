@@ -200,7 +200,8 @@ def _remove_store(root: str) -> None:
     return
   for name in os.listdir(root):
     path = os.path.join(root, name)
-    if name in (store.MANIFEST, store.SPEC, store.STATS, heldout.FILE) or name.startswith(store.SPEC + ".tmp"):
+    if (name in (store.MANIFEST, store.SPEC, store.STATS, heldout.FILE)
+        or name.startswith(store.SPEC + ".tmp")):
       os.remove(path)
     elif name in ("index", store.RECEIPTS, *SITES):
       shutil.rmtree(path)
