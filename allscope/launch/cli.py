@@ -73,10 +73,11 @@ def evaluate(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
   from allscope.launch import stages
 
   dictionaries = release.load(args.release).dictionaries if args.release else None
-  evaluations = stages.evaluate(cfg, dictionaries, allow_partial=args.allow_partial)
+  output = stages.evaluation_path(cfg, args.release)  # --release: never the run's evaluation.json
+  evaluations = stages.evaluate(cfg, dictionaries, allow_partial=args.allow_partial, output=output)
   if _primary():
     _print_metrics(evaluations)
-    print(f"metrics: {stages.Paths(Path(cfg.output_dir)).evaluation}")
+    print(f"metrics: {output}")
     if not args.release:
       print(f"next: {_again(args, 'release')}")
 
@@ -151,13 +152,18 @@ def _primary() -> bool:
 
 def _print_metrics(evaluations) -> None:
   columns = {"L0": "l0", "FVU": "fvu", "dead": "dead_fraction", "dLM spliced": "delta_lm_loss",
-             "dLM zero-abl": None, "loss recov.": "fraction_loss_recovered"}
+             "dLM stderr": "delta_lm_loss_stderr", "dLM zero-abl": None,
+             "loss recov.": "fraction_loss_recovered"}
   print(f"{'dictionary':44s}" + "".join(f"{c:>13s}" for c in columns))
   for e in evaluations:
     m = dict(e.metrics)
     m["dLM zero-abl"] = m.get("ce_zero_ablation", float("nan")) - m.get("ce_clean", float("nan"))
     values = [m.get(key or name, float("nan")) for name, key in columns.items()]
     print(f"{e.path:44s}" + "".join(f"{v:13.4g}" for v in values))
+  if evaluations:
+    from allscope.launch import stages
+    print("tokens: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                 for k, v in stages.token_counts(evaluations).items()))
 
 
 COMMANDS: dict[str, tuple[Callable, str]] = {

@@ -4,7 +4,7 @@
   <output_dir>/configs/        <stage>-<UTC time>.json: the config of every command that worked
   <output_dir>/store/          activation store (harvest)
   <output_dir>/train/          checkpoints/, tensorboard/ (train)
-  <output_dir>/evaluation.json metrics per dictionary (evaluate)
+  <output_dir>/evaluation.json metrics per dictionary (evaluate), with the token counts
   <output_dir>/release/        the release folder (release)
 
 Each stage reads what the previous one wrote, so any of them can be re-run or resumed alone.
@@ -17,9 +17,7 @@ train.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from allscope import models, pipelines, release, trainers
+from allscope import files, models, pipelines, release, trainers
 from allscope.launch import config as config_lib, distributed
 from allscope.launch.config import RunConfig
 
@@ -122,49 +120,63 @@ def trained_dictionaries(cfg: RunConfig, result: trainers.TrainResult | None = N
       release_arrays(cfg.train, state, norm, model_name=cfg.model.name))
 
 
-def heldout_tokens(cfg: RunConfig, tokenizer, arch) -> np.ndarray:
-  """Evaluation sequences the store does not hold: the harvest keeps the first `num_sequences`
-  packed sequences of the corpus, so these are the ones that follow, cut to evaluate.seq_len."""
-  from allscope.pipelines import corpus, job
-
-  h, n, seq = cfg.harvest, cfg.evaluate.n_sequences, cfg.evaluate.seq_len
-  if seq > h.context_length:
-    raise ValueError(f"evaluate.seq_len={seq} exceeds harvest.context_length={h.context_length}")
-  plan = job.plan(h, cfg.model, str(Paths(Path(cfg.output_dir)).store), arch=arch,
-                  tokenizer=tokenizer)
-  source = corpus.tfds_source(h.corpus) if h.corpus.kind == "tfds" else None
-  sequences = (tokens for unit in corpus.units(h.corpus) for tokens, _ in corpus.unit_sequences(
-      h.corpus, unit, tokenizer.encode, h.context_length, arch.bos_id, arch.eos_id, arch.pad_id,
-      source))
-  rows = list(itertools.islice(sequences, plan.num_sequences, plan.num_sequences + n))
-  if len(rows) < n:
-    raise ValueError(f"the corpus holds only {len(rows)} sequences after the {plan.num_sequences} "
-                     "the harvest used; lower evaluate.n_sequences or harvest.token_budget")
-  return np.stack(rows)[:, :seq]
+def heldout_tokens(cfg: RunConfig) -> tuple[np.ndarray, str]:
+  """(token ids [sequences, positions], where they came from): the file named by
+  evaluate.tokens, else the held-out split the harvest wrote into the run's store."""
+  if cfg.evaluate.tokens:
+    return release.load_tokens(cfg.evaluate.tokens), cfg.evaluate.tokens
+  store = pipelines.open_store(Paths(Path(cfg.output_dir)).store)
+  return store.heldout_tokens(), f"{store.path} (held-out split)"
 
 
-def evaluate(cfg: RunConfig, dictionaries: list | None = None, *,
-             allow_partial: bool = False) -> list[release.Evaluation] | None:
-  """Metrics of the run's latest checkpoint (or of `dictionaries`), on process 0, into
-  evaluation.json; the other processes wait and get None."""
+def evaluation_path(cfg: RunConfig, release_root: str | Path | None = None) -> Path:
+  """Where evaluate writes its metrics: evaluate.output if set; beside a release evaluated with
+  --release (`<release>.evaluation.json`, never over the run's own); else the run's
+  evaluation.json."""
+  if cfg.evaluate.output:
+    return Path(cfg.evaluate.output)
+  if release_root is not None:
+    root = Path(release_root).resolve()
+    return root.with_name(root.name + ".evaluation.json")
+  return Paths(Path(cfg.output_dir)).evaluation
+
+
+def evaluate(cfg: RunConfig, dictionaries: list | None = None, *, allow_partial: bool = False,
+             output: Path | None = None) -> list[release.Evaluation] | None:
+  """Metrics of the run's latest checkpoint (or of `dictionaries`), on process 0, into `output`
+  (default: evaluation_path(cfg)); the other processes wait and get None."""
   dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
-  return distributed.on_primary("evaluate", lambda: _evaluate(cfg, dictionaries))
+  output = output or evaluation_path(cfg)
+  return distributed.on_primary("evaluate", lambda: _evaluate(cfg, dictionaries, output))
 
 
-def _evaluate(cfg: RunConfig, dictionaries: list) -> list[release.Evaluation]:
+def _evaluate(cfg: RunConfig, dictionaries: list,
+              output: Path | None = None) -> list[release.Evaluation]:
   paths = Paths(Path(cfg.output_dir))
-  arch, tokenizer = models.describe(cfg.model.name)
-  tokens = heldout_tokens(cfg, tokenizer, arch)  # refuses a short corpus before the model loads
+  output = output or evaluation_path(cfg)
+  tokens, source = heldout_tokens(cfg)  # before the model loads: a missing split fails fast
+  cfg.evaluate.validate()
+  release.check_tokens(cfg.evaluate, tokens)
   config_lib.record(cfg, "evaluate")
   print(f"loading {cfg.model.name} ({cfg.model.dtype}) to evaluate ...", file=sys.stderr)
-  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  model, _ = models.load(cfg.model.name, dtype=cfg.model.dtype)
   evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
                                  log_dir=paths.root / "tensorboard_eval")
-  tmp = paths.evaluation.with_name(f".{paths.evaluation.name}.tmp")
-  tmp.write_text(json.dumps({"tokens": int(tokens.size), "dictionaries": [
-      {"path": e.path, "metrics": e.metrics} for e in evaluations]}, indent=2) + "\n")
-  os.replace(tmp, paths.evaluation)
+  files.write_text(output, json.dumps({
+      "heldout": source, "tokens": token_counts(evaluations),
+      "dictionaries": [{"path": e.path, "metrics": e.metrics} for e in evaluations]},
+      indent=2) + "\n")
   return evaluations
+
+
+def token_counts(evaluations: list[release.Evaluation]) -> dict[str, int]:
+  """The tokens behind each metric: FVU/L0/dead/dense, and the spliced LM losses."""
+  first = evaluations[0].metrics if evaluations else {}
+  counts = {"activation_metrics": int(first.get("n_tokens", 0))}
+  if "delta_lm_tokens" in first:
+    counts["delta_lm"] = int(first["delta_lm_tokens"])
+    counts["delta_lm_sequences"] = int(first["delta_lm_sequences"])
+  return counts
 
 
 def release_stage(cfg: RunConfig, dictionaries: list | None = None,
@@ -217,7 +229,8 @@ def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Pa
   info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
           "corpus": dataclasses.asdict(cfg.harvest.corpus),
           "train_tokens": cfg.train.steps * cfg.train.batch_size,
-          "eval_tokens": cfg.evaluate.n_sequences * cfg.evaluate.seq_len}
+          "eval_tokens": ", ".join(f"{v} ({k.replace('_', ' ')})"
+                                   for k, v in token_counts(evaluations).items())}
   root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
                                info=info)
   if cfg.browse.enabled:

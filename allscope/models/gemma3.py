@@ -155,8 +155,17 @@ class Gemma3(nnx.Module):
       raise ValueError(f"mask shape {mask.shape} does not match tokens {tokens.shape}")
     return tokens, mask
 
-  def forward(self, tokens, mask, sites, layers, splice, with_logits):
-    """The traced forward pass behind `capture` and `logits` (call those instead)."""
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """The residual stream entering layer 0: scaled token embeddings [batch, seq, d_model]."""
+    return self.embed_tokens[...][tokens] * jnp.asarray(self.config.d_model**0.5, self.dtype)
+
+  def forward(self, tokens, mask, sites, layers, splice, with_logits, start=None, resid=None):
+    """The traced forward pass behind `capture` and `logits` (call those instead).
+
+    With `resid`, the residual stream entering layer `start` (`embed(tokens)` for 0, else a
+    clean run's resid_post at start - 1), only layers >= start run: `start` may be traced, as
+    each layer sits in a `lax.cond`, so one compile serves every start. Nothing is captured then.
+    """
     cfg = self.config
     splice = dict(splice)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # left padding shifts positions
@@ -166,7 +175,9 @@ class Gemma3(nnx.Module):
     keys = mask[:, None, :]
     masks = {False: causal[None] & keys, True: local[None] & keys}  # keyed by "is sliding"
 
-    x = self.embed_tokens[...][tokens] * jnp.asarray(cfg.d_model**0.5, self.dtype)
+    if resid is not None and sites:
+      raise ValueError("a forward from a cached residual captures nothing")
+    x = self.embed(tokens) if resid is None else resid.astype(self.dtype)
     wanted = set(layers)
     depth = cfg.n_layers if with_logits else max(layers) + 1
     captured = {s: {} for s in sites}
@@ -178,7 +189,7 @@ class Gemma3(nnx.Module):
         captured[name][layer] = act
       return act
 
-    for i in range(depth):
+    def block(i, x):
       blk = self.layers[i]
       z = blk.attention(
           rms_norm(x, blk.input_layernorm[...], cfg.rms_norm_eps), positions,
@@ -188,7 +199,13 @@ class Gemma3(nnx.Module):
       h = site("mlp_in", i, rms_norm(x, blk.pre_feedforward_layernorm[...], cfg.rms_norm_eps))
       out = rms_norm(blk.mlp(h), blk.post_feedforward_layernorm[...], cfg.rms_norm_eps)
       x = x + site("mlp_out", i, out)
-      x = site("resid_post", i, x)
+      return site("resid_post", i, x)
+
+    for i in range(depth):
+      if resid is None:
+        x = block(i, x)
+      else:  # layers before `start` were run by the clean pass that cached `resid`
+        x = jax.lax.cond(i >= start, functools.partial(block, i), lambda v: v, x)
 
     result = {s: jnp.stack([acts[l] for l in layers], axis=2) for s, acts in captured.items()}
     if not with_logits:

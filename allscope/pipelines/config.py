@@ -43,6 +43,9 @@ class HarvestConfig:
   context_length: int = 1024  # tokens per packed sequence, BOS included
   token_budget: int = 1_000_000  # packed tokens to harvest (BOS excluded); the store may hold fewer
   batch_size: int = 8  # sequences per model forward
+  # Packed sequences after the training ones, kept as token ids in the store's held-out split
+  # (pipelines/heldout.py) for evaluation; they are never harvested as rows.
+  heldout_sequences: int = 16
   sequences_per_shard: int = 16  # one shard = this many sequences, shuffled together, in memory
   rows_per_record: int = 32  # rows per ArrayRecord record (the reader's unit of random access)
   seed: int = 0  # row shuffle within shards
@@ -75,6 +78,8 @@ class HarvestConfig:
         raise ValueError(f"harvest.{name}={getattr(self, name)} must be >= 1")
     if self.seed < 0:
       raise ValueError(f"harvest.seed={self.seed} must be >= 0")
+    if self.heldout_sequences < 0:
+      raise ValueError(f"harvest.heldout_sequences={self.heldout_sequences} must be >= 0")
     if self.devices_per_worker < 0:
       raise ValueError(f"harvest.devices_per_worker={self.devices_per_worker} must be >= 0 "
                        "(0: divide the host's devices among num_workers)")

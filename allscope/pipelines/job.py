@@ -104,4 +104,9 @@ def run(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, model=No
   if manifest["num_sequences"] < p.num_sequences:
     log.warning("the corpus ran out: %d of %d sequences harvested (%d tokens)",
                 manifest["num_sequences"], p.num_sequences, manifest["num_tokens"])
+  split = manifest.get("heldout") or {"sequences": 0}
+  if split["sequences"] < cfg.heldout_sequences:
+    log.warning("the corpus ran out: %d of %d held-out sequences written after the %d training "
+                "sequences; evaluation will have fewer held-out tokens", split["sequences"],
+                cfg.heldout_sequences, manifest["num_sequences"])
   return manifest, counters

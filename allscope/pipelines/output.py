@@ -12,7 +12,7 @@ import logging
 
 from allscope import files
 from allscope.models import SITES
-from allscope.pipelines import store
+from allscope.pipelines import heldout, store
 from allscope.pipelines.planning import HarvestError, Plan
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def repair(root: str, shards: list[dict]) -> list[str]:
 def remove_store(root: str) -> None:
   """Deletes what a harvest writes (and nothing else) under root."""
   for name in files.listdir(root):
-    if (name in (store.MANIFEST, store.SPEC, store.STATS, "index", "scales", store.RECEIPTS,
+    if (name in (store.MANIFEST, store.SPEC, store.STATS, heldout.FILE, "index", "scales",
+                 store.RECEIPTS,
                  *SITES) or files.is_temporary(name)):
       files.remove(files.join(root, name))

@@ -84,7 +84,8 @@ def plan(cfg: HarvestConfig, model_cfg: ModelConfig, output_dir: str, *, arch=No
   if not per_unit:
     raise HarvestError(f"the corpus ({cfg.corpus.kind} {cfg.corpus.path!r}) holds no text: "
                        f"{len(units)} unit(s) read, all empty")
-  n_units = min(len(units), first + 1 + math.ceil(1.25 * num_sequences / per_unit))
+  wanted = num_sequences + cfg.heldout_sequences  # the held-out split follows the training ids
+  n_units = min(len(units), first + 1 + math.ceil(1.25 * wanted / per_unit))
   widths = {s: arch.site_widths[s] for s in cfg.sites}
   harvest_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
   harvest_cfg["layers"] = list(layers)

@@ -187,6 +187,16 @@ class ActivationStore:
     self.rows_per_record: int = self.manifest["rows_per_record"]
     self.num_rows: int = self.manifest["num_rows"]
 
+  def heldout(self):
+    """The held-out split (pipelines/heldout.py: tokens, n_valid, doc_start), checked against
+    its sha256; raises StoreError naming the fix when the store has none."""
+    from allscope.pipelines import heldout
+    return heldout.read(self.path, self.manifest)
+
+  def heldout_tokens(self) -> np.ndarray:
+    """The held-out sequences' token ids [H, context_length] (BOS first, PAD after the text)."""
+    return self.heldout().tokens
+
   def _check(self, sites: Sequence[str], layers: Sequence[int] | None) -> tuple[int, ...]:
     bad = [s for s in sites if s not in self.sites]
     if bad or not sites:

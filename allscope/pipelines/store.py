@@ -257,8 +257,9 @@ def write_stats(root: str, means: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
            widths: dict[str, int], rows_per_record: int, context_length: int,
-           codec: str = "bf16") -> dict:
-  """Writes stats.safetensors and then manifest.json, the store's commit point.
+           codec: str = "bf16", heldout: dict | None = None) -> dict:
+  """Writes stats.safetensors and then manifest.json, the store's commit point. `heldout`
+  is the held-out split's entry (pipelines/heldout.py), already written.
 
   The statistic sums are read back from the receipts and added in shard order, so the floats
   do not depend on the order in which workers finished.
@@ -283,7 +284,7 @@ def finish(root: str, identity: dict, receipts: list[dict], *, sites, layers,
       num_records=sum(r["records"] for r in receipts),
       shards=[{k: r[k] for k in ("shard", "rows", "records", "sequences", "files")}
               for r in receipts],
-      stats=entries, stats_file=write_stats(root, means))
+      stats=entries, stats_file=write_stats(root, means), heldout=heldout)
   files.write_text(files.join(root, MANIFEST), dumps(manifest))
   return manifest
 

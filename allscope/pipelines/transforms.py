@@ -20,7 +20,7 @@ import apache_beam as beam
 import numpy as np
 
 from allscope.pipelines import corpus as corpus_lib
-from allscope.pipelines import store, worker
+from allscope.pipelines import heldout, store, worker
 from allscope.pipelines.planning import Plan
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class TokenizePack(beam.DoFn):
 
   def __init__(self, p: Plan, arch, tokenizer):
     self._corpus, self._ctx = p.cfg.corpus, p.cfg.context_length
-    self._limit = p.num_sequences  # a unit's sequence j >= this is never kept (id >= j)
+    # a unit's sequence j >= this is never kept (id >= j), held-out ids included
+    self._limit = p.num_sequences + p.cfg.heldout_sequences
     self._special = (arch.bos_id, arch.eos_id, arch.pad_id)
     self._tokenizer = tokenizer
 
@@ -160,10 +161,17 @@ class HarvestShard(beam.DoFn):
                            self._layers)
 
 
-def _finish(receipts: list[dict], p: Plan) -> None:
+def _finish(receipts: list[dict], p: Plan, heldout_entry: dict | None) -> None:
   store.finish(p.output_dir, p.identity, receipts, sites=p.cfg.sites, layers=p.layers,
                widths=p.widths, rows_per_record=p.cfg.rows_per_record,
-               context_length=p.cfg.context_length, codec=p.cfg.codec)
+               context_length=p.cfg.context_length, codec=p.cfg.codec, heldout=heldout_entry)
+
+
+def _write_heldout(items, p: Plan, eos_id: int) -> dict | None:
+  if not p.cfg.heldout_sequences:
+    return None
+  return heldout.write(items, p.output_dir, num_sequences=p.num_sequences,
+                       context_length=p.cfg.context_length, eos_id=eos_id)
 
 
 def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: worker.Handles,
@@ -177,30 +185,15 @@ def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: worker.Han
              | "CountPerUnit" >> beam.CombinePerKey(sum)
              | "ToDict" >> beam.combiners.ToDict()
              | "PrefixSums" >> beam.Map(_offsets, len(p.units)))
+  split = (seqs
+           | "HeldOut" >> beam.FlatMap(heldout.select, beam.pvalue.AsSingleton(offsets),
+                                       p.num_sequences, p.cfg.heldout_sequences)
+           | "GatherHeldOut" >> beam.combiners.ToList()
+           | "WriteHeldOut" >> beam.Map(_write_heldout, p, arch.eos_id))
   (seqs
    | "AssignIds" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), p.num_sequences,
                                  p.cfg.sequences_per_shard)
    | "GroupShards" >> beam.GroupByKey()
    | "HarvestShard" >> beam.ParDo(HarvestShard(p, arch, handles, job_id))
    | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-   | "WriteManifest" >> beam.Map(_finish, p))
-
-
-def build(pipeline: beam.Pipeline, p: Plan, arch, tokenizer, handles: worker.Handles,
-          job_id: str) -> None:
-  seqs = (pipeline
-          | "Units" >> beam.Create(list(enumerate(p.units)))
-          | "SpreadUnits" >> beam.Reshuffle()
-          | "TokenizePack" >> beam.ParDo(TokenizePack(p, arch, tokenizer)))
-  offsets = (seqs
-             | "One" >> beam.Map(lambda s: (s[0], 1))
-             | "CountPerUnit" >> beam.CombinePerKey(sum)
-             | "ToDict" >> beam.combiners.ToDict()
-             | "PrefixSums" >> beam.Map(_offsets, len(p.units)))
-  (seqs
-   | "AssignIds" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), p.num_sequences,
-                                 p.cfg.sequences_per_shard)
-   | "GroupShards" >> beam.GroupByKey()
-   | "HarvestShard" >> beam.ParDo(HarvestShard(p, arch, handles, job_id))
-   | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-   | "WriteManifest" >> beam.Map(_finish, p))
+   | "WriteManifest" >> beam.Map(_finish, p, beam.pvalue.AsSingleton(split)))

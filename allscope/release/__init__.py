@@ -5,7 +5,7 @@ from __future__ import annotations
 from allscope.release.config import EvalConfig, ReleaseConfig
 from allscope.release.convert import from_exported
 from allscope.release.dictionary import CrossLayerTranscoder, Dictionary
-from allscope.release.evaluate import Evaluation, evaluate
+from allscope.release.evaluate import Evaluation, check_tokens, evaluate, load_tokens
 from allscope.release.export import write_dictionary
 from allscope.release.load import Release, ReleaseError, load
 from allscope.release.publish import PublishError, publish
@@ -14,6 +14,6 @@ from allscope.release.write import release_dir, write_release
 
 __all__ = [
     "CrossLayerTranscoder", "Dictionary", "EvalConfig", "Evaluation", "Release", "ReleaseConfig",
-    "ReleaseError", "evaluate", "from_exported", "load", "publish", "release_dir", "write_dictionary",
-    "write_release", "write_saelens", "PublishError",
+    "ReleaseError", "PublishError", "check_tokens", "evaluate", "from_exported", "load", "load_tokens", "publish",
+    "release_dir", "write_dictionary", "write_release", "write_saelens",
 ]

@@ -63,8 +63,9 @@ def write_plots(release_dir: Path, entries: Sequence[Mapping[str, Any]],
       continue
     layers = [e["layer"] for e in group]
     ax.plot(layers, [e["metrics"]["delta_lm_loss"] for e in group], marker="o", label=f"{label} spliced")
-    ax.plot(layers, [e["metrics"]["ce_zero_ablation"] - e["metrics"]["ce_clean"] for e in group],
-            marker="x", linestyle="--", label=f"{label} zero ablation")
+    if all("ce_zero_ablation" in e["metrics"] for e in group):  # evaluate.zero_ablation
+      ax.plot(layers, [e["metrics"]["ce_zero_ablation"] - e["metrics"]["ce_clean"] for e in group],
+              marker="x", linestyle="--", label=f"{label} zero ablation")
   ax.set(xlabel="layer", ylabel="delta LM loss (nats/token)", title="Delta LM loss per layer")
   ax.set_yscale("symlog", linthresh=1e-2)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))

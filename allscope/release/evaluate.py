@@ -140,7 +140,13 @@ def check_against_model(dictionaries: Sequence[Dict], model_config: Any) -> None
 
 def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: np.ndarray, *,
              log_dir: str | Path | None = None, progress: bool = True) -> list[Evaluation]:
-  """Evaluates every dictionary on `tokens` [N, S] (int) with `model` (the allscope Gemma 3)."""
+  """Evaluates every dictionary on `tokens` [N, S] (int) with `model` (the allscope Gemma 3).
+
+  The first `n_sequences` rows give FVU, L0 and dead/dense latents; the first
+  `splice_sequences` of them also give the spliced LM losses. Each spliced batch runs the clean
+  forward once, caching the residual stream entering every splice layer, and each splice then
+  runs only the layers from its own onward plus the unembedding.
+  """
   import jax
   import jax.numpy as jnp
   from tqdm.auto import tqdm
@@ -150,9 +156,10 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be an integer array [sequences, positions], got "
                      f"{tokens.dtype} {tokens.shape}")
+  check_tokens(cfg, tokens)
   tokens = tokens[:cfg.n_sequences, :cfg.seq_len].astype(np.int32)
-  if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-    raise ValueError(f"need at least one sequence of >= 2 tokens, got shape {tokens.shape}")
+  if tokens.shape[1] < 2:
+    raise ValueError(f"need sequences of >= 2 tokens, got shape {tokens.shape}")
   mc = model.config
   if tokens.max() >= mc.vocab_size or tokens.min() < 0:
     raise ValueError(f"token ids must lie in [0, {mc.vocab_size}); got {tokens.min()}..{tokens.max()}")
@@ -168,74 +175,150 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   pairs = [p for d in dictionaries for p in sum(_sites_and_layers(d), [])]
   sites = tuple(sorted({s for s, _ in pairs}))
   layers = tuple(sorted({l for _, l in pairs}))
-  layer_index = {l: i for i, l in enumerate(layers)}
   stats = [_Stats((d.n_layers, d.width) if isinstance(d, CrossLayerTranscoder) else (d.width,))
            for d in dictionaries]
   jparams = [jax.tree.map(jnp.asarray, dict(d.params)) if isinstance(d, Dictionary)
              else tuple(jax.tree.map(jnp.asarray, dict(p)) for p in d.layer_params)
              for d in dictionaries]
-  ablations = {}
-  for d in dictionaries:  # zero ablation of exactly what each dictionary replaces
-    ablations.setdefault(tuple(_sites_and_layers(d)[1]), None)
-  ce = {key: 0.0 for key in ablations}
-  ce_dict = [0.0] * len(dictionaries)
-  kl = [0.0] * len(dictionaries)
-  ce_clean, n_targets = 0.0, 0
+  n_splice = 0
+  if cfg.splice:
+    n_splice = tokens.shape[0] if cfg.splice_sequences < 0 else min(cfg.splice_sequences,
+                                                                    tokens.shape[0])
+  # Splices: (key, spec, layer, start, params); start None = a full forward (a CLT).
+  splices = []
+  if cfg.splice:
+    if cfg.zero_ablation:  # zero ablation of exactly what each dictionary replaces
+      for outputs in dict.fromkeys(tuple(_sites_and_layers(d)[1]) for d in dictionaries):
+        spec, layer = _zero_spec(outputs, mc.n_layers)
+        splices.append((("zero", outputs), spec, layer, layer if spec[0] == "zero_at" else None,
+                        None))
+    for i, d in enumerate(dictionaries):
+      spec, layer = _splice_spec(d, mc.n_layers)
+      splices.append((("dict", i), spec, layer, None if spec[0] == "clt" else layer, jparams[i]))
+  # The clean pass caches resid_post[start - 1] for each start > 0 (start 0 is the embedding).
+  entries = sorted({start - 1 for *_, start, _ in splices if start})
+  clean_sites = tuple(sorted(set(sites) | ({"resid_post"} if entries else set())))
+  clean_layers = tuple(sorted(set(layers) | set(entries)))
+  layer_index = {l: i for i, l in enumerate(clean_layers)}
+  capture_index = {l: i for i, l in enumerate(layers)}
+  seq_nll = {key: [] for key, *_ in splices}
+  seq_nll["clean"], seq_targets, kl = [], [], {key: 0.0 for key, *_ in splices}
 
   bar = tqdm(range(0, tokens.shape[0], cfg.batch_size), desc="evaluate", unit="batch",
              disable=not progress)
-  start = time.perf_counter()
+  start_time = time.perf_counter()
   for b0 in bar:
     rows = tokens[b0:b0 + cfg.batch_size]
-    if len(rows) < cfg.batch_size:  # pad the last batch: one batch shape, one compile
-      fill = np.full((cfg.batch_size - len(rows), rows.shape[1]), mc.pad_id, np.int32)
+    n_rows = len(rows)
+    if n_rows < cfg.batch_size:  # pad the last batch: one batch shape, one compile
+      fill = np.full((cfg.batch_size - n_rows, rows.shape[1]), mc.pad_id, np.int32)
       rows = np.concatenate([rows, fill])
     batch = jnp.asarray(rows)
     mask = batch != mc.pad_id
     keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
-    captured = model.capture(batch, sites=sites, layers=layers)
+    spliced = b0 < n_splice
+    if spliced:
+      captured, clean_logp, nll, valid = _clean_pass(model, batch, mask, clean_sites,
+                                                     clean_layers)
+      n_used = min(n_rows, n_splice - b0)  # rows past splice_sequences are not counted
+      seq_nll["clean"].append(np.asarray(nll, np.float64)[:n_used])
+      seq_targets.append(np.asarray(valid)[:n_used])
+    else:  # activation metrics only: the capture stops at the deepest layer, no unembedding
+      captured = model.capture(batch, sites=sites, layers=layers, mask=mask)
     keep_np = np.asarray(keep)
     for i, d in enumerate(dictionaries):
-      x, y = _inputs_targets(d, captured, layer_index, keep_np)
+      x, y = _inputs_targets(d, captured, layer_index if spliced else capture_index, keep_np)
       feats, y_hat = reconstruct(d, x)
       stats[i].add(y, y_hat, feats)
-    if cfg.splice:
-      nll, clean_logp, valid = _clean_nll(model, batch, mask)
-      ce_clean += float(nll)
-      n_targets += int(valid)
-      for key in ablations:
-        spec, layer = _zero_spec(key, mc.n_layers)
-        nll, _ = _spliced_nll(model, batch, mask, keep, None, spec, jnp.int32(layer), clean_logp)
-        ce[key] += float(nll)
-      for i, d in enumerate(dictionaries):
-        spec, layer = _splice_spec(d, mc.n_layers)
-        nll, kl_sum = _spliced_nll(model, batch, mask, keep, jparams[i], spec, jnp.int32(layer),
-                                   clean_logp)
-        ce_dict[i] += float(nll)
-        kl[i] += float(kl_sum)
-      del clean_logp
+    if spliced:
+      embedded = None
+      for key, spec, layer, start, params in splices:
+        if start is None:
+          resid, begin = None, None
+        elif start == 0:
+          embedded = model.embed(batch) if embedded is None else embedded
+          resid, begin = embedded, jnp.int32(0)
+        else:
+          resid, begin = captured["resid_post"][:, :, layer_index[start - 1]], jnp.int32(start)
+        nll, kl_sum = _spliced_nll(model, batch, mask, keep, params, spec, jnp.int32(layer),
+                                   clean_logp, begin, resid)
+        seq_nll[key].append(np.asarray(nll, np.float64)[:n_used])
+        kl[key] += float(np.sum(np.asarray(kl_sum, np.float64)[:n_used]))
+      del clean_logp, captured
     done = min(b0 + cfg.batch_size, tokens.shape[0]) * tokens.shape[1]
-    bar.set_postfix(tokens_per_s=f"{done / (time.perf_counter() - start):.0f}")
+    bar.set_postfix(tokens_per_s=f"{done / (time.perf_counter() - start_time):.0f}")
 
   results = []
+  targets = np.concatenate(seq_targets) if seq_targets else np.zeros(0)
+  n_targets = float(targets.sum())
   for i, d in enumerate(dictionaries):
     metrics, frequency = stats[i].metrics(cfg.dense_threshold)
     if cfg.splice and n_targets:
-      clean = ce_clean / n_targets
-      spliced = ce_dict[i] / n_targets
-      zero = ce[tuple(_sites_and_layers(d)[1])] / n_targets
+      clean = np.concatenate(seq_nll["clean"])
+      ours = np.concatenate(seq_nll[("dict", i)])
       metrics.update({
-          "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
-          "delta_lm_loss": spliced - clean,
-          "fraction_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else math.nan,
-          "kl": kl[i] / n_targets,
+          "ce_clean": float(clean.sum() / n_targets), "ce_spliced": float(ours.sum() / n_targets),
+          "delta_lm_loss": float((ours - clean).sum() / n_targets),
+          "delta_lm_loss_stderr": ratio_stderr(ours - clean, targets),
+          "kl": kl[("dict", i)] / n_targets,
+          "delta_lm_tokens": int(n_targets), "delta_lm_sequences": int(np.sum(targets > 0)),
       })
+      zero_key = ("zero", tuple(_sites_and_layers(d)[1]))
+      if zero_key in seq_nll:
+        zero = float(np.concatenate(seq_nll[zero_key]).sum() / n_targets)
+        spliced_ce, clean_ce = metrics["ce_spliced"], metrics["ce_clean"]
+        metrics["ce_zero_ablation"] = zero
+        metrics["fraction_loss_recovered"] = ((zero - spliced_ce) / (zero - clean_ce)
+                                              if zero != clean_ce else math.nan)
     if isinstance(d, CrossLayerTranscoder):
       metrics["l0_per_layer"] = [float(v) for v in frequency.sum(axis=1)]
     results.append(Evaluation(export.folder_of(d, metrics["l0"]), metrics, frequency))
   if log_dir is not None:
     write_tensorboard(log_dir, results)
   return results
+
+
+def check_tokens(cfg: EvalConfig, tokens: np.ndarray) -> None:
+  """Enough held-out sequences for evaluate.n_sequences (checked before the model loads)."""
+  if tokens.shape[0] < cfg.n_sequences:
+    raise ValueError(f"evaluate.n_sequences={cfg.n_sequences} but the held-out tokens hold only "
+                     f"{tokens.shape[0]} sequences; lower evaluate.n_sequences or provide more "
+                     "held-out text (harvest.heldout_sequences, or a larger evaluate.tokens file)")
+
+
+def load_tokens(path: str | Path) -> np.ndarray:
+  """Held-out token ids [sequences, positions] from a .npy file (numpy.save), read without
+  pickle; refuses anything else with a line naming the file."""
+  try:
+    tokens = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise ValueError(f"evaluate.tokens: {path} does not exist") from None
+  except ValueError as e:
+    raise ValueError(f"evaluate.tokens: {path} is not a plain .npy array ({e}); write one with "
+                     "numpy.save(path, ids) from an integer array [sequences, positions]") from None
+  if not isinstance(tokens, np.ndarray) or tokens.ndim != 2 or not np.issubdtype(
+      tokens.dtype, np.integer):
+    raise ValueError(f"evaluate.tokens: {path} holds {tokens.dtype} {tokens.shape}; it must be an "
+                     "integer array [sequences, positions] (BOS first, PAD after the text)")
+  return tokens
+
+
+def ratio_stderr(sums: np.ndarray, counts: np.ndarray) -> float:
+  """Standard error over sequences of the token-weighted mean sum(sums) / sum(counts).
+
+  `sums[s]` is a per-sequence total (e.g. of spliced minus clean NLL) over `counts[s]` tokens;
+  sequences with no tokens are left out. Tokens within a sequence are correlated, so the
+  sequence is the independent unit: the ratio estimator's delta-method (cluster-robust) error,
+  sqrt(n / (n - 1) * sum((sums - r * counts)^2)) / sum(counts), which for equal counts is the
+  usual standard error of the per-sequence means. NaN with fewer than two sequences.
+  """
+  sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+  sums, counts = sums[counts > 0], counts[counts > 0]
+  n = len(counts)
+  if n < 2:
+    return math.nan
+  r = sums.sum() / counts.sum()
+  return float(math.sqrt(n / (n - 1) * np.sum((sums - r * counts) ** 2)) / counts.sum())
 
 
 def _inputs_targets(d: Dict, captured: dict, layer_index: dict[int, int],
@@ -352,28 +435,36 @@ def _log_probs_and_valid(logits: Any, mask: Any) -> tuple[Any, Any]:
   return logp, mask[:, 1:] & mask[:, :-1]
 
 
-@functools.partial(nnx.jit, static_argnums=())
-def _clean_nll(model: Any, tokens: Any, mask: Any) -> tuple[Any, Any, Any]:
-  """Summed next-token NLL of the clean model, its log-probs, and the number of targets."""
+def _seq_nll(logp: Any, tokens: Any, valid: Any) -> Any:
+  """Summed next-token NLL per sequence [B]."""
   import jax.numpy as jnp
-  _, logits = model.forward(tokens, mask, (), (), (), True)
-  logp, valid = _log_probs_and_valid(logits, mask)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)), logp, jnp.sum(valid)
+  return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
+
+
+@functools.partial(nnx.jit, static_argnums=(3, 4))
+def _clean_pass(model: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
+  """The clean forward, once per batch: activations of `sites` x `layers` (the dictionaries'
+  inputs and targets and the cached residuals), log-probs, per-sequence NLL and target counts."""
+  import jax.numpy as jnp
+  captured, logits = model.forward(tokens, mask, sites, layers, (), True)
+  logp, valid = _log_probs_and_valid(logits, mask)
+  return captured, logp, _seq_nll(logp, tokens, valid), jnp.sum(valid, axis=1)
 
 
 @functools.partial(nnx.jit, static_argnums=(5,))
 def _spliced_nll(model: Any, tokens: Any, mask: Any, keep: Any, params: Any, spec: tuple,
-                 layer: Any, clean_logp: Any) -> tuple[Any, Any]:
-  """Summed NLL with the splice of `spec` at `layer`, and summed KL(clean || spliced)."""
+                 layer: Any, clean_logp: Any, start: Any = None, resid: Any = None):
+  """Per-sequence summed NLL [B] with the splice of `spec` at `layer`, and per-sequence summed
+  KL(clean || spliced) [B]. With `resid` (the clean residual entering layer `start`) only layers
+  >= start run; `start` and `layer` are traced, so one compile serves every layer."""
   import jax.numpy as jnp
   fns = _splice_fns(spec, params, keep, layer)
   splice = tuple(sorted(fns.items(), key=lambda kv: (kv[0][1], kv[0][0])))
-  _, logits = model.forward(tokens, mask, (), (), splice, True)
+  _, logits = model.forward(tokens, mask, (), (), splice, True, start, resid)
   logp, valid = _log_probs_and_valid(logits, mask)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, kl, 0.0))
+  return _seq_nll(logp, tokens, valid), jnp.sum(jnp.where(valid, kl, 0.0), axis=1)
 
 
 def write_tensorboard(log_dir: str | Path, results: Sequence[Evaluation]) -> None:

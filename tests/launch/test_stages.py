@@ -33,7 +33,9 @@ def test_run_writes_store_checkpoints_metrics_and_a_loadable_release(quick):
   assert len(rel.dictionaries) == 2
   assert {d.layer for d in rel.dictionaries} == {2, 3}
   metrics = json.loads(stages.Paths(out["store"].parent).evaluation.read_text())
-  assert metrics["tokens"] == 2 * 32
+  # Every held-out sequence is full (64 > 32 positions): 31 non-BOS tokens and targets each.
+  assert metrics["tokens"] == {"activation_metrics": 2 * 31, "delta_lm": 2 * 31,
+                               "delta_lm_sequences": 2}
   for entry in metrics["dictionaries"]:
     assert np.isfinite(entry["metrics"]["fvu"]) and entry["metrics"]["l0"] > 0
   assert (out["release"] / "README.md").exists()
@@ -45,17 +47,53 @@ def test_heldout_tokens_are_not_in_the_store(quick):
   cfg, out = quick
   from allscope import models, pipelines
 
-  arch, tokenizer = models.describe(cfg.model.name)
-  held = stages.heldout_tokens(cfg, tokenizer, arch)
+  arch, _ = models.describe(cfg.model.name)
+  held, source = stages.heldout_tokens(cfg)
+  assert "held-out split" in source
   index = pipelines.open_store(out["store"]).index()
   rows = np.concatenate([index[i] for i in range(len(index))])
   rows = rows[np.lexsort((rows["position"], rows["sequence"]))]  # back into reading order
   stream = rows["token"].astype(np.int32).tobytes()
-  assert held.shape == (2, 32) and (held[:, 0] == arch.bos_id).all()
+  assert held.shape == (cfg.harvest.heldout_sequences, 64) and (held[:, 0] == arch.bos_id).all()
   # No 16-token window of the held-out text appears in the harvested token stream.
-  windows = [held[i, j:j + 16].astype(np.int32).tobytes() for i in range(2) for j in (1, 16)]
+  windows = [held[i, j:j + 16].astype(np.int32).tobytes() for i in range(4) for j in (1, 16)]
   assert not any(w in stream for w in windows)
-  assert len(rows) > out["tokens"] - 32  # every full record was searched
+  assert len(rows) > out["tokens"] - 64  # every full record was searched
+
+
+def test_evaluation_from_a_token_file_equals_evaluation_from_the_store(quick, tmp_path):
+  cfg, out = quick
+  import dataclasses
+  held, _ = stages.heldout_tokens(cfg)
+  np.save(tmp_path / "held.npy", held)
+  from_file = dataclasses.replace(cfg, evaluate=dataclasses.replace(
+      cfg.evaluate, tokens=str(tmp_path / "held.npy"), output=str(tmp_path / "file.json")))
+  dicts = list(release.load(out["release"]).dictionaries)
+  stages.evaluate(from_file, dicts)
+  written = json.loads((tmp_path / "file.json").read_text())
+  assert written["heldout"] == str(tmp_path / "held.npy")
+  run = json.loads(stages.Paths(out["store"].parent).evaluation.read_text())
+  assert written["tokens"] == run["tokens"]
+  got = {e["path"]: e["metrics"] for e in written["dictionaries"]}
+  for entry in run["dictionaries"]:
+    for key in ("fvu", "l0", "delta_lm_loss", "delta_lm_loss_stderr"):
+      assert got[entry["path"]][key] == pytest.approx(entry["metrics"][key], rel=1e-4, abs=1e-6)
+
+
+def test_evaluating_a_release_writes_beside_it_not_over_the_run(quick, capsys):
+  cfg, out = quick
+  from allscope.launch import cli
+  run_json = stages.Paths(out["store"].parent).evaluation
+  before = run_json.read_bytes()
+  overrides = [f"output_dir={cfg.output_dir}", "harvest.layers=[2,3]", "train.layers=[2,3]",
+               "train.width=128", "train.k=8", "train.batch_size=64", "train.steps=12",
+               "train.checkpoint_every=6", "harvest.token_budget=1008", "harvest.context_length=64",
+               "evaluate.n_sequences=2", "evaluate.seq_len=32", "evaluate.batch_size=2"]
+  cli.main(["evaluate", *overrides, "--config", "quickstart", "--release", str(out["release"])])
+  beside = out["release"].with_name(out["release"].name + ".evaluation.json")
+  assert json.loads(beside.read_text())["tokens"]["activation_metrics"] > 0
+  assert run_json.read_bytes() == before
+  assert f"metrics: {beside}" in capsys.readouterr().out
 
 
 def test_second_run_resumes_and_redoes_nothing(quick):

@@ -3,6 +3,7 @@ forward (a tiny random Gemma 3, and the real 270M for the identity check)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -266,3 +267,123 @@ def test_clt_on_a_subset_of_layers_splices_only_those(tiny, rng):
   want = _ce(_eager_logits(model, tokens, zero), tokens)
   assert rel_err(r.metrics["ce_spliced"], want) < 1e-5
   assert r.metrics["ce_zero_ablation"] == pytest.approx(r.metrics["ce_spliced"], rel=1e-6)
+
+
+# -- prefix-cached splicing, standard errors, token counts ----------------------------------------
+
+@pytest.mark.parametrize("spec_of", [
+    lambda d, n: (("transcoder", n, "mlp_in", "mlp_out", "jump_relu", None), d.params),
+    lambda d, n: (("zero_at", n, "mlp_out"), None),
+    lambda d, n: (("sae", n, "resid_post", "jump_relu", None),
+                  {k: v for k, v in d.params.items() if k != "affine_skip_connection"}),
+])
+def test_splice_from_the_cached_residual_equals_the_full_spliced_forward(tiny, rng, spec_of):
+  """Each splice runs only the layers from its own onward, from the clean pass's residual."""
+  from allscope.release.evaluate import _clean_pass, _spliced_nll
+  model, tokens = tiny
+  tc = Dictionary(random_params(rng, 32, 48, 32, affine=True), "transcoder", "jump_relu", "tiny",
+                  0, "mlp_in", "mlp_out")
+  spec, params = spec_of(tc, TINY.n_layers)
+  params = jax.tree.map(jnp.asarray, params)
+  batch = jnp.asarray(tokens)
+  mask = batch != TINY.pad_id
+  keep = mask & (batch != TINY.bos_id)
+  layers = tuple(range(TINY.n_layers))
+  captured, logp, clean_nll, _ = _clean_pass(model, batch, mask, ("resid_post",), layers)
+  for layer in range(TINY.n_layers):
+    full, full_kl = _spliced_nll(model, batch, mask, keep, params, spec, jnp.int32(layer), logp)
+    resid = model.embed(batch) if layer == 0 else captured["resid_post"][:, :, layer - 1]
+    tail, tail_kl = _spliced_nll(model, batch, mask, keep, params, spec, jnp.int32(layer), logp,
+                                 jnp.int32(layer), resid)
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(full), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tail_kl), np.asarray(full_kl), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(full) - np.asarray(clean_nll)).max() > 1e-4  # the splice did act
+
+
+def test_ratio_stderr_matches_a_numpy_computation(rng):
+  from allscope.release.evaluate import ratio_stderr
+  counts = rng.integers(0, 40, 50).astype(np.float64)
+  sums = rng.normal(0.3, 1.0, 50) * counts
+  keep = counts > 0
+  s, c = sums[keep], counts[keep]
+  r = s.sum() / c.sum()
+  # Delta method for a ratio of means: var(r) = var(s - r c) / (n mean(c)^2)
+  n = len(c)
+  want = np.sqrt(np.var(s - r * c, ddof=1) / n) / c.mean()
+  assert ratio_stderr(sums, counts) == pytest.approx(want, rel=1e-12)
+  # Equal counts: the standard error of the per-sequence means.
+  means = rng.normal(0, 1, 30)
+  assert ratio_stderr(means * 7, np.full(30, 7.0)) == pytest.approx(
+      np.std(means, ddof=1) / np.sqrt(30), rel=1e-12)
+  assert math.isnan(ratio_stderr(np.array([1.0]), np.array([3.0])))
+
+
+def test_delta_lm_stderr_and_token_counts_per_metric(tiny, rng):
+  """FVU/L0 on every sequence; LM losses on the first splice_sequences; the stderr is the
+  per-sequence spread of spliced minus clean NLL."""
+  model, _ = tiny
+  tokens = rng.integers(3, TINY.vocab_size, (7, 12)).astype(np.int32)
+  tokens[:, 0] = TINY.bos_id
+  tokens[1, 8:] = TINY.pad_id
+  tc = Dictionary(random_params(rng, 32, 48, 32), "transcoder", "jump_relu", "tiny", 1,
+                  "mlp_in", "mlp_out")
+  cfg = EvalConfig(n_sequences=7, seq_len=12, batch_size=2, splice_sequences=5)
+  (r,) = evaluate(cfg, [tc], model, tokens, progress=False)
+  m = r.metrics
+  assert m["n_tokens"] == int(_keep(tokens).sum())  # all 7 sequences
+  sub = tokens[:5]
+  valid = (sub[:, 1:] != TINY.pad_id) & (sub[:, :-1] != TINY.pad_id)
+  assert m["delta_lm_tokens"] == int(valid.sum()) and m["delta_lm_sequences"] == 5
+  # Reference: per-sequence NLL differences from eager forwards, float64.
+  x = np.asarray(model.capture(sub, sites=("mlp_in",), layers=(1,))["mlp_in"][:, :, 0])
+  recon = ref_decode(tc.params, ref_encode(tc.params, x), x)
+
+  def per_seq(logits):
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], -1))
+    nll = -np.take_along_axis(logp, sub[:, 1:, None], -1)[..., 0]
+    return np.where(valid, nll, 0).sum(1)
+
+  diff = (per_seq(_eager_logits(model, sub, {("mlp_out", 1): _const_splice(recon, sub)}))
+          - per_seq(_eager_logits(model, sub)))
+  n_s = valid.sum(1)
+  r_mean = diff.sum() / n_s.sum()
+  want = np.sqrt(5 / 4 * np.sum((diff - r_mean * n_s) ** 2)) / n_s.sum()
+  assert rel_err(m["delta_lm_loss"], r_mean) < 1e-4
+  assert rel_err(m["delta_lm_loss_stderr"], want) < 1e-3 and want > 0
+  # Without the zero ablation: the same spliced figures, no zero-ablation keys.
+  (r2,) = evaluate(dataclasses.replace(cfg, zero_ablation=False), [tc], model, tokens,
+                   progress=False)
+  assert r2.metrics["delta_lm_loss"] == pytest.approx(m["delta_lm_loss"], rel=1e-9)
+  assert "ce_zero_ablation" not in r2.metrics and "fraction_loss_recovered" not in r2.metrics
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(splice_sequences=0), "evaluate.splice_sequences must be >= 1, or -1"),
+    (dict(tokens="held.pt"), "must name a .npy file"),
+])
+def test_bad_eval_config_is_refused(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(CFG, **change).validate()
+
+
+def test_too_few_heldout_sequences_are_counted_right(tiny):
+  model, tokens = tiny
+  with pytest.raises(ValueError, match=r"evaluate.n_sequences=5 but the held-out tokens hold "
+                                       r"only 3 sequences"):
+    evaluate(EvalConfig(n_sequences=5, seq_len=12, batch_size=2),
+             [identity_sae(32, "resid_post", 0)], model, tokens, progress=False)
+
+
+def test_token_files_load_without_pickle(tmp_path):
+  from allscope.release import load_tokens
+  ids = np.arange(24, dtype=np.int64).reshape(3, 8)
+  np.save(tmp_path / "ok.npy", ids)
+  np.testing.assert_array_equal(load_tokens(tmp_path / "ok.npy"), ids)
+  np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  with pytest.raises(ValueError, match="obj.npy is not a plain .npy array"):
+    load_tokens(tmp_path / "obj.npy")
+  np.save(tmp_path / "flat.npy", np.arange(5))
+  with pytest.raises(ValueError, match=r"flat.npy holds int64 \(5,\)"):
+    load_tokens(tmp_path / "flat.npy")
+  with pytest.raises(ValueError, match="does not exist"):
+    load_tokens(tmp_path / "missing.npy")
