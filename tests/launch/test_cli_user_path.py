@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allscope.launch import cli
@@ -213,8 +214,9 @@ def test_training_divergence_from_a_beam_style_text_keeps_its_code():
   assert cli.classify(RuntimeError(text))[:2] == (cli.EXIT_DIVERGED, "training stopped at step 3")
 
 
-def test_evaluate_reads_the_held_out_text_before_loading_the_model(tmp_path, monkeypatch):
-  """Too many evaluate.n_sequences for the corpus is refused before the weights load."""
+def test_evaluate_checks_the_held_out_text_before_loading_the_model(tmp_path, monkeypatch):
+  """Too many evaluate.n_sequences for the held-out tokens, or a run whose store was never
+  harvested, is refused before the weights load, and records nothing."""
   from allscope import models
   from allscope.launch import config as config_lib, stages
 
@@ -222,12 +224,15 @@ def test_evaluate_reads_the_held_out_text_before_loading_the_model(tmp_path, mon
     raise AssertionError("the model loaded before the held-out text was checked")
 
   monkeypatch.setattr(models, "load", no_load)
-  cfg = config_lib.load(None, [f"output_dir={tmp_path}", "harvest.context_length=64",
-                               "harvest.token_budget=64", "harvest.corpus.docs_per_unit=4",
-                               "harvest.corpus.kind=files", f"harvest.corpus.path={tmp_path}/*.txt",
+  tokens = tmp_path / "heldout.npy"
+  np.save(tokens, np.random.default_rng(0).integers(3, 1000, (3, 32), dtype=np.int32))
+  cfg = config_lib.load(None, [f"output_dir={tmp_path}", f"evaluate.tokens={tokens}",
                                "evaluate.seq_len=32", "evaluate.n_sequences=50"])
-  (tmp_path / "a.txt").write_text("A short document about lighthouses and the sea. " * 20)
-  with pytest.raises(ValueError, match="the corpus holds only"):
+  with pytest.raises(ValueError, match="evaluate.n_sequences=50 but the held-out tokens hold "
+                     "only 3 sequences"):
+    stages._evaluate(cfg, [])
+  cfg = config_lib.load(None, [f"output_dir={tmp_path}"])
+  with pytest.raises(store.IncompleteStoreError, match="no harvest has been written here"):
     stages._evaluate(cfg, [])
   assert _history(tmp_path) == []
 
