@@ -169,9 +169,12 @@ class TrainConfig:
 LR_BASE = 5e-3
 LR_REF_WIDTH = 2 ** 14
 LR_REF_BATCH = 4096
+# JumpReLU at the TopK rate kills most latents and undershoots its target L0 (docs/train.md).
+JUMPRELU_LR_SCALE = 1.0 / 3.0
 
 
 def default_lr(cfg: TrainConfig) -> float:
   """The learning rate used when train.lr is unset (see LR_BASE and docs/train.md)."""
-  return (LR_BASE * (LR_REF_WIDTH / cfg.width) ** 0.5
+  scale = JUMPRELU_LR_SCALE if cfg.activation == "jumprelu" else 1.0
+  return (scale * LR_BASE * (LR_REF_WIDTH / cfg.width) ** 0.5
           * (cfg.batch_size / LR_REF_BATCH) ** 0.5)

@@ -10,18 +10,22 @@ import numpy as np
 import pytest
 
 from allscope.trainers import dictionaries, losses, state as state_lib
-from allscope.trainers.config import LR_BASE, TrainConfig, default_lr
+from allscope.trainers.config import JUMPRELU_LR_SCALE, LR_BASE, TrainConfig, default_lr
 
 
 def test_unset_lr_follows_the_width_and_batch_rule():
-  cfg = TrainConfig(width=2 ** 14, batch_size=4096)
+  topk = dict(activation="topk", k=32)
+  cfg = TrainConfig(width=2 ** 14, batch_size=4096, **topk)
   assert cfg.lr is None and cfg.learning_rate == pytest.approx(LR_BASE)
   # 1/sqrt(F), sqrt(B): 4x narrower doubles it, 4x smaller batches halve it.
-  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024)) == pytest.approx(LR_BASE)
-  assert default_lr(TrainConfig(width=2 ** 12, batch_size=4096)) == pytest.approx(2 * LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=4096, **topk)) == pytest.approx(
+      2 * LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, activation="jumprelu")) == (
+      pytest.approx(JUMPRELU_LR_SCALE * LR_BASE))
   assert TrainConfig(width=2 ** 12, lr=1e-4).learning_rate == 1e-4
   sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
-                                         lr_warmup_steps=10))
+                                         lr_warmup_steps=10, **topk))
   assert float(sched(50)) == pytest.approx(LR_BASE)
 
 
