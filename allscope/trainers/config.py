@@ -40,8 +40,8 @@ class TrainConfig:
   l0_penalty: Literal["linear", "quadratic"] = "quadratic"
   l0_coef: float = 1.0  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU)
   sparsity_warmup_steps: int = 100
-  bandwidth: float = 0.01  # epsilon of the rectangle kernel, on normalized activations
-  threshold_init: float = 0.0  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
+  bandwidth: float = 0.05  # epsilon of the rectangle kernel, on normalized activations
+  threshold_init: float = 0.001  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
   init_l0_multiple: float = 2.0  # calibrated thresholds fire init_l0_multiple * target_l0 at step 0
   threshold_lr_multiple: float = 20.0  # log-threshold steps are this many times the learning rate
   freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
