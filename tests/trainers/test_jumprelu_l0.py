@@ -2,11 +2,11 @@
 
 A small store (mlp_in/mlp_out of one layer, built-in corpus) is harvested once; a JumpReLU
 transcoder trains on its first records with default settings (only the size and the run length
-are set) and is measured, as exported, on the last records, which it never saw. Pass: no latent
-dropped for lack of capacity at the end of training, and held-out L0 within 50% of target_l0
-(issue 10: a target-16 run used to train pinned at its capacity of 64, with overflow ~7e4, and
-measure 118-136 held out). The issue asks for 10%; measured at these defaults: 18.3 for target
-16 and 38.2 for target 64 (too many latents die to reach 64 of 512; see docs/train.md).
+are set) and is measured, as exported, on the last records, which it never saw. Pass: held-out
+L0 within 10% of target_l0, and the capacity (4 x target slots per row) dropping fewer than 10% as
+many entries as the target allows (issue 10: a target-16 run trained pinned at its capacity with
+overflow ~7e4 per 1024 rows and measured L0 118-136 held out). Measured at the defaults: 17.2
+(overflow 256 per 256 rows at the last step) for target 16, 60.5 (overflow 0) for target 64.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def store(gemma270m, tmp_path_factory):
 
 
 @pytest.mark.parametrize("target", [16, 64])
-def test_jumprelu_transcoder_trains_near_its_target_l0_without_overflow(store, tmp_path, target):
+def test_jumprelu_transcoder_reaches_its_target_l0_on_held_out_rows(store, tmp_path, target):
   src = store.source(("mlp_in", "mlp_out"), (LAYER,))
   n_train = len(src) - HELD_OUT_RECORDS
   held = [src[i] for i in range(n_train, len(src))]
@@ -69,5 +69,6 @@ def test_jumprelu_transcoder_trains_near_its_target_l0_without_overflow(store, t
   l0 = float(np.mean(np.sum(pre > e.arrays["threshold"], axis=-1)))
   print(f"target {target}: held-out L0 {l0:.2f} on {x.shape[0]} rows, train metrics "
         f"{ {k: round(v, 3) for k, v in result.metrics.items()} }")
-  assert result.metrics["overflow"] == 0
-  assert abs(l0 - target) <= 0.5 * target, l0
+  # Overflow also counts slots of latents just under their threshold (the gradient window).
+  assert result.metrics["overflow"] <= 0.1 * cfg.batch_size * target
+  assert abs(l0 - target) <= 0.1 * target, l0
