@@ -12,6 +12,6 @@ def get_config() -> RunConfig:
       output_dir="outputs/clt_270m",
       train=TrainConfig(
           kind="clt", activation="topk", layers=tuple(range(18)), width=8192, k=64,
-          batch_size=4096, steps=50_000, lr=3e-4, lr_warmup_steps=1000, aux_k=512,
+          batch_size=4096, steps=50_000, lr_warmup_steps=1000, aux_k=512,
           checkpoint_every=2000),
   )

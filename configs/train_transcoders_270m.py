@@ -13,6 +13,6 @@ def get_config() -> RunConfig:
       train=TrainConfig(
           kind="transcoder", activation="jumprelu", layers=tuple(range(18)), width=16384,
           target_l0=64, l0_penalty="quadratic", l0_coef=1.0, bandwidth=0.05,
-          batch_size=4096, steps=50_000, lr=3e-4, lr_warmup_steps=1000,
+          batch_size=4096, steps=50_000, lr_warmup_steps=1000,
           sparsity_warmup_steps=5000, checkpoint_every=2000, mesh_layer=1),
   )

@@ -44,18 +44,19 @@ class TrainConfig:
   bandwidth: float = 0.05  # epsilon of the rectangle kernel, on normalized activations
   threshold_init: float = 0.001  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
   init_l0_multiple: float = 2.0  # calibrated thresholds fire init_l0_multiple * target_l0 at step 0
-  threshold_lr_multiple: float = 1.0  # log-threshold steps are this many times the learning rate
+  threshold_lr_multiple: float = 20.0  # log-threshold steps are this many times the learning rate
   freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
   freq_max: float = 0.1
   aux_k: int = 256  # AuxK for TopK/BatchTopK
   aux_coef: float = 1.0 / 32
+  aux_after_tokens: int = 10_000  # AuxK revives latents that fired on none of the last N tokens
   dead_tokens: int = 1_000_000  # a latent that fired on none of the last N tokens is dead
   matryoshka: tuple[int, ...] = ()  # nested prefix sizes (< width); the full width is implied
 
   # Optimization.
   steps: int = 1000
   batch_size: int = 4096  # tokens per step
-  lr: float = 3e-4
+  lr: float | None = None  # None: default_lr(cfg), from the width and batch (docs/train.md)
   lr_warmup_steps: int = 100
   lr_decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
   adam_b1: float = 0.9
@@ -64,6 +65,10 @@ class TrainConfig:
   decoder_norm: Literal["unit", "none"] = "unit"
   init_decoder_norm: float = 0.1  # decoder row norm at init (ignored with decoder_norm="unit")
   b_dec_init: Literal["mean", "zero"] = "mean"
+  # "auto": an sae or crosscoder starts with w_enc = w_dec^T; a transcoder or CLT (input and
+  # output spaces differ) with an independent random encoder whose biases centre the first
+  # batch's pre-activations (docs/train.md: measured). "transpose" / "random" force one.
+  encoder_init: Literal["auto", "transpose", "random"] = "auto"
   matmul_dtype: Literal["float32", "bfloat16"] = "float32"
   # Sparse kernels: "auto" = Pallas on GPU/TPU, sparse XLA on CPU; "pallas" or "xla" force one.
   kernels: Literal["auto", "pallas", "xla"] = "auto"
@@ -79,6 +84,18 @@ class TrainConfig:
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   log_every: int = 50
+
+  @property
+  def learning_rate(self) -> float:
+    """The peak learning rate: train.lr, or default_lr when it is left unset."""
+    return default_lr(self) if self.lr is None else self.lr
+
+  @property
+  def tied_init(self) -> bool:
+    """Whether the encoder starts as the decoder's transpose (see encoder_init)."""
+    if self.encoder_init == "auto":
+      return self.kind in ("sae", "crosscoder")
+    return self.encoder_init == "transpose"
 
   @property
   def sites(self) -> tuple[str, str]:
@@ -116,8 +133,8 @@ class TrainConfig:
       raise ValueError(f"train.layers={self.layers} must be increasing for a {self.kind}")
     if self.kind == "sae" and self.sites[0] != self.sites[1]:
       raise ValueError(f"an sae reads and writes one site; got {self.sites[0]} -> {self.sites[1]}")
-    for name in ("width", "steps", "batch_size", "k", "checkpoint_every", "keep_checkpoints",
-                 "log_every", "mesh_model", "mesh_layer"):
+    for name in ("width", "steps", "batch_size", "k", "aux_after_tokens", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "mesh_model", "mesh_layer"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name}={getattr(self, name)} must be positive")
     if self.mesh_data == 0 or self.mesh_data < -1:
@@ -141,8 +158,6 @@ class TrainConfig:
     if list(self.matryoshka) != sorted(set(self.matryoshka)) or any(
         not 0 < m < self.width for m in self.matryoshka):
       raise ValueError(f"train.matryoshka={self.matryoshka} must be increasing sizes in (0, width)")
-    if not 0 <= self.lr_decay_fraction <= 1:
-      raise ValueError(f"train.lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")
 
   def _check_numbers(self) -> None:
     """Sign and range of every numeric field, before any work (a negative lr trains by ascent)."""
@@ -172,3 +187,20 @@ class TrainConfig:
         lo = "" if low is None else ("(" if low_open else "[") + str(low)
         hi = "inf)" if high is None else str(high) + (")" if high_open else "]")
         raise ValueError(f"train.{name}={value} is out of range; it must lie in {lo}, {hi}")
+
+# default_lr: Adam's peak lr for a dictionary of F latents trained on B tokens per step,
+#   LR_BASE * sqrt(LR_REF_WIDTH / F) * sqrt(B / LR_REF_BATCH)
+# (the 1/sqrt(F) law that sparsify also uses; sqrt(B) as for Adam's noise scale), fitted to the
+# held-out FVU of the sweep in docs/train.md (benchmarks/lr_sweep.py on the 270M store).
+LR_BASE = 5e-3
+LR_REF_WIDTH = 2 ** 14
+LR_REF_BATCH = 4096
+# JumpReLU at the TopK rate kills most latents and undershoots its target L0 (docs/train.md).
+JUMPRELU_LR_SCALE = 1.0 / 3.0
+
+
+def default_lr(cfg: TrainConfig) -> float:
+  """The learning rate used when train.lr is unset (see LR_BASE and docs/train.md)."""
+  scale = JUMPRELU_LR_SCALE if cfg.activation == "jumprelu" else 1.0
+  return (scale * LR_BASE * (LR_REF_WIDTH / cfg.width) ** 0.5
+          * (cfg.batch_size / LR_REF_BATCH) ** 0.5)

@@ -41,7 +41,7 @@ class Encoding(NamedTuple):
   pre: jax.Array  # [G, B, C] pre-activations at the indices, differentiable (sparse gradient)
   acts: jax.Array  # [G, B, C] activation values f (0 where inactive)
   fired: jax.Array  # [G, B, C] 1.0 where the latent is active (STE step for JumpReLU)
-  overflow: jax.Array  # int32: active latents dropped for lack of capacity
+  overflow: jax.Array  # [G] int32: active latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
   # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
   # from the same dense product (so no [G, B, F] array outlives the encoder); zeros and
@@ -72,7 +72,8 @@ def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]
 
 
 def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Params:
-  """Random unit-norm decoder rows, encoder = decoder transpose where the shapes allow."""
+  """Random unit-norm decoder rows; the encoder is their transpose where cfg.tied_init and the
+  shapes allow, else independent random columns of norm ~1 (the same scale)."""
   shp = shapes(cfg, d_in, d_out)
   k_dec, k_enc = jax.random.split(key)
   g, f = cfg.n_groups, cfg.width
@@ -81,7 +82,9 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
   if cfg.decoder_norm == "none":
     w_dec = w_dec * cfg.init_decoder_norm
   din_g = shp["w_enc"][1]
-  if cfg.kind == "clt" and d_in == d_out:
+  if not cfg.tied_init:
+    w_enc = jax.random.normal(k_enc, shp["w_enc"], jnp.float32) / np.sqrt(din_g)
+  elif cfg.kind == "clt" and d_in == d_out:
     own = jnp.moveaxis(w_dec[:, clt_layout.offsets(g)], 1, 0)  # [G, F, d]: each source's own layer
     w_enc = jnp.swapaxes(own / jnp.linalg.norm(own, axis=-1, keepdims=True), 1, 2)
   elif cfg.kind != "clt" and shp["w_dec"][-1] == din_g:
@@ -187,7 +190,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   else:
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
-  return Encoding(idx, pre, acts, fired, jnp.sum(overflow), batch_thr, *aux)
+  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux)
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:

@@ -144,6 +144,8 @@ def _initial_state(cfg: TrainConfig, d_in: int, d_out: int, x: jax.Array, y: jax
   yn = dictionaries.prepare(cfg, y.astype(jnp.float32) * norm_out[None, :, None])
   if cfg.b_dec_init == "mean":
     params["b_dec"] = jnp.mean(yn, axis=0)
+  if not cfg.tied_init:  # centre the pre-activations: no latent starts dense or dead by offset
+    params["b_enc"] = -jnp.einsum("gi,gif->gf", jnp.mean(xn, axis=0), params["w_enc"])
   if cfg.activation == "jumprelu" and cfg.threshold_init <= 0:
     pre = jnp.einsum("bgi,gif->gbf", xn, params["w_enc"]) + params["b_enc"][:, None, :]
     q = 1.0 - min(cfg.init_l0_multiple * cfg.target_l0 / cfg.width, 1.0)
@@ -175,8 +177,11 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   """
   cfg.validate()
   ops = dictionaries.kernel_ops(cfg)  # fails here, before compiling, on Pallas without a kernel
-  logging.getLogger(__name__).info("train: sparse kernels %s (train.kernels=%s, backend %s)",
-                                   ops.name, cfg.kernels, jax.default_backend())
+  log = logging.getLogger(__name__)
+  log.info("train: sparse kernels %s (train.kernels=%s, backend %s)", ops.name, cfg.kernels,
+           jax.default_backend())
+  log.info("train: learning rate %.3g (%s)", cfg.learning_rate,
+           "train.lr" if cfg.lr is not None else "default_lr: train.lr unset")
   if getattr(source, "global_batch", None) != cfg.batch_size:
     raise ValueError(f"the data source serves global batches of "
                      f"{getattr(source, 'global_batch', '?')} rows but train.batch_size="
@@ -237,6 +242,7 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   # Curves per dictionary: layer_<l> (a crosscoder has one dictionary over all its layers).
   group_names = (["all_layers"] if cfg.kind == "crosscoder"
                  else [f"layer_{l}" for l in cfg.layers])
+  warned_capacity = False
 
   def check() -> None:
     bad = int(jax.device_get(st.bad_step))
@@ -272,6 +278,15 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
           for k, values in per_group.items():
             for name, v in zip(group_names, np.asarray(values).reshape(-1)):
               writer.add_scalar(f"{k}/{name}", float(v), step_done)
+          if (metrics["overflow"] > 0 and step_done > cfg.sparsity_warmup_steps
+              and not warned_capacity):
+            # The capacity bounds memory; the sparsity penalty should keep L0 well below it.
+            warned_capacity = True
+            fix = ("the sparsity is not under control: raise train.l0_coef or train.capacity"
+                   if cfg.activation in ("jumprelu", "relu") else "raise train.capacity")
+            log.warning("train: step %d dropped %d active latents for lack of capacity "
+                        "(train.capacity=%d slots per row, L0 %.1f); %s", step_done,
+                        int(metrics["overflow"]), cfg.slots, metrics["l0"], fix)
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", fvu=f"{metrics['fvu']:.3f}",
                           l0=f"{metrics['l0']:.1f}", dead=f"{100 * metrics['dead']:.1f}%",
                           tok_s=f"{metrics['tokens_per_s']:.3g}")

@@ -49,10 +49,13 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     y_m = dictionaries.decode(params, cfg, x, enc.indices, acts_m)
     loss = loss + jnp.sum(jnp.mean(_sq(y - y_m), axis=0))
 
-  l0 = jnp.mean(jnp.sum(enc.fired, axis=-1), axis=-1)  # [G]
+  # Latents dropped for lack of capacity fired too: without them a JumpReLU pinned at its
+  # capacity would see an L0 of at most `slots` and its penalty would stop pushing.
+  batch = x.shape[0]
+  dropped = jax.lax.stop_gradient(enc.overflow.astype(jnp.float32)) / batch
+  l0 = jnp.mean(jnp.sum(enc.fired, axis=-1), axis=-1) + dropped  # [G]
   metrics["l0"] = jnp.mean(l0)
   metrics["l0_per_group"] = jax.lax.stop_gradient(l0)
-  batch = x.shape[0]
   if cfg.activation == "jumprelu":
     if cfg.l0_penalty == "linear":
       sparsity = cfg.l0_coef * jnp.sum(l0)
@@ -82,7 +85,7 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
 
-  metrics["overflow"] = enc.overflow
+  metrics["overflow"] = jnp.sum(enc.overflow)
   metrics["loss"] = loss
   extras = {"indices": enc.indices, "fired": jax.lax.stop_gradient(enc.fired),
             "batch_threshold": enc.batch_threshold}

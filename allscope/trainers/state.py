@@ -36,9 +36,10 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
   """Linear warm-up, constant, then linear decay to 0 over the last lr_decay_fraction."""
   warm = min(cfg.lr_warmup_steps, cfg.steps)
   decay = int(cfg.lr_decay_fraction * cfg.steps)
+  lr = cfg.learning_rate
   flat = max(cfg.steps - warm - decay, 0)
-  parts = [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr),
-           optax.linear_schedule(cfg.lr, 0.0, max(decay, 1))]
+  parts = [optax.linear_schedule(0.0, lr, max(warm, 1)), optax.constant_schedule(lr),
+           optax.linear_schedule(lr, 0.0, max(decay, 1))]
   return optax.join_schedules(parts, [warm, warm + flat])
 
 

@@ -35,7 +35,7 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   x = dictionaries.prepare(cfg, x.astype(jnp.float32) * norm_in[None, :, None])
   y = dictionaries.prepare(cfg, y.astype(jnp.float32) * norm_out[None, :, None])
   params = st.params
-  dead = st.since_fired >= cfg.dead_tokens
+  dead = st.since_fired >= cfg.aux_after_tokens  # AuxK's candidates (dead_tokens: the metric)
   scale = losses.sparsity_scale(cfg, st.step)
   grad_fn = jax.grad(losses.loss_fn, has_aux=True)
   grads, (metrics, extras) = grad_fn(params, cfg, x, y, dead, scale)

@@ -1,0 +1,65 @@
+"""Training defaults: the learning-rate rule, the transcoder encoder init, the true L0."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from allscope.trainers import dictionaries, losses, state as state_lib
+from allscope.trainers.config import JUMPRELU_LR_SCALE, LR_BASE, TrainConfig, default_lr
+
+
+def test_unset_lr_follows_the_width_and_batch_rule():
+  topk = dict(activation="topk", k=32)
+  cfg = TrainConfig(width=2 ** 14, batch_size=4096, **topk)
+  assert cfg.lr is None and cfg.learning_rate == pytest.approx(LR_BASE)
+  # 1/sqrt(F), sqrt(B): 4x narrower doubles it, 4x smaller batches halve it.
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=4096, **topk)) == pytest.approx(
+      2 * LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, activation="jumprelu")) == (
+      pytest.approx(JUMPRELU_LR_SCALE * LR_BASE))
+  assert TrainConfig(width=2 ** 12, lr=1e-4).learning_rate == 1e-4
+  sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
+                                         lr_warmup_steps=10, **topk))
+  assert float(sched(50)) == pytest.approx(LR_BASE)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3])
+def test_a_non_positive_lr_is_refused(lr):
+  with pytest.raises(ValueError, match="train.lr"):
+    TrainConfig(lr=lr).validate()
+
+
+def test_transcoders_get_an_independent_encoder_saes_a_tied_one():
+  key = jax.random.key(0)
+  sae = dictionaries.init_params(TrainConfig(kind="sae", width=64), 16, 16, key)
+  np.testing.assert_allclose(sae["w_enc"], np.swapaxes(sae["w_dec"], 1, 2), rtol=1e-6)
+  tc = dictionaries.init_params(TrainConfig(kind="transcoder", width=64), 16, 16, key)
+  cos = np.abs(np.sum(tc["w_enc"][0] * tc["w_dec"][0].T, axis=0))
+  assert np.max(cos) < 0.95  # not the decoder's transpose
+  np.testing.assert_allclose(np.linalg.norm(tc["w_enc"][0], axis=0).mean(), 1.0, rtol=0.2)
+  forced = dictionaries.init_params(
+      TrainConfig(kind="transcoder", width=64, encoder_init="transpose"), 16, 16, key)
+  np.testing.assert_allclose(forced["w_enc"], np.swapaxes(forced["w_dec"], 1, 2), rtol=1e-6)
+
+
+def test_l0_counts_the_latents_dropped_for_lack_of_capacity():
+  rng = np.random.default_rng(1)
+  b, d, f = 64, 8, 32
+  cfg = TrainConfig(kind="sae", activation="jumprelu", width=f, target_l0=4.0, capacity=8,
+                    threshold_init=0.01)
+  params = dictionaries.init_params(cfg, d, d, jax.random.key(1))
+  params["b_enc"] = jnp.full((1, f), 1.0)  # every latent fires on every row: 32 > 8 slots
+  x = jnp.asarray(rng.normal(size=(b, 1, d)) * 0.01, jnp.float32)
+  _, (metrics, _) = losses.loss_fn(params, cfg, x, x, jnp.zeros((1, f), bool), jnp.ones(()))
+  pre = np.asarray(x[:, 0] @ params["w_enc"][0] + params["b_enc"][0])
+  true_l0 = np.mean(np.sum(pre > np.exp(np.asarray(params["log_threshold"][0])), axis=-1))
+  assert int(metrics["overflow"]) == b * (f - 8)
+  assert float(metrics["l0"]) == pytest.approx(true_l0, rel=1e-6)
+  # The quadratic penalty sees that L0, not the capped one.
+  assert float(metrics["sparsity"]) == pytest.approx((true_l0 / 4.0 - 1.0) ** 2, rel=1e-5)
