@@ -14,12 +14,12 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import os
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from allscope import files
 from allscope.models.loader import ModelConfig
 from allscope.pipelines.config import HarvestConfig
 from allscope.release.browser.config import BrowseConfig
@@ -205,10 +205,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 def save(config: Any, directory: str | Path, name: str = "config.json") -> Path:
   """Writes the resolved config beside an output (atomically: temp name + rename)."""
   path = Path(directory) / name
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  files.write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
   return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -32,6 +31,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from allscope import files
 from allscope.trainers import checkpoint, dictionaries, mesh as mesh_lib, preemption
 from allscope.trainers import state as state_lib
 from allscope.trainers.config import TrainConfig
@@ -155,9 +155,7 @@ def _initial_state(cfg: TrainConfig, d_in: int, d_out: int, x: jax.Array, y: jax
 
 
 def _write_json(path: Path, data: dict) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(data, indent=2) + "\n")
-  os.replace(tmp, path)
+  files.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
