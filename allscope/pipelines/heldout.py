@@ -69,8 +69,17 @@ def write(items: Iterable[tuple[int, np.ndarray, int]], root: str, *, num_sequen
   """Writes the split atomically and returns its manifest entry. `items` are the held-out
   sequences as (gid, tokens, n_valid); they must be consecutive from `num_sequences` (fewer
   than asked when the corpus ran out)."""
-  items = sorted(items, key=lambda item: item[0])
-  gids = [gid for gid, _, _ in items]
+  # A runner may deliver an element twice (DaskRunner's global combine does); ids and their
+  # tokens are deterministic, so a repeat is dropped once it is checked to agree.
+  unique: dict[int, tuple[np.ndarray, int]] = {}
+  for gid, tokens, n_valid in items:
+    if gid in unique and (unique[gid][1] != n_valid or
+                          not np.array_equal(unique[gid][0], tokens)):
+      raise store.StoreError(f"{root}: held-out sequence {gid} arrived twice with different "
+                             "tokens; not writing the held-out split")
+    unique[gid] = (tokens, n_valid)
+  items = [(gid, *unique[gid]) for gid in sorted(unique)]
+  gids = sorted(unique)
   if gids != list(range(num_sequences, num_sequences + len(items))):
     raise store.StoreError(f"{root}: held-out sequence ids {gids[:5]}... are not consecutive "
                            f"from {num_sequences}; not writing the held-out split")

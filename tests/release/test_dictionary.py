@@ -18,12 +18,14 @@ D, F, L = 24, 48, 3
 @pytest.fixture
 def loaded(tmp_path, rng):
   """A written and re-loaded release: jump_relu transcoder (affine), TopK SAE, ReLU SAE, CLT."""
+  topk, relu = random_params(rng, D, F, D), random_params(rng, D, F, D)
+  del topk["threshold"], relu["threshold"]  # TopK has no threshold; a ReLU's would be 0
   dicts = [
       Dictionary(random_params(rng, D, F, D, affine=True), "transcoder", "jump_relu",
                  "gemma3-270m", 1, "mlp_in", "mlp_out", l0=5),
-      Dictionary(random_params(rng, D, F, D), "sae", "topk", "gemma3-270m", 2, "resid_post",
+      Dictionary(topk, "sae", "topk", "gemma3-270m", 2, "resid_post",
                  "resid_post", l0=6, k=6),
-      Dictionary(random_params(rng, D, F, D), "sae", "relu", "gemma3-270m", 3, "mlp_out",
+      Dictionary(relu, "sae", "relu", "gemma3-270m", 3, "mlp_out",
                  "mlp_out", l0=20),
       CrossLayerTranscoder(tuple(random_params(rng, D, F, D, affine=True, clt_layers=L, source=i)
                                  for i in range(L)), "jump_relu", "gemma3-270m", l0=4),
