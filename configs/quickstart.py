@@ -1,4 +1,4 @@
-"""The quickstart: every stage, end to end, on a laptop-sized budget (about 15 minutes on 2 cores).
+"""The quickstart: every stage, end to end, on a laptop-sized budget (about 25 minutes on 2 cores).
 
   allscope run configs/quickstart.py
 
