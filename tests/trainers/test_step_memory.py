@@ -23,17 +23,24 @@ def temp_ratio(cfg: TrainConfig) -> float:
   return mem.temp_size_in_bytes / pre
 
 
-@pytest.mark.parametrize("kind,activation,width,n_layers,bound", [
-    ("transcoder", "topk", 16384, 18, 3.0),
-    ("transcoder", "jumprelu", 16384, 18, 3.0),
+@pytest.mark.parametrize("kind,activation,width,n_layers,batch,bound", [
+    ("transcoder", "topk", 16384, 18, B, 3.0),
+    ("transcoder", "jumprelu", 16384, 18, B, 3.0),
     # All 18 layers take about a minute to compile on 2 cores (benchmarks/step_memory.py has
     # them); 6 layers is the same code at a real width and batch. Not yet at 3x: the main and
     # the AuxK decode each write a decoder-sized gradient (3.24x measured; the 3x target is open).
-    ("clt", "topk", 8192, 6, 3.5),
+    ("clt", "topk", 8192, 6, B, 3.5),
+    # A CLT's decoder [F, L (L + 1) / 2, d] outgrows its [L, B, F] pre-activations with depth:
+    # at 18 layers and B=4096 it is (L + 1) d / (2 B) = 1.48x of them, so the decoder-sized
+    # temporaries dominate. 6 layers at B=1536 keep that ratio (1.46x) and compile in seconds.
+    # Measured: TopK 6.08x (the main and AuxK decoder gradients and their sum), JumpReLU 4.45x
+    # (5.63x before the clip became a multiply: state.clip_by_global_norm). The 3x target is open.
+    ("clt", "topk", 8192, 6, 1536, 6.3),
+    ("clt", "jumprelu", 8192, 6, 1536, 4.6),
 ])
 def test_step_temporary_memory_is_bounded_by_the_pre_activations(kind, activation, width, n_layers,
-                                                                 bound):
+                                                                 batch, bound):
   cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(n_layers)), width=width,
-                    k=64, target_l0=64, batch_size=B, mesh_data=1, kernels="xla")
+                    k=64, target_l0=64, batch_size=batch, mesh_data=1, kernels="xla")
   ratio = temp_ratio(cfg)
   assert ratio <= bound, f"{kind}/{activation}: temporary memory is {ratio:.2f}x the pre-activations"
