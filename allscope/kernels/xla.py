@@ -13,26 +13,39 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from allscope.kernels import clt_layout
 
 _F32 = jnp.float32
 # Rows at least this long use the two-stage top-k off CPU, where lax.top_k sorts whole rows for
-# k > 16; on CPU XLA's own TopK is faster than any two-stage form.
+# k > 16. On CPU, XLA's TopK costs about its input size again per call whatever k is, so long
+# rows with few winners (n / k >= CHUNK_MAX_MIN_RATIO) first cut candidates by chunk maxima.
 TWO_STAGE_MIN_ROW = 8192
 TWO_STAGE_CHUNK = 1024
+CHUNK_MAX_MIN_RATIO = 128
+UNROLL = 8
+
+
+def _unroll(slots: int) -> int:
+  """Slots per loop iteration: several fuse into one pass over the accumulator (2x on CPU)."""
+  return next(u for u in (UNROLL, 4, 2, 1) if slots % u == 0)
 
 
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
   """out[b] = sum_j values[b, j] * table[indices[b, j]]: [B, C], [B, C], [N, D] -> [B, D]."""
   b, c = indices.shape
+  u = _unroll(c)
 
-  def body(j, acc):
-    rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
-    return acc + values[:, j, None].astype(_F32) * rows
+  def body(i, acc):
+    for q in range(u):
+      j = i * u + q
+      rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
+      acc = acc + values[:, j, None].astype(_F32) * rows
+    return acc
 
-  return lax.fori_loop(0, c, body, jnp.zeros((b, table.shape[1]), _F32))
+  return lax.fori_loop(0, c // u, body, jnp.zeros((b, table.shape[1]), _F32))
 
 
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
@@ -42,7 +55,10 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
 
   def body(j, acc):
     rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
-    return lax.dynamic_update_index_in_dim(acc, jnp.sum(g * rows, axis=-1), j, 0)
+    # A dot, not sum(g * rows): under vmap with one group XLA CPU's fused multiply-reduce of
+    # [1, B, D] ran 6x slower than this.
+    dot = jnp.einsum("bd,bd->b", g, rows, precision=lax.Precision.HIGHEST)
+    return lax.dynamic_update_index_in_dim(acc, dot, j, 0)
 
   return lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T
 
@@ -61,11 +77,42 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Exactly `lax.top_k(x, k)` (ties to the lower index), indices int32.
 
-  Long rows off CPU take the exact two-stage form (two_stage_top_k).
+  Long rows take an exact two-stage form: off CPU two_stage_top_k, on CPU chunk_max_top_k.
   """
-  if x.shape[-1] >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4 and jax.default_backend() != "cpu":
-    return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
+  n = x.shape[-1]
+  if jax.default_backend() != "cpu":
+    if n >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4:
+      return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
+  elif n >= CHUNK_MAX_MIN_RATIO * k:
+    # chunk ~ sqrt(n / k) balances the two lax.top_k calls (n / chunk and k * chunk wide)
+    chunk = int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32))
+    return chunk_max_top_k(x, k, chunk)
   values, indices = lax.top_k(x, k)
+  return values, indices.astype(jnp.int32)
+
+
+def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The top k chunks of each row by their maxima, then the top k of their elements: lax.top_k.
+
+  Exact: if element e (chunk c) is not in a chosen chunk, k chunks rank before c by (max desc,
+  chunk asc), and each one's maximum beats e by value, or ties it from a lower index; so k
+  elements beat e and it is not among the winners. Ties: the chosen chunks are put back in
+  ascending order, so candidate positions follow the original indices and the second
+  lax.top_k (lower position wins) prefers the lower index. Padding is -inf at the row's end.
+  """
+  lead, n = x.shape[:-1], x.shape[-1]
+  n_chunks = -(-n // chunk)
+  if k > n_chunks:
+    raise ValueError(f"chunk_max_top_k: k={k} exceeds the {n_chunks} chunks of {chunk}")
+  pad = n_chunks * chunk - n
+  if pad:
+    x = jnp.concatenate([x, jnp.full(lead + (pad,), -jnp.inf, x.dtype)], axis=-1)
+  blocks = x.reshape(lead + (n_chunks, chunk))
+  _, best = lax.top_k(jnp.max(blocks, axis=-1), k)
+  best = jnp.sort(best, axis=-1)
+  cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(lead + (k * chunk,))
+  values, pos = lax.top_k(cand, k)
+  indices = jnp.take_along_axis(best, pos // chunk, axis=-1) * chunk + pos % chunk
   return values, indices.astype(jnp.int32)
 
 
@@ -132,11 +179,14 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.A
   n_layers = _check_clt(indices, w_dec.shape[1])
   b, c = indices.shape[1:]
   out = jnp.zeros((b, n_layers, w_dec.shape[2]), _F32)
+  u = _unroll(c)
   for s in range(n_layers):
-    def body(j, acc, s=s):
-      rows = _clt_rows(w_dec, indices[s, :, j], s, n_layers)
-      return acc + values[s, :, j, None, None].astype(_F32) * rows
-    part = lax.fori_loop(0, c, body, jnp.zeros((b, n_layers - s, w_dec.shape[2]), _F32))
+    def body(i, acc, s=s):
+      for q in range(u):
+        rows = _clt_rows(w_dec, indices[s, :, i * u + q], s, n_layers)
+        acc = acc + values[s, :, i * u + q, None, None].astype(_F32) * rows
+      return acc
+    part = lax.fori_loop(0, c // u, body, jnp.zeros((b, n_layers - s, w_dec.shape[2]), _F32))
     out = out.at[:, s:].add(part)
   return out
 
@@ -150,7 +200,8 @@ def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array) -> jax.Ar
   for s in range(n_layers):
     def body(j, acc, s=s):
       rows = _clt_rows(w_dec, indices[s, :, j], s, n_layers)
-      return lax.dynamic_update_index_in_dim(acc, jnp.sum(g[:, s:] * rows, axis=(1, 2)), j, 0)
+      dot = jnp.einsum("btd,btd->b", g[:, s:], rows, precision=lax.Precision.HIGHEST)
+      return lax.dynamic_update_index_in_dim(acc, dot, j, 0)
     out.append(lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T)
   return jnp.stack(out)
 

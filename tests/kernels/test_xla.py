@@ -131,6 +131,18 @@ def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, n, k, chunk):
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
 
 
+@pytest.mark.parametrize("n,k,chunk", [(1000, 17, 16), (4096, 64, 16), (513, 8, 8), (256, 32, 8)])
+def test_chunk_max_top_k_equals_lax_top_k_with_ties(rng, n, k, chunk):
+  for x in (_tied_rows(rng, 16, n), rng.standard_normal((16, n)).astype(np.float32)):
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+    got_v, got_i = xla.chunk_max_top_k(jnp.asarray(x), k, chunk)
+    assert got_i.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+  with pytest.raises(ValueError, match="exceeds"):
+    xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
+
+
 def test_top_k_is_lax_top_k(rng):
   x = jnp.asarray(_tied_rows(rng, 8, 20000))
   for k in (1, 64):
