@@ -12,7 +12,8 @@ in one process, interleaved (best of --rounds, so load from other processes hits
   aux_select  AuxK's top aux_k dead latents of each row
   aux         AuxK's encode + decode, forward and backward (aux_k slots), as the step runs it
   optimizer   gradient clipping, Adam, decoder renormalization
-  step        the full jitted train step (AuxK on), and step_noaux with AuxK off
+  step        the full jitted train step (AuxK on, train.aux_path as configured), and
+              step_sparse / step_dense / step_noaux with AuxK's sparse path, its dense path, off
 
   python benchmarks/quickstart_step.py [--rounds 3] [train.aux_k=64 ...]
 
@@ -133,6 +134,8 @@ def main() -> None:
       "aux": lambda: aux_grad(params, enc, x, y),
       "optimizer": lambda: optimize(params, opt_state, params),
       "step": step_runner(cfg),
+      "step_sparse": step_runner(dataclasses.replace(cfg, aux_path="sparse")),
+      "step_dense": step_runner(dataclasses.replace(cfg, aux_path="dense")),
       "step_noaux": step_runner(dataclasses.replace(cfg, aux_after_tokens=1 << 30)),
   }
   t = _best(runners, args.rounds)

@@ -36,6 +36,7 @@ def get_config() -> RunConfig:
       # FVU, L0, dead/dense on the store's 72 held-out sequences (9 144 tokens); the spliced
       # delta LM loss (18 splices + 18 zero ablations, each through the 262k unembedding) on the
       # first 4 of them (508 tokens), what fits the 15-minute budget on 2 cores.
-      evaluate=EvalConfig(n_sequences=72, seq_len=128, batch_size=4, splice_sequences=4),
+      evaluate=EvalConfig(n_sequences=72, seq_len=128, batch_size=4, splice_sequences=8,
+                          zero_ablation=False),
       release=ReleaseConfig(name="gemma3-270m-quickstart"),
   )

@@ -58,10 +58,10 @@ def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
 
 
 # AuxK's encode and decode run as dense [B, F] x [F, d] matmuls once its aux_k slots reach this
-# fraction of the width: one slot of the sparse path (a [B, d] gather or scatter, forward and
-# backward) costs about as much on CPU as 1/AUX_DENSE_MIN_FRACTION... latents of a dense matmul
-# (benchmarks/quickstart_step.py; docs/train.md).
-AUX_DENSE_MIN_FRACTION = 1 / 16
+# fraction of the width: the sparse path's cost grows with aux_k (gathers and scatters of [B, d]
+# per slot), the dense one's hardly does, and on CPU they cross between F/64 and F/32
+# (benchmarks/quickstart_step.py --aux-sweep; docs/train.md).
+AUX_DENSE_MIN_FRACTION = 1 / 32
 
 
 def aux_dense(cfg: TrainConfig) -> bool:
