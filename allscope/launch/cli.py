@@ -154,6 +154,8 @@ def _print_metrics(evaluations) -> None:
   columns = {"L0": "l0", "FVU": "fvu", "dead": "dead_fraction", "dLM spliced": "delta_lm_loss",
              "dLM stderr": "delta_lm_loss_stderr", "dLM zero-abl": None,
              "loss recov.": "fraction_loss_recovered"}
+  if not any("ce_zero_ablation" in e.metrics for e in evaluations):  # evaluate.zero_ablation off
+    del columns["dLM zero-abl"], columns["loss recov."]
   print(f"{'dictionary':44s}" + "".join(f"{c:>13s}" for c in columns))
   for e in evaluations:
     m = dict(e.metrics)

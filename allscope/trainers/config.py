@@ -50,6 +50,9 @@ class TrainConfig:
   aux_k: int = 256  # AuxK for TopK/BatchTopK
   aux_coef: float = 1.0 / 32
   aux_after_tokens: int = 10_000  # AuxK revives latents that fired on none of the last N tokens
+  # AuxK's encode/decode: "sparse" over its aux_k slots (kernel seam), "dense" as [B, F] matmuls
+  # (faster once aux_k is a sizeable fraction of the width), "auto" picks (dictionaries.aux_dense).
+  aux_path: Literal["auto", "dense", "sparse"] = "auto"
   dead_tokens: int = 1_000_000  # a latent that fired on none of the last N tokens is dead
   matryoshka: tuple[int, ...] = ()  # nested prefix sizes (< width); the full width is implied
 
@@ -122,6 +125,10 @@ class TrainConfig:
     self._check_numbers()
     if self.kernels not in KERNELS:
       raise ValueError(f"train.kernels={self.kernels!r} is unknown; use one of {', '.join(KERNELS)}")
+    if self.aux_path not in ("auto", "dense", "sparse"):
+      raise ValueError(f"train.aux_path={self.aux_path!r} is unknown; use auto, dense or sparse")
+    if self.aux_path == "dense" and self.kind == "clt":
+      raise ValueError("train.aux_path='dense' is not available for a clt; use auto or sparse")
     if self.kind not in KINDS:
       raise ValueError(f"train.kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
     if self.activation not in ACTIVATIONS:

@@ -44,16 +44,32 @@ class Encoding(NamedTuple):
   overflow: jax.Array  # [G] int32: active latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
   # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
-  # from the same dense product (so no [G, B, F] array outlives the encoder); zeros and
-  # aux_ok False while no latent is dead.
+  # from the same dense product; zeros and aux_ok False while no latent is dead. On the sparse
+  # path (no [G, B, F] array outlives the encoder) aux_* are [G, B, aux_k] slots; on the dense
+  # path (aux_dense(cfg)) they are [G, B, F] and aux_indices is None.
   aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
-  aux_pre: jax.Array | None = None  # [G, B, aux_k] pre-activations at aux_indices, no gradient
-  aux_ok: jax.Array | None = None  # [G, B, aux_k] bool: the slot holds a dead latent
+  aux_pre: jax.Array | None = None  # pre-activations at the candidates (0 elsewhere), no gradient
+  aux_ok: jax.Array | None = None  # bool: the slot (dense: the latent) is a candidate
 
 
 def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
   """The kernel seam implementation for `cfg.kernels` / `cfg.pallas_interpret`."""
   return kernels.resolve(cfg.kernels, cfg.pallas_interpret)
+
+
+# AuxK's encode and decode run as dense [B, F] x [F, d] matmuls once its aux_k slots reach this
+# fraction of the width: the sparse path's cost grows with aux_k (gathers and scatters of [B, d]
+# per slot), the dense one's hardly does, and on CPU they cross between F/64 and F/32
+# (benchmarks/quickstart_step.py --aux-sweep; docs/train.md).
+AUX_DENSE_MIN_FRACTION = 1 / 32
+
+
+def aux_dense(cfg: TrainConfig) -> bool:
+  """Whether AuxK runs dense (train.aux_path, or "auto": aux_k >= AUX_DENSE_MIN_FRACTION * F;
+  never for a clt, whose decoder is stored causally)."""
+  if cfg.aux_path != "auto":
+    return cfg.aux_path == "dense"
+  return cfg.kind != "clt" and min(cfg.aux_k, cfg.width) >= AUX_DENSE_MIN_FRACTION * cfg.width
 
 
 def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
@@ -146,6 +162,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   k_aux = min(cfg.aux_k, cfg.width) if (
       dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
   any_dead = jnp.any(dead) if k_aux else None
+  dense_aux = bool(k_aux) and aux_dense(cfg)
+  width = params["b_enc"].shape[-1]
   if dead is None:
     dead = jnp.zeros(params["b_enc"].shape, bool)
 
@@ -169,12 +187,19 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       return out
 
     def pick(_):
-      aux = kernels.topk(jnp.where(dead_g[None, :], product + b, -jnp.inf), k_aux, ops)
-      return aux.indices, aux.values, dead_g[aux.indices]
+      scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
+      aux = kernels.topk(scores, k_aux, ops)
+      if not dense_aux:
+        return aux.indices, aux.values, dead_g[aux.indices]
+      # Every dead latent at or above the row's aux_k-th dead value (all of them when fewer
+      # than aux_k are dead; a tie at that value keeps every tied latent).
+      ok = dead_g[None, :] & (scores >= aux.values[:, -1:])
+      return jnp.zeros((), jnp.int32), jnp.where(ok, product + b, 0.0), ok
 
     def none(_):
-      shape = (x_g.shape[0], k_aux)
-      return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)
+      shape = (x_g.shape[0], width if dense_aux else k_aux)
+      return jnp.zeros(() if dense_aux else shape, jnp.int32), jnp.zeros(shape, jnp.float32), \
+          jnp.zeros(shape, bool)
 
     aux_idx, aux_pre, aux_ok = jax.lax.cond(any_dead, pick, none, None)
     return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
@@ -182,6 +207,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
   idx, pre, active, overflow, batch_thr = res[:5]
   aux = res[5:] if k_aux else (None, None, None)
+  if dense_aux:
+    aux = (None,) + tuple(aux[1:])
   if cfg.activation == "jumprelu":
     thr_sel = jax.vmap(lambda t, i: t[i])(threshold, idx)  # [G, B, C], no [G, B, F] broadcast
     acts = activations.jumprelu(pre, thr_sel, cfg.bandwidth)

@@ -92,18 +92,48 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   return loss, (metrics, extras)
 
 
+@jax.custom_vjp
+def _dense_encode(x, w_enc, b_enc, pre):
+  """pre (= x @ w_enc + b_enc where it matters, [B, F]) with that product's gradient, without
+  computing the product again."""
+  del x, w_enc, b_enc
+  return pre
+
+
+def _dense_encode_fwd(x, w_enc, b_enc, pre):
+  return pre, (x, w_enc)
+
+
+def _dense_encode_bwd(res, g):
+  x, w_enc = res
+  dx = jnp.matmul(g, w_enc.T.astype(g.dtype), preferred_element_type=jnp.float32)
+  dw = jnp.matmul(x.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w_enc.dtype), jnp.sum(g, axis=0), jnp.zeros_like(g)
+
+
+_dense_encode.defvjp(_dense_encode_fwd, _dense_encode_bwd)
+
+
 def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> jax.Array:
   """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024).
 
-  The candidates come from encode (enc.aux_*); their pre-activations get the sparse encoder
-  gradient and their decode is the same sparse decode as the main one.
+  The candidates come from encode (enc.aux_*). Sparse path: their pre-activations get the
+  sparse encoder gradient and their decode is the same sparse decode as the main one. Dense path
+  (dictionaries.aux_dense): [B, F] activations, zero off the candidates, through matmuls, which
+  is cheaper once aux_k is a sizeable fraction of F.
   """
-  ops = dictionaries.kernel_ops(cfg)
   xg = jnp.swapaxes(x, 0, 1)
-  pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops))(
-      xg, params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
-  acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
-  e_hat = dictionaries.decode_latents(params, cfg, enc.aux_indices, acts)
+  if enc.aux_indices is None:
+    pre = jax.vmap(_dense_encode)(xg, params["w_enc"], params["b_enc"], enc.aux_pre)
+    acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
+    e_hat = jnp.einsum("gbf,gfo->bgo", acts, params["w_dec"],
+                       preferred_element_type=jnp.float32)
+  else:
+    ops = dictionaries.kernel_ops(cfg)
+    pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops))(
+        xg, params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
+    acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
+    e_hat = dictionaries.decode_latents(params, cfg, enc.aux_indices, acts)
   num = jnp.sum(jnp.square(residual - e_hat))
   den = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0, keepdims=True)))
   return num / jnp.maximum(den, 1e-12)

@@ -26,3 +26,22 @@ def test_bad_override_exits_with_a_clear_message_before_loading():
   assert out.returncode == 2
   assert "unknown model name 'gemma3-3b'" in out.stderr and "Traceback" not in out.stderr
   assert "loaded" not in out.stderr
+
+
+def test_metrics_table_shows_zero_ablation_columns_only_when_measured(capsys):
+  import numpy as np
+
+  from allscope.launch import cli
+  from allscope.release.evaluate import Evaluation
+
+  base = {"l0": 16.0, "fvu": 0.2, "dead_fraction": 0.1, "n_tokens": 9144, "ce_clean": 3.0,
+          "delta_lm_loss": 0.05, "delta_lm_loss_stderr": 0.01, "delta_lm_tokens": 1016,
+          "delta_lm_sequences": 8}
+  cli._print_metrics([Evaluation("transcoder/layer_0", base, np.zeros(4))])
+  out = capsys.readouterr().out
+  assert "dLM stderr" in out and "zero-abl" not in out and "loss recov." not in out
+  assert "nan" not in out and "delta lm 1016" in out
+  zero = {**base, "ce_zero_ablation": 4.0, "fraction_loss_recovered": 0.95}
+  cli._print_metrics([Evaluation("transcoder/layer_0", zero, np.zeros(4))])
+  out = capsys.readouterr().out
+  assert "zero-abl" in out and "0.95" in out

@@ -108,3 +108,16 @@ def test_in_range_edges_are_accepted():
                                "train.lr_warmup_steps=0", "train.threshold_init=0",
                                "evaluate.seq_len=1024"])
   assert cfg.train.l0_coef == 0.0 and cfg.train.freq_max == 1.0
+
+
+def test_quickstart_measures_on_8k_heldout_tokens_and_spends_its_splices_on_delta_lm():
+  """Issue 10: FVU/L0/dead on >= 8k held-out tokens; the splice budget goes to delta LM (no
+  zero-ablation passes); its AuxK runs on the dense path (F = 1024, aux_k a quarter of it)."""
+  from allscope.trainers import dictionaries
+
+  cfg = config_lib.load("quickstart")
+  ev, hv = cfg.evaluate, cfg.harvest
+  assert ev.n_sequences <= hv.heldout_sequences
+  assert ev.n_sequences * (min(ev.seq_len, hv.context_length) - 1) >= 8192  # BOS is not counted
+  assert ev.splice and not ev.zero_ablation
+  assert dictionaries.aux_dense(cfg.train)

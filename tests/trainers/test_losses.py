@@ -107,3 +107,27 @@ def test_threshold_gradient_is_only_the_pseudo_derivative():
   g = jax.grad(lambda q: losses.loss_fn(q, cfg, x, x, jnp.zeros((1, F), bool), 1.0)[0])(p)
   assert np.all(np.asarray(g["log_threshold"]) == 0)
   assert np.linalg.norm(g["w_enc"]) > 0
+
+
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
+@pytest.mark.parametrize("kind,activation", [("sae", "topk"), ("skip_transcoder", "batchtopk"),
+                                             ("crosscoder", "topk"), ("transcoder", "batchtopk")])
+def test_auxk_dense_and_sparse_paths_match_reference(kind, activation, aux_path):
+  """Both AuxK paths give the reference's loss and gradients, with fewer and with more dead
+  latents per row than aux_k (the dense path keeps all of them in the first case)."""
+  for aux_k, seed in ((8, 21), (30, 22)):
+    cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
+                      capacity=F if activation != "topk" else 0, aux_k=aux_k, aux_path=aux_path)
+    assert dictionaries.aux_dense(cfg) == (aux_path == "dense")
+    errors = _check(cfg, seed=seed)
+    assert max(errors.values()) < 2e-5, (aux_k, errors)
+
+
+def test_auxk_path_auto_is_dense_only_for_a_sizeable_fraction_of_the_width():
+  base = TrainConfig(kind="skip_transcoder", activation="batchtopk", layers=(0,), width=1024)
+  frac = dictionaries.AUX_DENSE_MIN_FRACTION
+  assert dictionaries.aux_dense(dataclasses.replace(base, aux_k=int(1024 * frac)))
+  assert not dictionaries.aux_dense(dataclasses.replace(base, aux_k=int(1024 * frac) - 1))
+  assert not dictionaries.aux_dense(dataclasses.replace(base, kind="clt", aux_k=1024))
+  with pytest.raises(ValueError, match="aux_path"):
+    dataclasses.replace(base, kind="clt", aux_path="dense").validate()
