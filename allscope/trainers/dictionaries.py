@@ -30,6 +30,7 @@ from flax import nnx
 
 from allscope import kernels
 from allscope.kernels import clt_layout
+from allscope.kernels.selection import _row_count
 from allscope.trainers import activations
 from allscope.trainers.config import TrainConfig
 
@@ -41,7 +42,7 @@ class Encoding(NamedTuple):
   pre: jax.Array  # [G, B, C] pre-activations at the indices, differentiable (sparse gradient)
   acts: jax.Array  # [G, B, C] activation values f (0 where inactive)
   fired: jax.Array  # [G, B, C] 1.0 where the latent is active (STE step for JumpReLU)
-  overflow: jax.Array  # [G] int32: active latents dropped for lack of capacity
+  overflow: jax.Array  # [G] int32: active (firing) latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
   # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
   # from the same dense product (so no [G, B, F] array outlives the encoder); zeros and
@@ -49,6 +50,9 @@ class Encoding(NamedTuple):
   aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
   aux_pre: jax.Array | None = None  # [G, B, aux_k] pre-activations at aux_indices, no gradient
   aux_ok: jax.Array | None = None  # [G, B, aux_k] bool: the slot holds a dead latent
+  # JumpReLU: entries of the threshold-gradient window (just below their thresholds, not
+  # firing) dropped for lack of capacity; they narrow the window of that row, not the code.
+  window_dropped: jax.Array | None = None  # [G] int32
 
 
 def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
@@ -155,16 +159,28 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     b = jax.lax.stop_gradient(b_enc)
     dense = product + b  # fused into each consumer; only `product` is kept for the AuxK branch
     batch_thr = jnp.zeros((), jnp.float32)
+    window_dropped = jnp.zeros((), jnp.int32)
     if cfg.activation == "topk":
       sel = kernels.topk(dense, cfg.k, ops)
     elif cfg.activation == "batchtopk":
       sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots, ops)
     elif cfg.activation == "jumprelu":
-      sel = kernels.jumprelu(dense, jax.lax.stop_gradient(thr), cfg.slots, cfg.bandwidth, ops)
+      # Ranked by the margin over the threshold, not by pre: firing latents take the slots
+      # first, then the window entries nearest their thresholds (a large pre of a latent with a
+      # high threshold must not displace a firing one).
+      t = jax.lax.stop_gradient(thr)
+      sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
+      # The selection's overflow counts window entries too; only firing latents dropped
+      # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
+      n_fired = _row_count(dense - t, lambda v: v > 0)
+      fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
+      window_dropped = sel.overflow - fired_dropped
+      sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),
+                         overflow=fired_dropped)
     else:
       sel = kernels.relu(dense, cfg.slots, ops)
     pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
-    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr)
+    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
     if not k_aux:
       return out
 
@@ -180,8 +196,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
-  idx, pre, active, overflow, batch_thr = res[:5]
-  aux = res[5:] if k_aux else (None, None, None)
+  idx, pre, active, overflow, batch_thr, window_dropped = res[:6]
+  aux = res[6:] if k_aux else (None, None, None)
   if cfg.activation == "jumprelu":
     thr_sel = jax.vmap(lambda t, i: t[i])(threshold, idx)  # [G, B, C], no [G, B, F] broadcast
     acts = activations.jumprelu(pre, thr_sel, cfg.bandwidth)
@@ -190,7 +206,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   else:
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
-  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux)
+  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped)
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:
