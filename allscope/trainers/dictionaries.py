@@ -30,7 +30,6 @@ from flax import nnx
 
 from allscope import kernels
 from allscope.kernels import clt_layout
-from allscope.kernels.selection import _row_count
 from allscope.trainers import activations
 from allscope.trainers.config import TrainConfig
 
@@ -172,7 +171,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
       # The selection's overflow counts window entries too; only firing latents dropped
       # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
-      n_fired = _row_count(dense - t, lambda v: v > 0)
+      n_fired = _count_firing(product, b - t)
       fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
       window_dropped = sel.overflow - fired_dropped
       sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),
@@ -207,6 +206,24 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
   return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped)
+
+
+def _count_firing(product: jax.Array, offset: jax.Array, chunk: int = 1024) -> jax.Array:
+  """[B] int32: entries of each row with product + offset > 0 (offset [F] = b_enc - threshold).
+
+  Reads the materialized matmul output chunk by chunk, so no second [B, F] array (a margin or a
+  mask) is built; XLA on CPU does not fuse a mask into a long-row reduction.
+  """
+  f = product.shape[-1]
+  if f <= chunk or f % chunk:
+    return jnp.sum(product + offset > 0, axis=-1, dtype=jnp.int32)
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(product, i * chunk, chunk, axis=-1)
+    off = jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
+    return acc + jnp.sum(part + off > 0, axis=-1, dtype=jnp.int32)
+
+  return jax.lax.fori_loop(0, f // chunk, body, jnp.zeros(product.shape[:-1], jnp.int32))
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:
