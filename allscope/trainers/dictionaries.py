@@ -41,7 +41,7 @@ class Encoding(NamedTuple):
   pre: jax.Array  # [G, B, C] pre-activations at the indices, differentiable (sparse gradient)
   acts: jax.Array  # [G, B, C] activation values f (0 where inactive)
   fired: jax.Array  # [G, B, C] 1.0 where the latent is active (STE step for JumpReLU)
-  overflow: jax.Array  # [G] int32: active latents dropped for lack of capacity
+  overflow: jax.Array  # [G] int32: active (firing) latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
   # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
   # from the same dense product; zeros and aux_ok False while no latent is dead. On the sparse
@@ -50,6 +50,9 @@ class Encoding(NamedTuple):
   aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
   aux_pre: jax.Array | None = None  # pre-activations at the candidates (0 elsewhere), no gradient
   aux_ok: jax.Array | None = None  # bool: the slot (dense: the latent) is a candidate
+  # JumpReLU: entries of the threshold-gradient window (just below their thresholds, not
+  # firing) dropped for lack of capacity; they narrow the window of that row, not the code.
+  window_dropped: jax.Array | None = None  # [G] int32
 
 
 def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
@@ -173,16 +176,28 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     b = jax.lax.stop_gradient(b_enc)
     dense = product + b  # fused into each consumer; only `product` is kept for the AuxK branch
     batch_thr = jnp.zeros((), jnp.float32)
+    window_dropped = jnp.zeros((), jnp.int32)
     if cfg.activation == "topk":
       sel = kernels.topk(dense, cfg.k, ops)
     elif cfg.activation == "batchtopk":
       sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots, ops)
     elif cfg.activation == "jumprelu":
-      sel = kernels.jumprelu(dense, jax.lax.stop_gradient(thr), cfg.slots, cfg.bandwidth, ops)
+      # Ranked by the margin over the threshold, not by pre: firing latents take the slots
+      # first, then the window entries nearest their thresholds (a large pre of a latent with a
+      # high threshold must not displace a firing one).
+      t = jax.lax.stop_gradient(thr)
+      sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
+      # The selection's overflow counts window entries too; only firing latents dropped
+      # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
+      n_fired = _count_firing(product, b - t)
+      fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
+      window_dropped = sel.overflow - fired_dropped
+      sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),
+                         overflow=fired_dropped)
     else:
       sel = kernels.relu(dense, cfg.slots, ops)
     pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
-    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr)
+    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
     if not k_aux:
       return out
 
@@ -205,8 +220,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
-  idx, pre, active, overflow, batch_thr = res[:5]
-  aux = res[5:] if k_aux else (None, None, None)
+  idx, pre, active, overflow, batch_thr, window_dropped = res[:6]
+  aux = res[6:] if k_aux else (None, None, None)
   if dense_aux:
     aux = (None,) + tuple(aux[1:])
   if cfg.activation == "jumprelu":
@@ -217,7 +232,25 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   else:
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
-  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux)
+  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped)
+
+
+def _count_firing(product: jax.Array, offset: jax.Array, chunk: int = 1024) -> jax.Array:
+  """[B] int32: entries of each row with product + offset > 0 (offset [F] = b_enc - threshold).
+
+  Reads the materialized matmul output chunk by chunk, so no second [B, F] array (a margin or a
+  mask) is built; XLA on CPU does not fuse a mask into a long-row reduction.
+  """
+  f = product.shape[-1]
+  if f <= chunk or f % chunk:
+    return jnp.sum(product + offset > 0, axis=-1, dtype=jnp.int32)
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(product, i * chunk, chunk, axis=-1)
+    off = jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
+    return acc + jnp.sum(part + off > 0, axis=-1, dtype=jnp.int32)
+
+  return jax.lax.fori_loop(0, f // chunk, body, jnp.zeros(product.shape[:-1], jnp.int32))
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:

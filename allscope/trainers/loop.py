@@ -280,8 +280,10 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
               and not warned_capacity):
             # The capacity bounds memory; the sparsity penalty should keep L0 well below it.
             warned_capacity = True
-            fix = ("the sparsity is not under control: raise train.l0_coef or train.capacity"
-                   if cfg.activation in ("jumprelu", "relu") else "raise train.capacity")
+            fix = {"jumprelu": "rows fire far more latents than target_l0 (per-row L0 is "
+                               "heavy-tailed, docs/train.md): raise train.capacity",
+                   "relu": "the sparsity is not under control: raise train.l0_coef or "
+                           "train.capacity"}.get(cfg.activation, "raise train.capacity")
             log.warning("train: step %d dropped %d active latents for lack of capacity "
                         "(train.capacity=%d slots per row, L0 %.1f); %s", step_done,
                         int(metrics["overflow"]), cfg.slots, metrics["l0"], fix)

@@ -49,8 +49,8 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     y_m = dictionaries.decode(params, cfg, x, enc.indices, acts_m)
     loss = loss + jnp.sum(jnp.mean(_sq(y - y_m), axis=0))
 
-  # Latents dropped for lack of capacity fired too: without them a JumpReLU pinned at its
-  # capacity would see an L0 of at most `slots` and its penalty would stop pushing.
+  # Firing latents dropped for lack of capacity fired too: without them a JumpReLU pinned at
+  # its capacity would see an L0 of at most `slots` and its penalty would stop pushing.
   batch = x.shape[0]
   dropped = jax.lax.stop_gradient(enc.overflow.astype(jnp.float32)) / batch
   l0 = jnp.mean(jnp.sum(enc.fired, axis=-1), axis=-1) + dropped  # [G]
@@ -63,6 +63,7 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
       sparsity = cfg.l0_coef * jnp.sum(jnp.square(l0 / cfg.target_l0 - 1.0))
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
+    metrics["window_dropped"] = jnp.sum(enc.window_dropped)
     if cfg.freq_coef:
       freq = jax.vmap(lambda i, v: jax.ops.segment_sum(v.reshape(-1), i.reshape(-1),
                                                        num_segments=cfg.width))(

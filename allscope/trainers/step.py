@@ -94,7 +94,8 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
       bad_step=jnp.where((cause != 0) & (st.bad_step < 0), st.step, st.bad_step),
       bad_cause=jnp.where((cause != 0) & (st.bad_step < 0), cause, st.bad_cause),
   )
-  out = {k: metrics[k] for k in ("loss", "mse", "fvu", "l0", "overflow")}
+  out = {k: metrics[k] for k in ("loss", "mse", "fvu", "l0", "overflow", "window_dropped")
+         if k in metrics}
   dead_now = (since >= cfg.dead_tokens).astype(jnp.float32)  # [G, F]
   out["dead"] = jnp.mean(dead_now)
   # Per dictionary (output group for FVU): TensorBoard's per-layer curves.

@@ -49,3 +49,37 @@ def test_bfloat16_encoder_product_stays_close_to_float32():
 
   y16, _ = dictionaries.forward(params, dataclasses.replace(cfg, matmul_dtype="bfloat16"), x)
   assert float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32)) < 0.05
+
+
+@pytest.mark.parametrize("capacity", [3, 6])
+def test_jumprelu_firing_latents_take_the_slots_before_window_entries(capacity):
+  """Selection ranks by the margin over the threshold: a window entry (just under a high
+  threshold, large pre) never displaces a firing latent; `overflow` counts only firing latents
+  dropped, `window_dropped` the window entries dropped (float64 numpy reference)."""
+  rng = np.random.default_rng(capacity)
+  b, f, eps = 64, 32, 0.4
+  cfg = TrainConfig(kind="sae", activation="jumprelu", width=f, capacity=capacity, bandwidth=eps)
+  thr = rng.uniform(0.1, 1.5, f)
+  params = {"w_enc": jnp.eye(f)[None], "b_enc": jnp.zeros((1, f)),
+            "log_threshold": jnp.asarray(np.log(thr), jnp.float32)[None],
+            "w_dec": jnp.eye(f)[None], "b_dec": jnp.zeros((1, f))}
+  x = rng.normal(0.0, 0.6, (b, f)).astype(np.float32)  # pre = x (identity encoder)
+  enc = dictionaries.encode(params, cfg, jnp.asarray(x)[:, None])
+
+  fired = x.astype(np.float64) > thr
+  window = x.astype(np.float64) > thr - eps / 2
+  n_fired, n_window = fired.sum(-1), window.sum(-1)
+  assert (n_window > n_fired).any() and (n_window > capacity).any()  # the case under test
+  assert int(enc.overflow[0]) == np.maximum(n_fired - capacity, 0).sum()
+  assert int(enc.window_dropped[0]) == (np.maximum(n_window - capacity, 0).sum()
+                                        - np.maximum(n_fired - capacity, 0).sum())
+  idx, acts = np.asarray(enc.indices[0]), np.asarray(enc.acts[0])
+  for row in range(b):
+    kept = set(idx[row][acts[row] != 0])
+    if n_fired[row] <= capacity:  # every firing latent holds a slot, with its pre as value
+      assert kept == set(np.flatnonzero(fired[row]))
+    else:  # the largest margins fire
+      margin = x[row] - thr
+      assert kept == set(np.argsort(-margin)[:capacity])
+    np.testing.assert_allclose(acts[row][acts[row] != 0], x[row][idx[row][acts[row] != 0]],
+                               rtol=1e-6)

@@ -126,3 +126,15 @@ def test_tensorboard_holds_learning_rate_and_per_layer_curves(tmp_path):
     assert all(v <= 3 for v in per_layer_l0)  # TopK, k=3
     assert all(0 <= scalars(f"fvu/layer_{l}")[step] < 2 for l in (0, 1))
     assert all(0 <= scalars(f"dead/layer_{l}")[step] <= 1 for l in (0, 1))
+
+
+def test_jumprelu_warns_once_when_its_capacity_drops_firing_latents(tmp_path, caplog):
+  # Thresholds start at 0.001: about half of the 32 latents fire on every row, 2 slots hold them.
+  cfg = dataclasses.replace(CFG, activation="jumprelu", target_l0=3.0, capacity=2, steps=4,
+                            sparsity_warmup_steps=1, log_every=1, checkpoint_every=100)
+  with caplog.at_level("WARNING", logger="allscope.trainers.loop"):
+    result = train(cfg, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path, progress=False)
+  assert result.metrics["overflow"] > 0
+  warnings = [r.getMessage() for r in caplog.records if "lack of capacity" in r.getMessage()]
+  assert len(warnings) == 1 and "step 2 dropped" in warnings[0], warnings
+  assert "train.capacity=2 slots per row" in warnings[0] and "raise train.capacity" in warnings[0]
