@@ -101,8 +101,7 @@ def train_sparsify(split: Split, width: int, k: int, batch: int, steps: int):
     opt.eval()  # schedule-free: the averaged weights, as sparsify saves them
     w = {n: p.detach().numpy().astype(np.float64) for n, p in sae.named_parameters()}
     params = {"w_enc": w["encoder.weight"].T * s_in[g], "b_enc": w["encoder.bias"],
-              "w_dec": w["W_dec"] / s_out[g], "b_dec": w["b_dec"] / s_out[g],
-              "threshold": np.zeros(width)}
+              "w_dec": w["W_dec"] / s_out[g], "b_dec": w["b_dec"] / s_out[g]}  # TopK: no threshold
     out.append(Dictionary({n: v.astype(np.float32) for n, v in params.items()}, "transcoder",
                           "topk", split.model_name, layer, *split.sites, k=k))
   return out

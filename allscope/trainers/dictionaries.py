@@ -98,7 +98,7 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
   g, f = cfg.n_groups, cfg.width
   w_dec = jax.random.normal(k_dec, shp["w_dec"], jnp.float32)
   w_dec = w_dec / per_row(decoder_norms(w_dec, cfg), cfg)
-  if cfg.decoder_norm == "none":
+  if not cfg.unit_decoder:
     w_dec = w_dec * cfg.init_decoder_norm
   din_g = shp["w_enc"][1]
   if not cfg.tied_init:
@@ -107,7 +107,7 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
     own = jnp.moveaxis(w_dec[:, clt_layout.offsets(g)], 1, 0)  # [G, F, d]: each source's own layer
     w_enc = jnp.swapaxes(own / jnp.linalg.norm(own, axis=-1, keepdims=True), 1, 2)
   elif cfg.kind != "clt" and shp["w_dec"][-1] == din_g:
-    w_enc = jnp.swapaxes(w_dec, 1, 2) / (cfg.init_decoder_norm if cfg.decoder_norm == "none" else 1.0)
+    w_enc = jnp.swapaxes(w_dec, 1, 2) / (1.0 if cfg.unit_decoder else cfg.init_decoder_norm)
   else:
     w_enc = jax.random.normal(k_enc, shp["w_enc"], jnp.float32) / np.sqrt(din_g)
   params = {"w_enc": w_enc, "b_enc": jnp.zeros((g, f)), "w_dec": w_dec,

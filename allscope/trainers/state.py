@@ -34,7 +34,7 @@ class TrainState:
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
   """Linear warm-up, constant, then linear decay to 0 over the last lr_decay_fraction."""
-  warm = min(cfg.lr_warmup_steps, cfg.steps)
+  warm = min(cfg.warmup_steps, cfg.steps)
   decay = int(cfg.lr_decay_fraction * cfg.steps)
   lr = cfg.learning_rate
   flat = max(cfg.steps - warm - decay, 0)
@@ -63,7 +63,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return optax.chain(clip_by_global_norm(cfg.grad_clip),
-                     optax.adam(schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2))
+                     optax.adam(schedule(cfg), b1=cfg.b1, b2=cfg.adam_b2))
 
 
 def init_state(cfg: TrainConfig, params: dictionaries.Params, key: jax.Array) -> TrainState:

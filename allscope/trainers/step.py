@@ -47,7 +47,7 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
 
   def update(_):
     g = grads
-    if cfg.decoder_norm == "unit":
+    if cfg.unit_decoder:
       # Remove the gradient component that would only change the decoder rows' norms.
       w = params["w_dec"]
       par = dictionaries.per_row(dictionaries.latent_sums(g["w_dec"] * w, cfg), cfg)
@@ -57,7 +57,7 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
     if "log_threshold" in updates and cfg.threshold_lr_multiple != 1.0:
       updates = {**updates, "log_threshold": updates["log_threshold"] * cfg.threshold_lr_multiple}
     new_params = optax.apply_updates(params, updates)
-    if cfg.decoder_norm == "unit":
+    if cfg.unit_decoder:
       new_params["w_dec"] = dictionaries.normalize_decoder(new_params["w_dec"], cfg)
     return new_params, opt_state
 

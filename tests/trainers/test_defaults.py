@@ -1,4 +1,5 @@
-"""Training defaults: the learning-rate rule, the transcoder encoder init, the true L0."""
+"""Training defaults: the learning-rate rule, the per-activation optimizer and decoder defaults,
+the transcoder encoder init, the true L0."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from allscope.trainers import dictionaries, losses, state as state_lib
-from allscope.trainers.config import JUMPRELU_LR_SCALE, LR_BASE, TrainConfig, default_lr
+from allscope.trainers.config import (ACTIVATION_DEFAULTS, JUMPRELU_LR_SCALE, LR_BASE, TrainConfig,
+                                      default_lr)
 
 
 def test_unset_lr_follows_the_width_and_batch_rule():
@@ -27,6 +29,35 @@ def test_unset_lr_follows_the_width_and_batch_rule():
   sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
                                          lr_warmup_steps=10, **topk))
   assert float(sched(50)) == pytest.approx(LR_BASE)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_topk_trains_a_free_decoder_with_low_momentum_and_no_warmup(activation):
+  cfg = TrainConfig(kind="transcoder", activation=activation, width=64, steps=100)
+  assert (cfg.warmup_steps, cfg.b1, cfg.unit_decoder) == (0, 0.5, False)
+  assert float(state_lib.schedule(cfg)(0)) == pytest.approx(cfg.learning_rate)  # full lr at once
+  params = dictionaries.init_params(cfg, 16, 24, jax.random.key(0))
+  np.testing.assert_allclose(np.linalg.norm(params["w_dec"], axis=-1), cfg.init_decoder_norm,
+                             rtol=1e-5)
+  # The optimizer runs Adam with b1 = 0.5: after a gradient of 1 and then one of 0, the second
+  # update is (b1 / (1 + b1)) / sqrt(b2 / (1 + b2)) of the first (0.47; 0.67 with b1 = 0.9).
+  tx = state_lib.optimizer(cfg)
+  p = {"w": jnp.zeros(3)}
+  s = tx.init(p)
+  u1, s = tx.update({"w": jnp.full(3, 0.1)}, s, p)
+  u2, _ = tx.update({"w": jnp.zeros(3)}, s, p)
+  b1, b2 = 0.5, cfg.adam_b2
+  want = (b1 / (1 + b1)) / np.sqrt(b2 / (1 + b2))
+  assert float(u2["w"][0] / u1["w"][0]) == pytest.approx(want, rel=1e-4)
+
+
+def test_jumprelu_keeps_a_unit_decoder_and_warmup_and_explicit_values_win():
+  jr = TrainConfig(activation="jumprelu")
+  assert (jr.warmup_steps, jr.b1, jr.unit_decoder) == (100, 0.9, True)
+  assert ACTIVATION_DEFAULTS["relu"] == ACTIVATION_DEFAULTS["jumprelu"]
+  topk = TrainConfig(activation="topk", lr_warmup_steps=7, adam_b1=0.8, decoder_norm="unit")
+  assert (topk.warmup_steps, topk.b1, topk.unit_decoder) == (7, 0.8, True)
+  assert not TrainConfig(activation="jumprelu", decoder_norm="none").unit_decoder
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-3])

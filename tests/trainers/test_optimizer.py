@@ -47,7 +47,7 @@ def test_optimizer_is_clipped_adam_with_the_schedule():
   st = tx.init(jax.tree.map(jnp.asarray, params))
   mu = {k: np.zeros(s) for k, s in SHAPES.items()}
   nu = {k: np.zeros(s) for k, s in SHAPES.items()}
-  b1, b2, eps = cfg.adam_b1, cfg.adam_b2, 1e-8
+  b1, b2, eps = cfg.b1, cfg.adam_b2, 1e-8
   for step, scale in enumerate((5.0, 0.01, 3.0)):
     g = _tree(rng, scale)
     upd, st = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), st)
