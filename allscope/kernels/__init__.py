@@ -11,10 +11,11 @@ from allscope.kernels.clt_decode import causal_mask, causal_to_dense, clt_decode
 from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
 from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, topk
 from allscope.kernels.sparse_decode import dense_decode, sparse_decode
-from allscope.kernels.sparse_encode import encoder_grad, gather_pre, sparse_encode
+from allscope.kernels.sparse_encode import dense_encode, encoder_grad, gather_pre, sparse_encode
 
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
-    "clt_decode", "clt_layout", "dense_clt_decode", "dense_decode", "encoder_grad", "gather_pre", "jumprelu",
+    "clt_decode", "clt_layout", "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad",
+    "gather_pre", "jumprelu",
     "relu", "resolve", "sparse_decode", "sparse_encode", "topk",
 ]

@@ -6,6 +6,7 @@ selection; `sparse_encode` returns its values at the selected indices and a cust
   d b_enc = segment_sum(g, idx)
   d x     = gather_decode(idx, g, w_enc.T)
 so the backward never builds a dense [B, F] cotangent nor runs a second dense GEMM.
+`dense_encode` is its dense twin for AuxK at small widths (see its docstring).
 """
 
 from __future__ import annotations
@@ -59,3 +60,26 @@ def gather_pre(pre: jax.Array, indices: jax.Array) -> jax.Array:
 def encoder_grad(x: jax.Array, indices: jax.Array, g: jax.Array, width: int, ops: Ops = XLA) -> jax.Array:
   """d w_enc [D, F] = sum_b x_b (outer) g[b, :], g non-zero only at `indices` (active pairs)."""
   return ops.scatter_outer(indices, g, x, width).T
+
+
+@jax.custom_vjp
+def dense_encode(x, w_enc, b_enc, pre):
+  """pre [B, F] (= x @ w_enc + b_enc wherever its cotangent is non-zero) with that product's
+  dense gradient, without computing the product again: AuxK's path when aux_k is a sizeable
+  fraction of F, where [B, F] matmuls beat aux_k gather/scatter slots."""
+  del x, w_enc, b_enc
+  return pre
+
+
+def _dense_fwd(x, w_enc, b_enc, pre):
+  return pre, (x, w_enc)
+
+
+def _dense_bwd(res, g):
+  x, w_enc = res
+  dx = jnp.matmul(g, w_enc.T.astype(g.dtype), preferred_element_type=jnp.float32)
+  dw = jnp.matmul(x.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w_enc.dtype), jnp.sum(g, axis=0), jnp.zeros_like(g)
+
+
+dense_encode.defvjp(_dense_fwd, _dense_bwd)

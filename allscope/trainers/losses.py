@@ -93,28 +93,6 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   return loss, (metrics, extras)
 
 
-@jax.custom_vjp
-def _dense_encode(x, w_enc, b_enc, pre):
-  """pre (= x @ w_enc + b_enc where it matters, [B, F]) with that product's gradient, without
-  computing the product again."""
-  del x, w_enc, b_enc
-  return pre
-
-
-def _dense_encode_fwd(x, w_enc, b_enc, pre):
-  return pre, (x, w_enc)
-
-
-def _dense_encode_bwd(res, g):
-  x, w_enc = res
-  dx = jnp.matmul(g, w_enc.T.astype(g.dtype), preferred_element_type=jnp.float32)
-  dw = jnp.matmul(x.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w_enc.dtype), jnp.sum(g, axis=0), jnp.zeros_like(g)
-
-
-_dense_encode.defvjp(_dense_encode_fwd, _dense_encode_bwd)
-
-
 def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> jax.Array:
   """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024).
 
@@ -125,7 +103,7 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> 
   """
   xg = jnp.swapaxes(x, 0, 1)
   if enc.aux_indices is None:
-    pre = jax.vmap(_dense_encode)(xg, params["w_enc"], params["b_enc"], enc.aux_pre)
+    pre = jax.vmap(kernels.dense_encode)(xg, params["w_enc"], params["b_enc"], enc.aux_pre)
     acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
     e_hat = jnp.einsum("gbf,gfo->bgo", acts, params["w_dec"],
                        preferred_element_type=jnp.float32)

@@ -121,24 +121,21 @@ def _tied_rows(rng, b, n):
   return levels[rng.integers(0, len(levels), (b, n))]
 
 
-@pytest.mark.parametrize("n,k,chunk", [(1000, 17, 64), (4096, 64, 256), (300, 300, 512), (513, 8, 8)])
-def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, n, k, chunk):
+@pytest.mark.parametrize("two_stage,n,k,chunk", [
+    (xla.two_stage_top_k, 1000, 17, 64), (xla.two_stage_top_k, 4096, 64, 256),
+    (xla.two_stage_top_k, 300, 300, 512), (xla.two_stage_top_k, 513, 8, 8),
+    (xla.chunk_max_top_k, 1000, 17, 16), (xla.chunk_max_top_k, 4096, 64, 16),
+    (xla.chunk_max_top_k, 513, 8, 8), (xla.chunk_max_top_k, 256, 32, 8)])
+def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, two_stage, n, k, chunk):
   for x in (_tied_rows(rng, 16, n), rng.standard_normal((16, n)).astype(np.float32)):
     want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
-    got_v, got_i = xla.two_stage_top_k(jnp.asarray(x), k, chunk)
+    got_v, got_i = two_stage(jnp.asarray(x), k, chunk)
     assert got_i.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
 
 
-@pytest.mark.parametrize("n,k,chunk", [(1000, 17, 16), (4096, 64, 16), (513, 8, 8), (256, 32, 8)])
-def test_chunk_max_top_k_equals_lax_top_k_with_ties(rng, n, k, chunk):
-  for x in (_tied_rows(rng, 16, n), rng.standard_normal((16, n)).astype(np.float32)):
-    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
-    got_v, got_i = xla.chunk_max_top_k(jnp.asarray(x), k, chunk)
-    assert got_i.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
-    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+def test_chunk_max_top_k_needs_k_chunks():
   with pytest.raises(ValueError, match="exceeds"):
     xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
 
