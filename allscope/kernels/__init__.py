@@ -7,7 +7,8 @@ take that `Ops` (default: XLA) and call only its primitives, forward and backwar
 """
 
 from allscope.kernels import clt_layout
-from allscope.kernels.clt_decode import causal_mask, causal_to_dense, clt_decode, dense_clt_decode
+from allscope.kernels.clt_decode import (causal_mask, causal_to_dense, clt_decode,
+                                         clt_decode_with_aux, dense_clt_decode)
 from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
 from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, topk
 from allscope.kernels.sparse_decode import dense_decode, sparse_decode
@@ -15,7 +16,7 @@ from allscope.kernels.sparse_encode import dense_encode, encoder_grad, gather_pr
 
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
-    "clt_decode", "clt_layout", "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad",
-    "gather_pre", "jumprelu",
+    "clt_decode", "clt_decode_with_aux", "clt_layout", "dense_clt_decode", "dense_decode",
+    "dense_encode", "encoder_grad", "gather_pre", "jumprelu",
     "relu", "resolve", "sparse_decode", "sparse_encode", "topk",
 ]

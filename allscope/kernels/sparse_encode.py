@@ -42,14 +42,39 @@ def _bwd(ops, res, g):
 _encode.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _encode_gated(ops: Ops, x, w_enc, b_enc, indices, pre_at, gate):
+  del ops, x, w_enc, b_enc, indices, gate
+  return pre_at
+
+
+def _gated_fwd(ops, x, w_enc, b_enc, indices, pre_at, gate):
+  return pre_at, (x, w_enc, b_enc, indices, pre_at, gate)
+
+
+def _gated_bwd(ops, res, g):
+  *res, gate = res
+  x, w_enc, b_enc, _, pre_at = res
+  zeros = lambda: (jnp.zeros_like(x), jnp.zeros_like(w_enc), jnp.zeros_like(b_enc))
+  dx, dw, db = jax.lax.cond(gate, lambda: _bwd(ops, res, g)[:3], zeros)
+  return dx, dw, db, None, jnp.zeros_like(pre_at), None
+
+
+_encode_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 def sparse_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, indices: jax.Array,
-                  pre_at: jax.Array, ops: Ops = XLA) -> jax.Array:
+                  pre_at: jax.Array, ops: Ops = XLA, gate: jax.Array | None = None) -> jax.Array:
   """x [B, D], w_enc [D, F], b_enc [F], indices [B, C], pre_at [B, C] -> pre_at.
 
   pre_at must be (x @ w_enc + b_enc) at `indices` (what the selection returned); it is the
-  forward value, and the gradient flows into x, w_enc and b_enc.
+  forward value, and the gradient flows into x, w_enc and b_enc. With a scalar `gate`, the
+  backward's scatters run only where it is True (AuxK's slots while latents are dead): the
+  caller's cotangent must be 0 where it is False, as the gradient then is.
   """
-  return _encode(ops, x, w_enc, b_enc, indices, pre_at)
+  if gate is None:
+    return _encode(ops, x, w_enc, b_enc, indices, pre_at)
+  return _encode_gated(ops, x, w_enc, b_enc, indices, pre_at, jnp.asarray(gate, bool))
 
 
 def gather_pre(pre: jax.Array, indices: jax.Array) -> jax.Array:

@@ -174,6 +174,12 @@ def _check_clt(indices: jax.Array, w_dec_pairs: int) -> int:
   return n_layers
 
 
+def check_acc(acc: jax.Array, shape: tuple[int, ...]) -> None:
+  """A scatter's `acc` must be its float32 output shape (it is updated, not cast or broadcast)."""
+  if acc.shape != shape or acc.dtype != _F32:
+    raise ValueError(f"acc is {acc.dtype}{list(acc.shape)}; the scatter adds into float32{list(shape)}")
+
+
 def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.Array:
   """out[b, t] = sum_{s <= t} sum_j values[s, b, j] w_dec[indices[s, b, j], p(s, t)] -> [B, L, d]."""
   n_layers = _check_clt(indices, w_dec.shape[1])
@@ -206,11 +212,19 @@ def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array) -> jax.Ar
   return jnp.stack(out)
 
 
-def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
-  """out[n, p(s, t)] = sum_{(b, j): indices[s, b, j] = n} values[s, b, j] g[b, t] -> [F, P, d]."""
+def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_rows: int,
+                      acc: jax.Array | None = None) -> jax.Array:
+  """out[n, p(s, t)] = sum_{(b, j): indices[s, b, j] = n} values[s, b, j] g[b, t] -> [F, P, d].
+
+  With `acc` (float32 [F, P, d]) the sums are added to it, in its buffer when the caller no
+  longer needs it: two slot sets (a CLT's main and AuxK decodes) share one gradient buffer.
+  """
   n_layers, _, c = indices.shape
+  shape = (num_rows, clt_layout.n_pairs(n_layers), g.shape[2])
+  if acc is not None:
+    check_acc(acc, shape)
   g = g.astype(_F32)
-  out = jnp.zeros((num_rows, clt_layout.n_pairs(n_layers), g.shape[2]), _F32)
+  out = jnp.zeros(shape, _F32) if acc is None else acc
   for s in range(n_layers):
     def body(j, acc, s=s):
       upd = values[s, :, j, None, None].astype(_F32) * g[:, s:]

@@ -36,7 +36,13 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
             dead: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, G, d_in], y [B, G_out, d_out] (normalized); dead [G, F] bool; scale: sparsity ramp."""
   enc = dictionaries.encode(params, cfg, x, dead)
-  y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
+  # A CLT decodes AuxK's latents together with the main ones, so both decoder gradients share
+  # one buffer (its decoder is 1.5x the [L, B, F] pre-activations at 18 layers).
+  joint_aux = cfg.kind == "clt" and enc.aux_indices is not None
+  if joint_aux:
+    y_hat, e_hat = _clt_decode_with_aux(params, cfg, x, enc, jnp.any(dead))
+  else:
+    y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
   err = _sq(y - y_hat)  # [B, G_out]
   mse = jnp.sum(jnp.mean(err, axis=0))
   var = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)), axis=(0, 2))  # [G_out]
@@ -81,8 +87,11 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     # AuxK only matters once latents die; skipping it until then saves its aux_k-wide encoder
     # gradient and decode (both sparse, so the untaken branch costs little memory).
     residual = jax.lax.stop_gradient(y - y_hat)
-    aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual),
-                       lambda p: jnp.zeros((), jnp.float32), params)
+    if joint_aux:
+      aux = jnp.where(jnp.any(dead), _aux_ratio(residual, e_hat), 0.0)
+    else:
+      aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual),
+                         lambda p: jnp.zeros((), jnp.float32), params)
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
 
@@ -113,6 +122,23 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> 
         xg, params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
     acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
     e_hat = dictionaries.decode_latents(params, cfg, enc.aux_indices, acts)
+  return _aux_ratio(residual, e_hat)
+
+
+def _aux_ratio(residual: jax.Array, e_hat: jax.Array) -> jax.Array:
   num = jnp.sum(jnp.square(residual - e_hat))
   den = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0, keepdims=True)))
   return num / jnp.maximum(den, 1e-12)
+
+
+def _clt_decode_with_aux(params, cfg: TrainConfig, x, enc: dictionaries.Encoding,
+                         use_aux: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A CLT's reconstruction and AuxK's e_hat (_auxk's sparse path; zeros while no latent is
+  dead) from one decode, whose backward adds AuxK's pairs into the main decoder gradient."""
+  ops = dictionaries.kernel_ops(cfg)
+  pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops, use_aux))(
+      jnp.swapaxes(x, 0, 1), params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
+  acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
+  y_lat, e_hat = kernels.clt_decode_with_aux(enc.indices, enc.acts, enc.aux_indices, acts,
+                                             params["w_dec"], use_aux, ops)
+  return y_lat + params["b_dec"][None], e_hat

@@ -132,6 +132,10 @@ def test_tpu_clt_kernels(rng, dtype):
   assert ref.rel_err(out, ref.clt_gather_dot(idx, g, w64)) <= F32_TOL
   out = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, backend="tpu", block_p=4)
   assert ref.rel_err(out, ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
+  acc = rng.normal(size=out.shape).astype(np.float32)
+  out = pallas.clt_scatter_outer(idx, val, g, F, jnp.asarray(acc), interpret=True, backend="tpu",
+                                 block_p=4)
+  assert ref.rel_err(out, acc + ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -142,6 +146,18 @@ def test_clt_scatter_outer(rng, dtype):
   out = pallas.clt_scatter_outer(idx, val, g, F, interpret=True, block_d=8, block_p=4)
   assert out.shape == (F, clt_layout.n_pairs(L), DC) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.clt_scatter_outer(idx, val64, g64, F)) <= F32_TOL
+
+
+def test_clt_scatter_outer_adds_into_acc(rng):
+  """`acc` (aliased to the output): the sums are added to it, for the AuxK slots' d w_dec."""
+  idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
+  g = rng.normal(size=(B, L, DC)).astype(np.float32)
+  acc = rng.normal(size=(F, clt_layout.n_pairs(L), DC)).astype(np.float32)
+  out = jax.jit(lambda a: pallas.clt_scatter_outer(idx, val, g, F, a, interpret=True, block_d=8,
+                                                   block_p=4))(jnp.asarray(acc))
+  assert ref.rel_err(out, acc + ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
+  with pytest.raises(ValueError, match="acc is"):
+    pallas.clt_scatter_outer(idx, val, g, F, jnp.asarray(acc[:-1]), interpret=True)
 
 
 TOPK_SMALL = dict(chunk=64, rows=4)

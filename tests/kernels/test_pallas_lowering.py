@@ -37,6 +37,11 @@ CASES = {
                        (S((L, B, C), I32), S((B, L, DC)), S((FC, P, DC))), {}),
     "clt_scatter_outer": (pallas.clt_scatter_outer,
                           (S((L, B, C), I32), S((L, B, C)), S((B, L, DC))), {"num_rows": FC}),
+    # AuxK's d w_dec added into the main one's (aux_k = 256 slots)
+    "clt_scatter_outer_acc": (
+        lambda i, v, g, acc, **kw: pallas.clt_scatter_outer(i, v, g, FC, acc, **kw),
+        (S((L, B, 4 * C), I32), S((L, B, 4 * C)), S((B, L, DC)), S((FC, P, DC), jnp.float32)),
+        {}),
 }
 
 

@@ -146,3 +146,18 @@ def test_top_k_is_lax_top_k(rng):
     got, want = xla.top_k(x, k), jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+def test_clt_scatter_outer_adds_into_acc(rng):
+  """With `acc`, the scatter adds its sums to acc (a second slot set into the same gradient)."""
+  n_layers, f, d = 3, 16, 6
+  idx = np.stack([sparse_indices(rng, B, C, f) for _ in range(n_layers)])
+  v = np.stack([ragged_values(rng, B, C) for _ in range(n_layers)])
+  g = rng.standard_normal((B, n_layers, d)).astype(np.float32)
+  acc = rng.standard_normal((f, clt_layout.n_pairs(n_layers), d)).astype(np.float32)
+  out = jax.jit(xla.clt_scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, g)), f,
+                                                         jnp.asarray(acc))
+  want = acc + np.asarray(xla.clt_scatter_outer(*map(jnp.asarray, (idx, v, g)), f), np.float64)
+  assert rel(out, want) <= TOL
+  with pytest.raises(ValueError, match=r"acc is float32\[16, 5, 6\].*float32\[16, 6, 6\]"):
+    xla.clt_scatter_outer(*map(jnp.asarray, (idx, v, g)), f, jnp.asarray(acc[:, :5]))
