@@ -61,9 +61,34 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def scale_by_adam(b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTransformation:
+  """optax.scale_by_adam (same state, same values up to rounding) with the first moment as
+  mu + (1 - b1) (g - mu).
+
+  optax's (1 - b1) g + b1 mu becomes (g + mu) * 0.5 under XLA's simplifier at TopK's b1 = 0.5,
+  and XLA:CPU then recomputes that moment inside the parameter update instead of reading it,
+  so the new moment cannot overwrite the old one in place: one more parameter-sized temporary
+  (a CLT decoder: 1.5x its [L, B, F] pre-activations at 18 layers).
+  """
+  base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda g, m: m + (1 - b1) * (g - m), updates, state.mu)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(base.init, update)
+
+
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  return optax.chain(clip_by_global_norm(cfg.grad_clip),
-                     optax.adam(schedule(cfg), b1=cfg.b1, b2=cfg.adam_b2))
+  # optax.adam's chain (so its state, and checkpoints, keep their structure) with our moment
+  adam = optax.chain(scale_by_adam(cfg.b1, cfg.adam_b2), optax.scale_by_learning_rate(schedule(cfg)))
+  return optax.chain(clip_by_global_norm(cfg.grad_clip), adam)
 
 
 def init_state(cfg: TrainConfig, params: dictionaries.Params, key: jax.Array) -> TrainState:
