@@ -33,6 +33,17 @@ def _unroll(slots: int) -> int:
   return next(u for u in (UNROLL, 4, 2, 1) if slots % u == 0)
 
 
+def zeros_after(shape: tuple[int, ...], x: jax.Array) -> jax.Array:
+  """float32 zeros that XLA computes no earlier than `x` (exactly 0, whatever x holds).
+
+  A constant broadcast has no operands, so XLA:CPU's scheduler may place it at the start of the
+  step: a scatter's zeroed decoder-sized accumulator then stays allocated across the forward
+  pass. A dependence on `x` (the cotangent) keeps it in the backward.
+  """
+  first = lax.slice(x.reshape(-1), (0,), (1,))[0]
+  return jnp.full(shape, jnp.isfinite(first).astype(_F32) * 0.0, _F32)
+
+
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
   """out[b] = sum_j values[b, j] * table[indices[b, j]]: [B, C], [B, C], [N, D] -> [B, D]."""
   b, c = indices.shape
@@ -71,7 +82,7 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   def body(j, acc):
     return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
 
-  return lax.fori_loop(0, c, body, jnp.zeros((num_rows, src.shape[1]), _F32))
+  return lax.fori_loop(0, c, body, zeros_after((num_rows, src.shape[1]), src))
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -224,7 +235,7 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
   if acc is not None:
     check_acc(acc, shape)
   g = g.astype(_F32)
-  out = jnp.zeros(shape, _F32) if acc is None else acc
+  out = zeros_after(shape, g) if acc is None else acc
   for s in range(n_layers):
     def body(j, acc, s=s):
       upd = values[s, :, j, None, None].astype(_F32) * g[:, s:]

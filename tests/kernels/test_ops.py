@@ -106,3 +106,59 @@ def test_clt_decode_matches_masked_dense_reference(rng, ops_name, n_layers):
 def test_ops_are_one_static_argument_per_choice():
   assert kernels.resolve("xla") is kernels.XLA and kernels.resolve("auto", backend="cpu") == kernels.XLA
   assert hash(kernels.resolve("xla")) == hash(kernels.XLA)
+
+
+@pytest.mark.parametrize("ops_name", OPS)
+@pytest.mark.parametrize("use_aux", [True, False])
+def test_clt_decode_with_aux_is_two_decodes_with_one_gradient(rng, ops_name, use_aux):
+  """(main, AuxK) decodes through one w_dec: each output and the summed d w_dec match two
+  separate float64 decodes; with use_aux False the AuxK output and its d values are 0."""
+  ops, n_layers, ca = _ops(ops_name), 3, 2 * C + 1  # AuxK capacity ragged against the main one
+  p = clt_layout.n_pairs(n_layers)
+  idx = np.stack([sparse_indices(rng, B, C, F) for _ in range(n_layers)])
+  v = np.stack([ragged_values(rng, B, C) for _ in range(n_layers)])
+  aidx = np.stack([sparse_indices(rng, B, ca, F) for _ in range(n_layers)])
+  av = np.stack([ragged_values(rng, B, ca) for _ in range(n_layers)])
+  w = rng.standard_normal((F, p, D)).astype(np.float32)
+  g, ga = (rng.standard_normal((B, n_layers, D)).astype(np.float32) for _ in range(2))
+  fn = lambda v, av, w: kernels.clt_decode_with_aux(jnp.asarray(idx), v, jnp.asarray(aidx), av,
+                                                    w, use_aux, ops)
+  (y, e), vjp = jax.vjp(jax.jit(fn), *map(jnp.asarray, (v, av, w)))
+  dv, dav, dw = vjp((jnp.asarray(g), jnp.asarray(ga)))
+  w64 = w.astype(np.float64)
+  # float64: each decode as its own dense [B, F] code times the causal decoder
+  def dense(i, val):
+    f = np.zeros((n_layers, B, F))
+    for s in range(n_layers):
+      np.add.at(f[s], (np.repeat(np.arange(B), i.shape[2]), i[s].reshape(-1)),
+                val[s].reshape(-1).astype(np.float64))
+    return f
+  full = np.stack([clt_layout.to_dense(w64, s) for s in range(n_layers)])  # [L, F, L, d]
+  f, fa = dense(idx, v), dense(aidx, av) * use_aux
+  assert rel(y, np.einsum("sbf,sftd->btd", f, full)) <= TOL
+  want_e = np.einsum("sbf,sftd->btd", fa, full)
+  assert rel(e, want_e) <= TOL if use_aux else np.all(np.asarray(e) == 0)
+  mask = np.triu(np.ones((n_layers, n_layers)))[:, None, :, None]
+  dw_dense = (np.einsum("sbf,btd->sftd", f, g) + np.einsum("sbf,btd->sftd", fa, ga)) * mask
+  assert rel(dw, clt_layout.from_dense(dw_dense)) <= TOL
+  want_dv = np.stack([np.einsum("btd,bctd->bc", g, full[s][idx[s]]) for s in range(n_layers)])
+  assert rel(dv, want_dv) <= TOL
+  want_dav = np.stack([np.einsum("btd,bctd->bc", ga, full[s][aidx[s]]) for s in range(n_layers)])
+  assert rel(dav, want_dav) <= TOL if use_aux else np.all(np.asarray(dav) == 0)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_sparse_encode_gate_skips_the_backward(rng, gate):
+  """A gated sparse_encode has sparse_encode's gradient where the gate is True, 0 where False."""
+  x = jnp.asarray(rng.standard_normal((B, D)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((D, F)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(F), jnp.float32)
+  idx = jnp.asarray(sparse_indices(rng, B, C, F))
+  g = jnp.asarray(ragged_values(rng, B, C))
+  pre_at = kernels.gather_pre(x @ w + b, idx)
+  _, plain = jax.vjp(lambda *a: kernels.sparse_encode(*a, idx, pre_at), x, w, b)
+  out, gated = jax.vjp(lambda *a: kernels.sparse_encode(*a, idx, pre_at, gate=jnp.asarray(gate)),
+                       x, w, b)
+  assert np.array_equal(out, pre_at)
+  for got, want in zip(gated(g), plain(g)):
+    assert np.array_equal(got, want if gate else np.zeros_like(want))
