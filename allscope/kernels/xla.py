@@ -33,15 +33,16 @@ def _unroll(slots: int) -> int:
   return next(u for u in (UNROLL, 4, 2, 1) if slots % u == 0)
 
 
-def zeros_after(shape: tuple[int, ...], x: jax.Array) -> jax.Array:
-  """float32 zeros that XLA computes no earlier than `x` (exactly 0, whatever x holds).
+def zeros_after(shape: tuple[int, ...], *xs: jax.Array) -> jax.Array:
+  """float32 zeros that XLA computes no earlier than every x (exactly 0, whatever they hold).
 
   A constant broadcast has no operands, so XLA:CPU's scheduler may place it at the start of the
-  step: a scatter's zeroed decoder-sized accumulator then stays allocated across the forward
-  pass. A dependence on `x` (the cotangent) keeps it in the backward.
+  step: a scatter's zeroed decoder-sized accumulator, or the CLT decode's per-source ones, then
+  stay allocated across the forward's [L, B, F] arrays. A dependence on the op's own inputs
+  (the cotangent in a backward) keeps each where it is used.
   """
-  first = lax.slice(x.reshape(-1), (0,), (1,))[0]
-  return jnp.full(shape, jnp.isfinite(first).astype(_F32) * 0.0, _F32)
+  ok = jnp.all(jnp.stack([jnp.isfinite(lax.slice(x.reshape(-1), (0,), (1,))[0]) for x in xs]))
+  return jnp.full(shape, ok.astype(_F32) * 0.0, _F32)
 
 
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   def body(j, acc):
     return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
 
-  return lax.fori_loop(0, c, body, zeros_after((num_rows, src.shape[1]), src))
+  return lax.fori_loop(0, c, body, zeros_after((num_rows, src.shape[1]), values, src))
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -203,7 +204,9 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.A
         rows = _clt_rows(w_dec, indices[s, :, i * u + q], s, n_layers)
         acc = acc + values[s, :, i * u + q, None, None].astype(_F32) * rows
       return acc
-    part = lax.fori_loop(0, c // u, body, jnp.zeros((b, n_layers - s, w_dec.shape[2]), _F32))
+    # zeros after the previous source's sum: one [B, L - s, d] accumulator live at a time
+    part = lax.fori_loop(0, c // u, body,
+                         zeros_after((b, n_layers - s, w_dec.shape[2]), values[s], out))
     out = out.at[:, s:].add(part)
   return out
 
