@@ -39,12 +39,12 @@ def random_params(cfg: TrainConfig, rng: np.random.Generator) -> dict[str, np.nd
 CASES = [(kind, act) for kind in KINDS for act in ("jumprelu", "topk", "batchtopk", "relu")]
 
 
-def _check(cfg: TrainConfig, seed: int) -> dict[str, float]:
+def _check(cfg: TrainConfig, seed: int, dead_fraction: float = 0.5) -> dict[str, float]:
   rng = np.random.default_rng(seed)
   p = random_params(cfg, rng)
   x = rng.standard_normal((B, L, D)).astype(np.float32)
   y = rng.standard_normal((B, L, D)).astype(np.float32)
-  dead = rng.random((cfg.n_groups, F)) < 0.5
+  dead = rng.random((cfg.n_groups, F)) < dead_fraction
   scale = 0.7
   # The reference works on the dense [G, F, G, d] CLT decoder (zeros below the diagonal).
   p_ref = {**p, "w_dec": np.asarray(kernels.causal_to_dense(p["w_dec"]))} if cfg.kind == "clt" else p
@@ -131,3 +131,14 @@ def test_auxk_path_auto_is_dense_only_for_a_sizeable_fraction_of_the_width():
   assert not dictionaries.aux_dense(dataclasses.replace(base, kind="clt", aux_k=1024))
   with pytest.raises(ValueError, match="aux_path"):
     dataclasses.replace(base, kind="clt", aux_path="dense").validate()
+
+
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.5])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_clt_auxk_decoded_with_the_main_code_matches_reference(activation, dead_fraction):
+  """A CLT decodes AuxK's latents in the main decode's op (one decoder-gradient buffer): loss and
+  gradients match the reference with dead latents, and with none (AuxK off, its gradient 0)."""
+  cfg = TrainConfig(kind="clt", activation=activation, layers=tuple(range(L)), width=F, k=5,
+                    capacity=F if activation != "topk" else 0, aux_k=8)
+  errors = _check(cfg, seed=31, dead_fraction=dead_fraction)
+  assert max(errors.values()) < 2e-5, errors
