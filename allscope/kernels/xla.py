@@ -189,7 +189,8 @@ def _check_clt(indices: jax.Array, w_dec_pairs: int) -> int:
 def check_acc(acc: jax.Array, shape: tuple[int, ...]) -> None:
   """A scatter's `acc` must be its float32 output shape (it is updated, not cast or broadcast)."""
   if acc.shape != shape or acc.dtype != _F32:
-    raise ValueError(f"acc is {acc.dtype}{list(acc.shape)}; the scatter adds into float32{list(shape)}")
+    raise ValueError(f"acc is {acc.dtype}{list(acc.shape)}; the scatter adds into "
+                     f"float32{list(shape)}")
 
 
 def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.Array:

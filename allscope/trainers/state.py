@@ -87,7 +87,8 @@ def scale_by_adam(b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTran
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   # optax.adam's chain (so its state, and checkpoints, keep their structure) with our moment
-  adam = optax.chain(scale_by_adam(cfg.b1, cfg.adam_b2), optax.scale_by_learning_rate(schedule(cfg)))
+  adam = optax.chain(scale_by_adam(cfg.b1, cfg.adam_b2),
+                     optax.scale_by_learning_rate(schedule(cfg)))
   return optax.chain(clip_by_global_norm(cfg.grad_clip), adam)
 
 

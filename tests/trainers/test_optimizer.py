@@ -68,7 +68,8 @@ def test_optimizer_is_clipped_adam_with_the_schedule():
 
 
 def test_optimizer_state_has_optax_adams_structure():
-  """Our first-moment form keeps optax.adam's state: checkpoints of either restore into the other."""
+  """Our first-moment form keeps optax.adam's state, so checkpoints of either restore into the
+  other."""
   cfg = TrainConfig(activation="topk")
   params = jax.tree.map(jnp.asarray, _tree(np.random.default_rng(1), 1.0))
   ours = state_lib.optimizer(cfg).init(params)
