@@ -9,7 +9,7 @@ take that `Ops` (default: XLA) and call only its primitives, forward and backwar
 from allscope.kernels import clt_layout
 from allscope.kernels.clt_decode import causal_mask, causal_to_dense, clt_decode, dense_clt_decode
 from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
-from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, topk
+from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, row_count, topk
 from allscope.kernels.sparse_decode import dense_decode, sparse_decode
 from allscope.kernels.sparse_encode import dense_encode, encoder_grad, gather_pre, sparse_encode
 
@@ -17,5 +17,5 @@ __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
     "clt_decode", "clt_layout", "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad",
     "gather_pre", "jumprelu",
-    "relu", "resolve", "sparse_decode", "sparse_encode", "topk",
+    "relu", "resolve", "row_count", "sparse_decode", "sparse_encode", "topk",
 ]
