@@ -18,18 +18,21 @@ import jax.numpy as jnp
 from allscope.kernels.dispatch import XLA, Ops
 
 
-def _row_count(x: jax.Array, keep, chunk: int = 1024) -> jax.Array:
-  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x).
+def row_count(x: jax.Array, keep, offset: jax.Array | None = None, chunk: int = 1024) -> jax.Array:
+  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x + offset).
 
-  Counted chunk by chunk in a loop: XLA on CPU does not fuse a mask into a long-row reduction,
-  so a plain jnp.sum would materialize an int32 copy of the whole [B, N] mask.
+  `offset` ([N], optional) is added chunk by chunk. Counted in a loop: XLA on CPU does not fuse a
+  mask into a long-row reduction, so a plain jnp.sum would materialize the whole [B, N] mask (and
+  x + offset).
   """
   n = x.shape[-1]
   if n <= chunk or n % chunk:
-    return jnp.sum(keep(x), axis=-1, dtype=jnp.int32)
+    return jnp.sum(keep(x if offset is None else x + offset), axis=-1, dtype=jnp.int32)
 
   def body(i, acc):
     part = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=-1)
+    if offset is not None:
+      part = part + jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
     return acc + jnp.sum(keep(part), axis=-1, dtype=jnp.int32)
 
   return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
@@ -54,7 +57,7 @@ def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> 
   scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
   top, indices = ops.top_k(scores, capacity)
   used = top > -jnp.inf
-  overflow = jnp.sum(jnp.maximum(_row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
+  overflow = jnp.sum(jnp.maximum(row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, indices, axis=-1), 0.0)
   return Selection(indices, values, overflow.astype(jnp.int32), used)
 
@@ -77,7 +80,7 @@ def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Se
   threshold = jnp.sort(row_top.reshape(-1))[row_top.size - n]  # the n-th largest candidate
   used = (row_top >= threshold) & (row_top > 0)
   # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
-  kept = _row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))
+  kept = row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))
   overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
   return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold

@@ -189,7 +189,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
       # The selection's overflow counts window entries too; only firing latents dropped
       # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
-      n_fired = _count_firing(product, b - t)
+      n_fired = kernels.row_count(product, lambda v: v > 0, offset=b - t)
       fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
       window_dropped = sel.overflow - fired_dropped
       sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),
@@ -205,25 +205,24 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
       aux = kernels.topk(scores, k_aux, ops)
       if not dense_aux:
-        return aux.indices, aux.values, dead_g[aux.indices]
+        return aux.values, dead_g[aux.indices], aux.indices
       # Every dead latent at or above the row's aux_k-th dead value (all of them when fewer
       # than aux_k are dead; a tie at that value keeps every tied latent).
       ok = dead_g[None, :] & (scores >= aux.values[:, -1:])
-      return jnp.zeros((), jnp.int32), jnp.where(ok, product + b, 0.0), ok
+      return jnp.where(ok, product + b, 0.0), ok
 
     def none(_):
       shape = (x_g.shape[0], width if dense_aux else k_aux)
-      return jnp.zeros(() if dense_aux else shape, jnp.int32), jnp.zeros(shape, jnp.float32), \
-          jnp.zeros(shape, bool)
+      return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)) + (
+          () if dense_aux else (jnp.zeros(shape, jnp.int32),))
 
-    aux_idx, aux_pre, aux_ok = jax.lax.cond(any_dead, pick, none, None)
+    aux_pre, aux_ok, *aux_idx = jax.lax.cond(any_dead, pick, none, None)
+    aux_idx = aux_idx[0] if aux_idx else None  # the dense path has no indices: every latent
     return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
   idx, pre, active, overflow, batch_thr, window_dropped = res[:6]
   aux = res[6:] if k_aux else (None, None, None)
-  if dense_aux:
-    aux = (None,) + tuple(aux[1:])
   if cfg.activation == "jumprelu":
     thr_sel = jax.vmap(lambda t, i: t[i])(threshold, idx)  # [G, B, C], no [G, B, F] broadcast
     acts = activations.jumprelu(pre, thr_sel, cfg.bandwidth)
@@ -233,24 +232,6 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
   return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped)
-
-
-def _count_firing(product: jax.Array, offset: jax.Array, chunk: int = 1024) -> jax.Array:
-  """[B] int32: entries of each row with product + offset > 0 (offset [F] = b_enc - threshold).
-
-  Reads the materialized matmul output chunk by chunk, so no second [B, F] array (a margin or a
-  mask) is built; XLA on CPU does not fuse a mask into a long-row reduction.
-  """
-  f = product.shape[-1]
-  if f <= chunk or f % chunk:
-    return jnp.sum(product + offset > 0, axis=-1, dtype=jnp.int32)
-
-  def body(i, acc):
-    part = jax.lax.dynamic_slice_in_dim(product, i * chunk, chunk, axis=-1)
-    off = jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
-    return acc + jnp.sum(part + off > 0, axis=-1, dtype=jnp.int32)
-
-  return jax.lax.fori_loop(0, f // chunk, body, jnp.zeros(product.shape[:-1], jnp.int32))
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:

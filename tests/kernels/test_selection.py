@@ -66,3 +66,13 @@ def test_relu_selection(rng):
   pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
   sel = kernels.relu(pre, F)
   assert int(np.asarray(sel.active).sum()) == int((np.asarray(pre) > 0).sum())
+
+
+def test_row_count_in_chunks_matches_a_dense_count(rng):
+  x = jnp.asarray(rng.standard_normal((5, 4096)), jnp.float32)
+  off = jnp.asarray(rng.standard_normal(4096), jnp.float32)
+  for chunk in (512, 1024, 3000):  # 3000 does not divide 4096: the one-pass fallback
+    np.testing.assert_array_equal(kernels.row_count(x, lambda v: v > 0.5, chunk=chunk),
+                                  (np.asarray(x) > 0.5).sum(-1))
+    np.testing.assert_array_equal(kernels.row_count(x, lambda v: v > 0, off, chunk=chunk),
+                                  (np.asarray(x) + np.asarray(off) > 0).sum(-1))
