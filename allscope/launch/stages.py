@@ -150,10 +150,15 @@ class ModelOnce:
     self.loaded = None  # (model, tokenizer) once loaded
 
   def __call__(self, purpose: str):
-    if self.loaded is None:
+    if self.loaded is None or self.loaded[0] is None:
       print(f"loading {self._cfg.name} ({self._cfg.dtype}) to {purpose} ...", file=sys.stderr)
       self.loaded = models.load(self._cfg.name, dtype=self._cfg.dtype)
     return self.loaded[0]
+
+  def drop(self) -> None:
+    """Frees the weights (the tokenizer is kept)."""
+    if self.loaded is not None:
+      self.loaded = (None, self.loaded[1])
 
   @property
   def float32(self) -> bool:
@@ -279,9 +284,12 @@ def _browse(cfg: RunConfig, release_root: Path | None, store: Path | None,
   paths = Paths(Path(cfg.output_dir))
   root = Path(release_root) if release_root else release.release_dir(cfg.release, paths.root)
   shared, tokenizer = None, None
-  if model is not None and model.float32 and cfg.browse.logits:
-    shared = model("write the feature browser")
+  if model is not None and model.loaded is not None:
     tokenizer = model.loaded[1]
+    if model.float32 and cfg.browse.logits:
+      shared = model.loaded[0]
+    else:  # the browser loads a float32 copy if it needs one: never two models at once
+      model.drop()
   return browser.browse(root, store or paths.store, cfg.browse, model=shared, tokenizer=tokenizer)
 
 

@@ -120,3 +120,17 @@ def test_released_dictionaries_evaluate_as_they_did_in_the_run(quick):
   for entry in json.loads(stages.Paths(out["store"].parent).evaluation.read_text())["dictionaries"]:
     for key in ("fvu", "l0", "delta_lm_loss"):
       assert again[entry["path"]][key] == pytest.approx(entry["metrics"][key], rel=1e-4, abs=1e-6)
+
+
+def test_model_once_loads_on_first_use_and_again_only_after_drop(monkeypatch):
+  """The run's shared model: one load serves every use until `drop` frees the weights (the
+  tokenizer stays); a bfloat16 run's model is never handed to the browser's float32 math."""
+  loads = []
+  monkeypatch.setattr(models, "load", lambda name, dtype: loads.append(dtype) or (object(), "tok"))
+  once = stages.ModelOnce(config_lib.load("quickstart"))
+  first = once("evaluate")
+  assert once("browse") is first and loads == ["float32"] and once.float32
+  once.drop()
+  assert once.loaded == (None, "tok")
+  assert once("evaluate") is not first and len(loads) == 2
+  assert not stages.ModelOnce(config_lib.load("quickstart", ["model.dtype=bfloat16"])).float32
