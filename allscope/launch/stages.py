@@ -141,25 +141,50 @@ def evaluation_path(cfg: RunConfig, release_root: str | Path | None = None) -> P
   return Paths(Path(cfg.output_dir)).evaluation
 
 
+class ModelOnce:
+  """The run's model, loaded on first call (on the process that calls it) and kept: in `run`,
+  evaluate and the feature browser's logit effects share one load (a GGUF dequantization)."""
+
+  def __init__(self, cfg: RunConfig):
+    self._cfg = cfg.model
+    self.loaded = None  # (model, tokenizer) once loaded
+
+  def __call__(self, purpose: str):
+    if self.loaded is None or self.loaded[0] is None:
+      print(f"loading {self._cfg.name} ({self._cfg.dtype}) to {purpose} ...", file=sys.stderr)
+      self.loaded = models.load(self._cfg.name, dtype=self._cfg.dtype)
+    return self.loaded[0]
+
+  def drop(self) -> None:
+    """Frees the weights (the tokenizer is kept)."""
+    if self.loaded is not None:
+      self.loaded = (None, self.loaded[1])
+
+  @property
+  def float32(self) -> bool:
+    """The browser's logit effects need float32 weights: shared only from a float32 model."""
+    return self._cfg.dtype == "float32"
+
+
 def evaluate(cfg: RunConfig, dictionaries: list | None = None, *, allow_partial: bool = False,
-             output: Path | None = None) -> list[release.Evaluation] | None:
+             output: Path | None = None,
+             model: ModelOnce | None = None) -> list[release.Evaluation] | None:
   """Metrics of the run's latest checkpoint (or of `dictionaries`), on process 0, into `output`
   (default: evaluation_path(cfg)); the other processes wait and get None."""
   dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
   output = output or evaluation_path(cfg)
-  return distributed.on_primary("evaluate", lambda: _evaluate(cfg, dictionaries, output))
+  return distributed.on_primary("evaluate", lambda: _evaluate(cfg, dictionaries, output, model))
 
 
-def _evaluate(cfg: RunConfig, dictionaries: list,
-              output: Path | None = None) -> list[release.Evaluation]:
+def _evaluate(cfg: RunConfig, dictionaries: list, output: Path | None = None,
+              model: ModelOnce | None = None) -> list[release.Evaluation]:
   paths = Paths(Path(cfg.output_dir))
   output = output or evaluation_path(cfg)
   tokens, source = heldout_tokens(cfg)  # before the model loads: a missing split fails fast
   cfg.evaluate.validate()
   release.check_tokens(cfg.evaluate, tokens)
   config_lib.record(cfg, "evaluate")
-  print(f"loading {cfg.model.name} ({cfg.model.dtype}) to evaluate ...", file=sys.stderr)
-  model, _ = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  model = (model or ModelOnce(cfg))("evaluate")
   evaluations = release.evaluate(cfg.evaluate, dictionaries, model, tokens,
                                  log_dir=paths.root / "tensorboard_eval")
   files.write_text(output, json.dumps({
@@ -180,7 +205,8 @@ def token_counts(evaluations: list[release.Evaluation]) -> dict[str, int]:
 
 
 def release_stage(cfg: RunConfig, dictionaries: list | None = None,
-                  evaluations: list | None = None, *, allow_partial: bool = False) -> Path:
+                  evaluations: list | None = None, *, allow_partial: bool = False,
+                  model: ModelOnce | None = None) -> Path:
   """Writes (and publishes) the release of the latest checkpoint on process 0; the others wait.
 
   A folder that already holds a release is kept (and published as it is) unless
@@ -197,7 +223,8 @@ def release_stage(cfg: RunConfig, dictionaries: list | None = None,
     distributed.on_primary("release", lambda: _keep_release(cfg, root, exists))
     return root
   dictionaries = dictionaries or trained_dictionaries(cfg, allow_partial=allow_partial)
-  out = distributed.on_primary("release", lambda: _release(cfg, dictionaries, evaluations))
+  out = distributed.on_primary("release",
+                               lambda: _release(cfg, dictionaries, evaluations, model))
   return out or root
 
 
@@ -220,10 +247,12 @@ def _keep_release(cfg: RunConfig, root: Path, exists: bool) -> None:
     release.publish(root, r.publish_to, dry_run=r.dry_run, private=r.private)
 
 
-def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Path:
+def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None,
+             model: ModelOnce | None = None) -> Path:
   paths = Paths(Path(cfg.output_dir))
+  model = model or ModelOnce(cfg)
   if evaluations is None:
-    evaluations = _evaluate(cfg, dictionaries)
+    evaluations = _evaluate(cfg, dictionaries, model=model)
   config_lib.record(cfg, "release")
   manifest = pipelines.open_store(paths.store).manifest
   info = {"model_fingerprint": manifest.get("model", {}).get("fingerprint"),
@@ -234,7 +263,7 @@ def _release(cfg: RunConfig, dictionaries: list, evaluations: list | None) -> Pa
   root = release.write_release(cfg.release, dictionaries, paths.root, evaluations=evaluations,
                                info=info)
   if cfg.browse.enabled:
-    _browse(cfg, root, None)
+    _browse(cfg, root, None, model)
   if cfg.release.publish_to:
     release.publish(root, cfg.release.publish_to, dry_run=cfg.release.dry_run,
                     private=cfg.release.private)
@@ -248,12 +277,20 @@ def browse(cfg: RunConfig, release_root: Path | None = None,
   return distributed.on_primary("browse", lambda: _browse(cfg, release_root, store))
 
 
-def _browse(cfg: RunConfig, release_root: Path | None, store: Path | None) -> dict:
+def _browse(cfg: RunConfig, release_root: Path | None, store: Path | None,
+            model: ModelOnce | None = None) -> dict:
   from allscope.release import browser
 
   paths = Paths(Path(cfg.output_dir))
   root = Path(release_root) if release_root else release.release_dir(cfg.release, paths.root)
-  return browser.browse(root, store or paths.store, cfg.browse)
+  shared, tokenizer = None, None
+  if model is not None and model.loaded is not None:
+    tokenizer = model.loaded[1]
+    if model.float32 and cfg.browse.logits:
+      shared = model.loaded[0]
+    else:  # the browser loads a float32 copy if it needs one: never two models at once
+      model.drop()
+  return browser.browse(root, store or paths.store, cfg.browse, model=shared, tokenizer=tokenizer)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -265,9 +302,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   result = train(cfg)
   stamps["train"] = time.perf_counter() - start - sum(stamps.values())
   dictionaries = trained_dictionaries(cfg, result)
-  evaluations = evaluate(cfg, dictionaries) or []
+  model = ModelOnce(cfg)  # one load serves evaluate and the browser
+  evaluations = evaluate(cfg, dictionaries, model=model) or []
   stamps["evaluate"] = time.perf_counter() - start - sum(stamps.values())
-  root = release_stage(cfg, dictionaries, evaluations or None)
+  root = release_stage(cfg, dictionaries, evaluations or None, model=model)
   stamps["release"] = time.perf_counter() - start - sum(stamps.values())
   return {"store": Paths(Path(cfg.output_dir)).store, "tokens": manifest.get("num_tokens"),
           "train": Paths(Path(cfg.output_dir)).train, "release": root,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from allscope import release
+from allscope import models, release
 from allscope.launch import config as config_lib
 from allscope.launch import stages
 
@@ -23,7 +23,12 @@ def quick(tmp_path_factory):
       "harvest.context_length=64", "train.layers=[2,3]", "train.width=128", "train.k=8",
       "train.batch_size=64", "train.steps=12", "train.checkpoint_every=6",
       "evaluate.n_sequences=2", "evaluate.seq_len=32", "evaluate.batch_size=2"])
-  return cfg, stages.run(cfg)
+  loads, trained, load, train = [], [], models.load, stages.train
+  with pytest.MonkeyPatch.context() as mp:  # counts the model loads after training
+    mp.setattr(models, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
+    mp.setattr(stages, "train", lambda c: train(c) if trained.append(len(loads)) is None else None)
+    out = stages.run(cfg)
+  return cfg, {**out, "model_loads_after_train": len(loads) - trained[0]}
 
 
 def test_run_writes_store_checkpoints_metrics_and_a_loadable_release(quick):
@@ -41,6 +46,11 @@ def test_run_writes_store_checkpoints_metrics_and_a_loadable_release(quick):
   assert (out["release"] / "README.md").exists()
   assert (out["release"] / "browser" / "index.html").exists()  # the feature browser
   assert json.loads((out["store"].parent / "config.json").read_text())["train"]["steps"] == 12
+
+
+def test_run_loads_the_model_once_for_evaluation_and_the_browser(quick):
+  _, out = quick
+  assert out["model_loads_after_train"] == 1
 
 
 def test_heldout_tokens_are_not_in_the_store(quick):
@@ -110,3 +120,17 @@ def test_released_dictionaries_evaluate_as_they_did_in_the_run(quick):
   for entry in json.loads(stages.Paths(out["store"].parent).evaluation.read_text())["dictionaries"]:
     for key in ("fvu", "l0", "delta_lm_loss"):
       assert again[entry["path"]][key] == pytest.approx(entry["metrics"][key], rel=1e-4, abs=1e-6)
+
+
+def test_model_once_loads_on_first_use_and_again_only_after_drop(monkeypatch):
+  """The run's shared model: one load serves every use until `drop` frees the weights (the
+  tokenizer stays); a bfloat16 run's model is never handed to the browser's float32 math."""
+  loads = []
+  monkeypatch.setattr(models, "load", lambda name, dtype: loads.append(dtype) or (object(), "tok"))
+  once = stages.ModelOnce(config_lib.load("quickstart"))
+  first = once("evaluate")
+  assert once("browse") is first and loads == ["float32"] and once.float32
+  once.drop()
+  assert once.loaded == (None, "tok")
+  assert once("evaluate") is not first and len(loads) == 2
+  assert not stages.ModelOnce(config_lib.load("quickstart", ["model.dtype=bfloat16"])).float32
