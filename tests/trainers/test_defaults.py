@@ -25,8 +25,11 @@ def test_unset_lr_follows_the_batch_rule_at_every_width():
     assert default_lr(TrainConfig(width=width, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
   assert default_lr(TrainConfig(width=2 ** 14, batch_size=4096, **topk)) == pytest.approx(
       2 * LR_BASE)
+  # JumpReLU keeps its tuned 1/sqrt(F) term: a third of the TopK lr at 4k, 2/3 of it at 1k.
   assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, activation="jumprelu")) == (
       pytest.approx(JUMPRELU_LR_SCALE * LR_BASE))
+  assert default_lr(TrainConfig(width=2 ** 10, batch_size=1024, activation="jumprelu")) == (
+      pytest.approx(2 * JUMPRELU_LR_SCALE * LR_BASE))
   assert TrainConfig(width=2 ** 12, lr=1e-4).learning_rate == 1e-4
   sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
                                          lr_warmup_steps=10, **topk))
