@@ -36,7 +36,8 @@ def test_an_sae_is_measured_against_its_own_site(tmp_path):
                      identity={"model": {"name": "test"}})
   split = Split(str(tmp_path / "store"), (1, 4), held_out_rows=32)
   cfg = TrainConfig(kind="sae", activation="topk", site_in="mlp_in", layers=(1, 4), width=16,
-                    k=4, batch_size=32, steps=8, checkpoint_every=10 ** 9, log_every=10 ** 9)
+                    k=4, batch_size=32, steps=30, lr=3e-2, checkpoint_every=10 ** 9,
+                    log_every=10 ** 9)
   dicts = quality.train_allscope_cfg(split, cfg)
   metrics = quality.held_out_metrics(split, dicts)
   for g, (d, m) in enumerate(zip(dicts, metrics)):
