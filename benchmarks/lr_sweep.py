@@ -9,6 +9,7 @@ each lr's FVU relative to the best of its group, and `default` marks what
   python benchmarks/lr_sweep.py --store outputs/bench/quality_store
   python benchmarks/lr_sweep.py --activations jumprelu --widths 4096 --ks 16,64 \
       --set threshold_lr_multiple=10
+  python benchmarks/lr_sweep.py --kinds sae,skip_transcoder --set site_in=mlp_in  # SAE on mlp_in
 docs/train.md records the sweep behind the defaults. Harvest the store with
 benchmarks/quality.py (it harvests when its --store is missing).
 """
@@ -22,6 +23,17 @@ import time
 
 from quality import held_out_metrics, train_allscope_cfg
 from quality_data import Split
+
+
+def parse_override(item: str) -> tuple[str, object]:
+  """A --set item `name=value`: a Python literal, else the bare string (site_in=mlp_in)."""
+  name, sep, value = item.partition("=")
+  if not sep or not name:
+    raise ValueError(f"--set {item!r}: expected name=value, e.g. --set site_in=mlp_in")
+  try:
+    return name, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return name, value
 
 
 def main() -> None:
@@ -41,10 +53,7 @@ def main() -> None:
   from allscope.trainers.config import TrainConfig, default_lr
   layers = tuple(int(l) for l in args.layers.split(","))
   split = Split(args.store, layers, args.held_out)
-  overrides = {}
-  for item in args.set:
-    name, value = item.split("=", 1)
-    overrides[name] = ast.literal_eval(value)
+  overrides = dict(parse_override(item) for item in args.set)
   print(f"store {args.store}: layers {layers}, batch {args.batch} x {args.steps} steps, "
         f"{split.held_out['mlp_in'].shape[0]} held-out rows, overrides {overrides}")
   header = (f"{'kind':>10} {'act':>9} {'F':>6} {'k/L0':>5} {'lr':>9} {'layer':>5} {'fvu':>7} "

@@ -108,13 +108,14 @@ def train_sparsify(split: Split, width: int, k: int, batch: int, steps: int):
 
 
 def held_out_metrics(split: Split, dicts) -> list[dict]:
-  """FVU, L0, dead fraction of each dictionary in float64 on the held-out rows."""
+  """FVU, L0, dead fraction of each dictionary in float64 on the held-out rows of its own sites
+  (an SAE over mlp_in reconstructs mlp_in; a transcoder predicts mlp_out from mlp_in)."""
   from allscope.release.evaluate import activation_metrics
   out = []
   for g, dct in enumerate(dicts):
     d64 = dataclasses.replace(dct, params={n: v.astype(np.float64) for n, v in dct.params.items()})
-    x = split.held_out[split.sites[0]][:, g].astype(np.float64)
-    m, _ = activation_metrics(d64, x, split.held_out[split.sites[1]][:, g].astype(np.float64))
+    x = split.held_out[dct.site_in][:, g].astype(np.float64)
+    m, _ = activation_metrics(d64, x, split.held_out[dct.site_out][:, g].astype(np.float64))
     out.append(m)
   return out
 

@@ -16,11 +16,13 @@ R = 4
 
 
 def write_random_store(root, shard_rows=(37, 40, 29), seed=0, sites=SITES, layers=LAYERS,
-                       codec="bf16", channel_scales=None, rows_per_record=R):
+                       codec="bf16", channel_scales=None, rows_per_record=R, identity=None):
   """Writes shards of random bf16 rows through the real writer; returns (manifest, truth).
 
   truth[site]: float32 [total_rows, n_layers, width], rows in store order (shard by shard), as
   generated (before any lossy codec). channel_scales: [width] multipliers of the channels.
+  identity: extra manifest fields (e.g. {"model": {"name": ...}}, which readers of a model's store
+  expect).
   """
   rng = np.random.default_rng(seed)
   receipts, truth = [], {s: [] for s in sites}
@@ -40,7 +42,8 @@ def write_random_store(root, shard_rows=(37, 40, 29), seed=0, sites=SITES, layer
     receipt, _ = store.write_shard(str(root), store.ShardRows(k, index, acts, layers), rows_per_record,
                                    {"sequences": seqs}, codec=codec)
     receipts.append(receipt)
-  identity = {"format": store.FORMAT, "schema_version": store.SCHEMA_VERSION, "test": True}
+  identity = {"format": store.FORMAT, "schema_version": store.SCHEMA_VERSION, "test": True,
+              **(identity or {})}
   manifest = store.finish(str(root), identity, receipts, sites=sites, layers=layers,
                           widths={s: WIDTHS[s] for s in sites}, rows_per_record=rows_per_record,
                           context_length=9, codec=codec)

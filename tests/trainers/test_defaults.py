@@ -15,16 +15,21 @@ from allscope.trainers.config import (ACTIVATION_DEFAULTS, JUMPRELU_LR_SCALE, LR
                                       default_lr)
 
 
-def test_unset_lr_follows_the_width_and_batch_rule():
+def test_unset_lr_follows_the_batch_rule_at_every_width():
   topk = dict(activation="topk", k=32)
-  cfg = TrainConfig(width=2 ** 14, batch_size=4096, **topk)
+  cfg = TrainConfig(width=2 ** 12, batch_size=1024, **topk)
   assert cfg.lr is None and cfg.learning_rate == pytest.approx(LR_BASE)
-  # 1/sqrt(F), sqrt(B): 4x narrower doubles it, 4x smaller batches halve it.
-  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
-  assert default_lr(TrainConfig(width=2 ** 12, batch_size=4096, **topk)) == pytest.approx(
+  # The sweep's best lr was the same at widths 1k-16k (docs/train.md): no width term, unlike
+  # sparsify's 1/sqrt(F) (which would halve it from 4k to 16k). sqrt(B): 4x the batch doubles it.
+  for width in (2 ** 10, 2 ** 14, 2 ** 16):
+    assert default_lr(TrainConfig(width=width, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
+  assert default_lr(TrainConfig(width=2 ** 14, batch_size=4096, **topk)) == pytest.approx(
       2 * LR_BASE)
+  # JumpReLU keeps its tuned 1/sqrt(F) term: a third of the TopK lr at 4k, 2/3 of it at 1k.
   assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, activation="jumprelu")) == (
       pytest.approx(JUMPRELU_LR_SCALE * LR_BASE))
+  assert default_lr(TrainConfig(width=2 ** 10, batch_size=1024, activation="jumprelu")) == (
+      pytest.approx(2 * JUMPRELU_LR_SCALE * LR_BASE))
   assert TrainConfig(width=2 ** 12, lr=1e-4).learning_rate == 1e-4
   sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
                                          lr_warmup_steps=10, **topk))
