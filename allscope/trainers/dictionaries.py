@@ -194,7 +194,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
                else jnp.zeros(params["b_enc"].shape))
   k_aux = min(cfg.aux_k, cfg.width) if (
       dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
-  revive = dead is not None and cfg.revive and cfg.activation in ("topk", "batchtopk")
+  revive = dead is not None and cfg.revives
   any_dead = jnp.any(dead) if (k_aux or revive) else None
   dense_aux = bool(k_aux) and aux_dense(cfg)
   width = params["b_enc"].shape[-1]

@@ -20,6 +20,8 @@ CFG = TrainConfig(kind="transcoder", activation="topk", layers=(0, 1), width=F, 
                   batch_size=B, steps=10, lr=3e-3, aux_after_tokens=1000,
                   resample_fractions=(0.5,))  # step 5
 OFF = dataclasses.replace(CFG, resample_fractions=())
+CFG = dataclasses.replace(CFG, revive=False)  # resampling alone (revive is measured apart)
+OFF = dataclasses.replace(OFF, revive=False)
 
 
 def _setup(seed: int, outlier: bool = False):
@@ -155,3 +157,33 @@ def test_a_run_interrupted_before_a_resample_step_resumes_exactly(tmp_path):
   assert resumed.resumed_from == 6
   for k, v in straight.params.items():
     assert np.array_equal(v, resumed.params[k]), k
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_revive_puts_each_silent_latent_in_the_top_k_of_its_best_row(activation):
+  """train.revive: a silent latent's encoder bias rises (after the Adam update) by what it
+  lacked to enter the top k of its best row of the batch, plus REVIVE_MARGIN; nothing else
+  changes (float64 reference from the pre-step parameters)."""
+  from allscope.trainers import step as step_lib
+  st, x, y, ones = _setup(3)
+  base = dataclasses.replace(OFF, activation=activation, revive=False)
+  cfg = dataclasses.replace(base, revive=True)
+  on, _ = jax.jit(lambda s: train_step(cfg, s, x, y, ones, ones))(st)
+  off, _ = jax.jit(lambda s: train_step(base, s, x, y, ones, ones))(st)
+  dead = np.asarray(st.since_fired) >= CFG.aux_after_tokens  # what the step saw
+  x64 = np.asarray(x, np.float64)
+  enc = dictionaries.encode(st.params, base, x)
+  for g in range(2):
+    pre = x64[:, g] @ np.asarray(st.params["w_enc"][g], np.float64) + np.asarray(
+        st.params["b_enc"][g], np.float64)  # [B, F]
+    if activation == "topk":
+      cut = np.maximum(np.sort(pre, axis=-1)[:, -CFG.k], 0.0)  # the row's smallest kept value
+    else:
+      cut = np.full(B, max(float(enc.batch_threshold[g]), 0.0))
+    lift = np.maximum(-np.max(pre - cut[:, None], axis=0), 0.0)
+    want = np.where(dead[g] & (lift > 0), lift + step_lib.REVIVE_MARGIN, 0.0)
+    assert np.sum(want > 0) > 0
+    got = np.asarray(on.params["b_enc"][g], np.float64) - np.asarray(off.params["b_enc"][g])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for k in ("w_enc", "w_dec", "b_dec"):
+    np.testing.assert_array_equal(np.asarray(on.params[k]), np.asarray(off.params[k]))
