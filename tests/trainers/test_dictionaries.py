@@ -113,3 +113,22 @@ def test_data_init_columns_are_centred_batch_rows_at_the_random_spread(width):
     np.testing.assert_allclose(np.std(xc[:, g] @ w, axis=0), target, rtol=1e-4)
     dec = yc[rows, g] / np.linalg.norm(yc[rows, g], axis=-1, keepdims=True) * cfg.init_decoder_norm
     np.testing.assert_allclose(np.asarray(got["w_dec"][g]), dec, rtol=1e-4, atol=1e-9)
+
+
+def test_training_starts_from_data_init_when_asked():
+  """The train loop's first-batch initialization applies encoder_init="data" (then centres the
+  biases as for any untied encoder)."""
+  from allscope.trainers import loop
+  rng = np.random.default_rng(5)
+  cfg = TrainConfig(kind="transcoder", activation="topk", layers=(0,), width=16, k=2,
+                    encoder_init="data")
+  x = rng.normal(size=(32, 1, 6)) + 0.2
+  y = rng.normal(size=(32, 1, 5))
+  st = loop._initial_state(cfg, 6, 5, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                           jnp.ones(1), jnp.ones(1))
+  w = np.asarray(st.params["w_enc"][0], np.float64)
+  xc = x[:, 0] - x[:, 0].mean(0)
+  cos = (xc / np.linalg.norm(xc, axis=-1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0))
+  np.testing.assert_allclose(np.max(cos, axis=0), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(st.params["b_enc"][0]), -x[:, 0].mean(0) @ w,
+                             rtol=1e-4, atol=1e-6)
