@@ -50,7 +50,7 @@ class TrainConfig:
   freq_max: float = 0.1
   aux_k: int = 256  # AuxK for TopK/BatchTopK
   aux_coef: float = 1.0 / 32
-  aux_after_tokens: int = 10_000  # AuxK, revive and resampling act on latents silent for N tokens
+  aux_after_tokens: int = 5_000  # AuxK, revive and resampling act on latents silent for N tokens
   # AuxK's encode/decode: "sparse" over its aux_k slots (kernel seam), "dense" as [B, F] matmuls
   # (faster once aux_k is a sizeable fraction of the width), "auto" picks (dictionaries.aux_dense).
   aux_path: Literal["auto", "dense", "sparse"] = "auto"
