@@ -257,7 +257,8 @@ class TrainConfig:
 # and reach a lower held-out FVU than a 100-step warm-up, momentum 0.9 and unit-norm rows (Adam's
 # momentum keeps pushing a latent that stopped winning the top k further down; docs/train.md has
 # the screen). TopK and BatchTopK also revive silent latents (`revive`, trainers.step): without
-# it 42-46% of the latents of a one-pass F = 4096 run never fire on held-out rows, with it ~2%.
+# it 41-46% of the latents of a one-pass F = 4096 transcoder never fire on held-out rows, with
+# it 1-4% (docs/train.md).
 # JumpReLU and ReLU keep Gemma Scope's unit-norm decoder (ReLU's L1 is weighted by
 # decoder norms) and the usual Adam settings.
 ACTIVATION_DEFAULTS = {
