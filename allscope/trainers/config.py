@@ -50,10 +50,18 @@ class TrainConfig:
   freq_max: float = 0.1
   aux_k: int = 256  # AuxK for TopK/BatchTopK
   aux_coef: float = 1.0 / 32
-  aux_after_tokens: int = 10_000  # AuxK revives latents that fired on none of the last N tokens
+  aux_after_tokens: int = 5_000  # AuxK, revive and resampling act on latents silent for N tokens
   # AuxK's encode/decode: "sparse" over its aux_k slots (kernel seam), "dense" as [B, F] matmuls
   # (faster once aux_k is a sizeable fraction of the width), "auto" picks (dictionaries.aux_dense).
   aux_path: Literal["auto", "dense", "sparse"] = "auto"
+  # Dead-latent resampling (trainers.resample; TopK/BatchTopK, not a clt): at these fractions of
+  # train.steps, latents silent for aux_after_tokens tokens restart from high-error rows.
+  # None: the activation's default (ACTIVATION_DEFAULTS); () turns it off.
+  resample_fractions: tuple[float, ...] | None = None
+  # TopK/BatchTopK: each step, a latent silent for aux_after_tokens tokens gets the encoder bias
+  # that puts it in the top k of its best row of the batch (docs/train.md: measured).
+  # None: the activation's default (ACTIVATION_DEFAULTS: on for TopK and BatchTopK).
+  revive: bool | None = None
   dead_tokens: int = 1_000_000  # a latent that fired on none of the last N tokens is dead
   matryoshka: tuple[int, ...] = ()  # nested prefix sizes (< width); the full width is implied
 
@@ -72,8 +80,10 @@ class TrainConfig:
   b_dec_init: Literal["mean", "zero"] = "mean"
   # "auto": an sae or crosscoder starts with w_enc = w_dec^T; a transcoder or CLT (input and
   # output spaces differ) with an independent random encoder whose biases centre the first
-  # batch's pre-activations (docs/train.md: measured). "transpose" / "random" force one.
-  encoder_init: Literal["auto", "transpose", "random"] = "auto"
+  # batch's pre-activations (docs/train.md: measured). "transpose" / "random" force one. "data":
+  # each encoder column a centred first-batch input, its decoder row that row's output
+  # (dictionaries.data_init).
+  encoder_init: Literal["auto", "transpose", "random", "data"] = "auto"
   matmul_dtype: Literal["float32", "bfloat16"] = "float32"
   # Sparse kernels: "auto" = Pallas on GPU/TPU, sparse XLA on CPU; "pallas" or "xla" force one.
   kernels: Literal["auto", "pallas", "xla"] = "auto"
@@ -116,6 +126,23 @@ class TrainConfig:
     if self.encoder_init == "auto":
       return self.kind in ("sae", "crosscoder")
     return self.encoder_init == "transpose"
+
+  @property
+  def resample_at(self) -> tuple[float, ...]:
+    """train.resample_fractions, or the activation's default (none for a clt) when unset."""
+    if self.resample_fractions is None and self.kind == "clt":
+      return ()
+    return tuple(_default(self, "resample_fractions"))
+
+  @property
+  def revives(self) -> bool:
+    """train.revive, or the activation's default when it is left unset."""
+    return bool(_default(self, "revive")) and self.activation in ("topk", "batchtopk")
+
+  @property
+  def data_init(self) -> bool:
+    """Whether encoder columns (and decoder rows) start from first-batch rows (see encoder_init)."""
+    return self.encoder_init == "data"
 
   @property
   def sites(self) -> tuple[str, str]:
@@ -183,6 +210,15 @@ class TrainConfig:
     if self.mesh_data > 0 and self.batch_size % self.mesh_data:
       raise ValueError(
           f"train.batch_size={self.batch_size} is not divisible by train.mesh_data={self.mesh_data}")
+    if self.encoder_init not in ("auto", "transpose", "random", "data"):
+      raise ValueError(f"train.encoder_init={self.encoder_init!r} is unknown; use auto, transpose,"
+                       " random or data")
+    if self.resample_fractions:
+      if any(not 0 < f < 1 for f in self.resample_fractions):
+        raise ValueError(f"train.resample_fractions={self.resample_fractions} must lie in (0, 1)")
+      if self.activation not in ("topk", "batchtopk") or self.kind == "clt":
+        raise ValueError(f"train.resample_fractions is for TopK/BatchTopK dictionaries other than"
+                         f" a clt (got {self.activation} {self.kind}); set it to ()")
     if list(self.matryoshka) != sorted(set(self.matryoshka)) or any(
         not 0 < m < self.width for m in self.matryoshka):
       raise ValueError(f"train.matryoshka={self.matryoshka} must be increasing sizes in (0, width)")
@@ -220,13 +256,20 @@ class TrainConfig:
 # no warm-up, Adam momentum 0.5 and a free decoder (norm 0.001 at init) leave fewer latents dead
 # and reach a lower held-out FVU than a 100-step warm-up, momentum 0.9 and unit-norm rows (Adam's
 # momentum keeps pushing a latent that stopped winning the top k further down; docs/train.md has
-# the screen). JumpReLU and ReLU keep Gemma Scope's unit-norm decoder (ReLU's L1 is weighted by
+# the screen). TopK and BatchTopK also revive silent latents (`revive`, trainers.step): without
+# it 41-46% of the latents of a one-pass F = 4096 transcoder never fire on held-out rows, with
+# it 1-4% (docs/train.md).
+# JumpReLU and ReLU keep Gemma Scope's unit-norm decoder (ReLU's L1 is weighted by
 # decoder norms) and the usual Adam settings.
 ACTIVATION_DEFAULTS = {
-    "topk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none"},
-    "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none"},
-    "jumprelu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit"},
-    "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit"},
+    "topk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
+             "resample_fractions": (), "revive": True},
+    "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
+                  "resample_fractions": (), "revive": True},
+    "jumprelu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
+                 "resample_fractions": (), "revive": False},
+    "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
+             "resample_fractions": (), "revive": False},
 }
 
 

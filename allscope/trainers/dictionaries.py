@@ -53,6 +53,10 @@ class Encoding(NamedTuple):
   # JumpReLU: entries of the threshold-gradient window (just below their thresholds, not
   # firing) dropped for lack of capacity; they narrow the window of that row, not the code.
   window_dropped: jax.Array | None = None  # [G] int32
+  # train.revive (TopK/BatchTopK, when `dead` was given): [G, F] how far each latent's best
+  # pre-activation in the batch lies below its row's cut-off (the smallest kept value, at least
+  # 0); raising b_enc by it puts the latent in the top k of that row. Zeros while none is dead.
+  lift: jax.Array | None = None
 
 
 def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
@@ -119,6 +123,32 @@ def init_params(cfg: TrainConfig, d_in: int, d_out: int, key: jax.Array) -> Para
   return params
 
 
+def data_init(params: Params, cfg: TrainConfig, x: jax.Array, y: jax.Array, key: jax.Array) -> Params:
+  """Encoder columns (and decoder rows) from the first batch's rows (train.encoder_init="data").
+
+  x [B, G, d_in], y [B, G_out, d_out] normalized. Column f of group g is the centred input row
+  i(f) (a permutation of the batch, reused cyclically when F > B), unit-normed, then scaled so its
+  pre-activation spread over the batch equals the random init's: random Gaussian directions mostly
+  point where the activations have little variance, and those latents never win a top k. Its
+  decoder row is that row's centred output at the random init's decoder norm (not for a CLT,
+  whose decoder is stored causally).
+  """
+  xc = x - jnp.mean(x, axis=0, keepdims=True)
+  b, f = x.shape[0], cfg.width
+  rows = jax.random.permutation(key, b)[jnp.arange(f) % b]  # [F]
+  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  w_enc = jnp.swapaxes(unit(xc[rows]), 0, 1).transpose(0, 2, 1)  # [G, d_in, F]
+  spread = lambda w: jnp.std(jnp.einsum("bgi,gif->gbf", xc, w), axis=1)  # [G, F]
+  target = jnp.mean(spread(params["w_enc"]), axis=-1, keepdims=True)
+  w_enc = w_enc * (target / jnp.maximum(spread(w_enc), 1e-12))[:, None, :]
+  out = {**params, "w_enc": w_enc}
+  if cfg.kind != "clt":
+    yc = y - jnp.mean(y, axis=0, keepdims=True)
+    norm = 1.0 if cfg.unit_decoder else cfg.init_decoder_norm
+    out["w_dec"] = jnp.swapaxes(unit(yc[rows]), 0, 1) * norm  # [G, F, d_out]
+  return out
+
+
 def latent_sums(a: jax.Array, cfg: TrainConfig) -> jax.Array:
   """[G, F]: the sum of a decoder-shaped array over each latent's rows (all targets for a CLT)."""
   rows = jnp.sum(a, axis=-1)
@@ -164,7 +194,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
                else jnp.zeros(params["b_enc"].shape))
   k_aux = min(cfg.aux_k, cfg.width) if (
       dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
-  any_dead = jnp.any(dead) if k_aux else None
+  revive = dead is not None and cfg.revives
+  any_dead = jnp.any(dead) if (k_aux or revive) else None
   dense_aux = bool(k_aux) and aux_dense(cfg)
   width = params["b_enc"].shape[-1]
   if dead is None:
@@ -198,6 +229,14 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       sel = kernels.relu(dense, cfg.slots, ops)
     pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
     out = (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
+    if revive:
+      def lift(_):
+        if cfg.activation == "topk":
+          cut = jnp.maximum(jnp.min(jnp.where(sel.active, sel.values, jnp.inf), axis=-1), 0.0)
+        else:
+          cut = jnp.full((x_g.shape[0],), jnp.maximum(batch_thr, 0.0))
+        return jnp.maximum(-jnp.max(product + b - cut[:, None], axis=0), 0.0)
+      out = out + (jax.lax.cond(any_dead, lift, lambda _: jnp.zeros((width,), jnp.float32), None),)
     if not k_aux:
       return out
 
@@ -222,7 +261,9 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
   idx, pre, active, overflow, batch_thr, window_dropped = res[:6]
-  aux = res[6:] if k_aux else (None, None, None)
+  lift = res[6] if revive else None
+  res = res[7:] if revive else res[6:]
+  aux = res if k_aux else (None, None, None)
   if cfg.activation == "jumprelu":
     thr_sel = jax.vmap(lambda t, i: t[i])(threshold, idx)  # [G, B, C], no [G, B, F] broadcast
     acts = activations.jumprelu(pre, thr_sel, cfg.bandwidth)
@@ -231,7 +272,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   else:
     acts = jnp.where(active, jax.nn.relu(pre), 0.0)
     fired = (acts > 0).astype(acts.dtype)
-  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped)
+  return Encoding(idx, pre, acts, fired, overflow, batch_thr, *aux, window_dropped=window_dropped,
+                  lift=lift)
 
 
 def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: jax.Array) -> jax.Array:

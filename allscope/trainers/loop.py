@@ -144,6 +144,8 @@ def _initial_state(cfg: TrainConfig, d_in: int, d_out: int, x: jax.Array, y: jax
   yn = dictionaries.prepare(cfg, y.astype(jnp.float32) * norm_out[None, :, None])
   if cfg.b_dec_init == "mean":
     params["b_dec"] = jnp.mean(yn, axis=0)
+  if cfg.data_init:
+    params = dictionaries.data_init(params, cfg, xn, yn, jax.random.fold_in(jax.random.key(cfg.seed), 1))
   if not cfg.tied_init:  # centre the pre-activations: no latent starts dense or dead by offset
     params["b_enc"] = -jnp.einsum("gi,gif->gf", jnp.mean(xn, axis=0), params["w_enc"])
   if cfg.activation == "jumprelu" and cfg.threshold_init <= 0:

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from allscope.trainers import dictionaries, losses, mesh as mesh_lib, state as state_lib
+from allscope.trainers import dictionaries, losses, mesh as mesh_lib, resample, state as state_lib
 from allscope.trainers.config import TrainConfig
 
 _SATURATE = 1 << 30
+REVIVE_MARGIN = 1e-3  # a revived latent's pre-activation clears its row's cut-off by this much
 
 
 def _finite(tree) -> jax.Array:
@@ -64,6 +65,9 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   # A branch, not a select between old and new: the update runs in place on the donated state
   # and a skipped step copies nothing (a select would read both and write every array again).
   new_params, opt_state = jax.lax.cond(good, update, lambda _: (params, st.opt_state), None)
+  if "lift" in extras:  # train.revive: silent latents into the top k of their best row
+    lift = jnp.where(good & dead & (extras["lift"] > 0), extras["lift"] + REVIVE_MARGIN, 0.0)
+    new_params = {**new_params, "b_enc": new_params["b_enc"] + lift}
   ok_params = _finite(new_params)  # an update can still overflow (a huge learning rate)
 
   batch = x.shape[0]
@@ -71,6 +75,17 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
                                                     num_segments=cfg.width))(
       extras["indices"], extras["fired"]) > 0  # [G, F]
   since = jnp.where(fired, 0, jnp.minimum(st.since_fired + batch, _SATURATE))
+  if cfg.resample_at:
+    # At the scheduled steps (a function of the step: a resumed run resamples identically).
+    silent = since >= cfg.aux_after_tokens
+    key = jax.random.split(jax.random.wrap_key_data(st.rng))[1]
+    new_params, opt_state = jax.lax.cond(
+        good & resample.is_resample_step(cfg, st.step),
+        lambda a: resample.resample(cfg, *a, state_lib.optimizer(cfg), silent, x,
+                                    extras["residual"], extras["row_err"],
+                                    extras["row_threshold"], key),
+        lambda a: a, (new_params, opt_state))
+    since = jnp.where(silent & resample.is_resample_step(cfg, st.step), 0, since)
   first = st.step == 0
   # BatchTopK's inference threshold: a running mean of each batch's k*B-th value whose horizon
   # is a quarter of the steps so far (at most 100 steps), so the first steps' thresholds, far

@@ -84,3 +84,51 @@ def test_jumprelu_firing_latents_take_the_slots_before_window_entries(capacity):
       assert kept == set(np.argsort(-margin)[:capacity])
     np.testing.assert_allclose(acts[row][acts[row] != 0], x[row][idx[row][acts[row] != 0]],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("width", [24, 80])  # fewer latents than rows, and more (rows reused)
+def test_data_init_columns_are_centred_batch_rows_at_the_random_spread(width):
+  """encoder_init="data": column f is the unit centred input row i(f) scaled to the random
+  init's mean pre-activation spread; decoder row f is that row's unit centred output at the
+  init decoder norm (float64 numpy reference on a fresh batch)."""
+  rng = np.random.default_rng(width)
+  b, d_in, d_out = 32, 10, 6
+  cfg = TrainConfig(kind="transcoder", activation="topk", layers=(0, 1), width=width, k=3,
+                    encoder_init="data")
+  x = rng.normal(size=(b, 2, d_in)) * rng.uniform(0.1, 3.0, size=d_in) + 0.5
+  y = rng.normal(size=(b, 2, d_out)) + 1.0
+  random = dictionaries.init_params(cfg, d_in, d_out, jax.random.key(0))
+  got = dictionaries.data_init(random, cfg, jnp.asarray(x, jnp.float32),
+                               jnp.asarray(y, jnp.float32), jax.random.key(1))
+  xc, yc = x - x.mean(0), y - y.mean(0)
+  for g in range(2):
+    w = np.asarray(got["w_enc"][g], np.float64)  # [d_in, F]
+    units = xc[:, g] / np.linalg.norm(xc[:, g], axis=-1, keepdims=True)  # [B, d_in]
+    cos = units @ (w / np.linalg.norm(w, axis=0))  # [B, F]
+    rows = np.argmax(cos, axis=0)
+    np.testing.assert_allclose(cos[rows, np.arange(width)], 1.0, atol=1e-5)
+    counts = np.bincount(rows, minlength=b)  # a permutation of the batch, reused evenly
+    assert counts.max() == -(-width // b) and counts.min() == width // b
+    target = np.mean(np.std(xc[:, g] @ np.asarray(random["w_enc"][g], np.float64), axis=0))
+    np.testing.assert_allclose(np.std(xc[:, g] @ w, axis=0), target, rtol=1e-4)
+    dec = yc[rows, g] / np.linalg.norm(yc[rows, g], axis=-1, keepdims=True) * cfg.init_decoder_norm
+    np.testing.assert_allclose(np.asarray(got["w_dec"][g]), dec, rtol=1e-4, atol=1e-9)
+
+
+def test_training_starts_from_data_init_when_asked():
+  """The train loop's first-batch initialization applies encoder_init="data" (then centres the
+  biases as for any untied encoder)."""
+  from allscope.trainers import loop
+  rng = np.random.default_rng(5)
+  cfg = TrainConfig(kind="transcoder", activation="topk", layers=(0,), width=16, k=2,
+                    encoder_init="data")
+  x = rng.normal(size=(32, 1, 6)) + 0.2
+  y = rng.normal(size=(32, 1, 5))
+  st = loop._initial_state(cfg, 6, 5, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                           jnp.ones(1), jnp.ones(1))
+  w = np.asarray(st.params["w_enc"][0], np.float64)
+  xc = x[:, 0] - x[:, 0].mean(0)
+  cos = (xc / np.linalg.norm(xc, axis=-1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0))
+  np.testing.assert_allclose(np.max(cos, axis=0), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(st.params["b_enc"][0]), -x[:, 0].mean(0) @ w,
+                             rtol=1e-4, atol=1e-6)
