@@ -40,7 +40,8 @@ class TrainConfig:
   capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0) (JumpReLU: at least
   # target_l0 + 64), at most width
   l0_penalty: Literal["linear", "quadratic"] = "quadratic"
-  l0_coef: float = 1.0  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU)
+  l0_coef: float | None = None  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU); None: the
+  # activation's default (ACTIVATION_DEFAULTS)
   sparsity_warmup_steps: int = 100
   bandwidth: float = 0.01  # epsilon of the rectangle kernel, on normalized activations
   threshold_init: float = 0.001  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
@@ -114,6 +115,11 @@ class TrainConfig:
   def b1(self) -> float:
     """train.adam_b1, or the activation's default when it is left unset."""
     return _default(self, "adam_b1")
+
+  @property
+  def sparsity_coef(self) -> float:
+    """train.l0_coef, or the activation's default when it is left unset."""
+    return _default(self, "l0_coef")
 
   @property
   def unit_decoder(self) -> bool:
@@ -252,7 +258,7 @@ class TrainConfig:
         hi = "inf)" if high is None else str(high) + (")" if high_open else "]")
         raise ValueError(f"train.{name}={value} is out of range; it must lie in {lo}, {hi}")
 
-# The defaults of lr_warmup_steps, adam_b1 and decoder_norm, by activation. TopK and BatchTopK:
+# The defaults of the fields left None/"auto", by activation. TopK and BatchTopK:
 # no warm-up, Adam momentum 0.5 and a free decoder (norm 0.001 at init) leave fewer latents dead
 # and reach a lower held-out FVU than a 100-step warm-up, momentum 0.9 and unit-norm rows (Adam's
 # momentum keeps pushing a latent that stopped winning the top k further down; docs/train.md has
@@ -260,16 +266,18 @@ class TrainConfig:
 # it 41-46% of the latents of a one-pass F = 4096 transcoder never fire on held-out rows, with
 # it 1-4% (docs/train.md).
 # JumpReLU and ReLU keep Gemma Scope's unit-norm decoder (ReLU's L1 is weighted by
-# decoder norms) and the usual Adam settings.
+# decoder norms) and the usual Adam settings. l0_coef: JumpReLU's L0 coefficient 1 (Gemma Scope);
+# ReLU's L1 coefficient 0.05 (held-out L0 48 for a one-pass F = 4096 transcoder; 1 killed every
+# latent on normalized activations, docs/train.md); TopK and BatchTopK have no penalty.
 ACTIVATION_DEFAULTS = {
     "topk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
-             "resample_fractions": (), "revive": True},
+             "resample_fractions": (), "revive": True, "l0_coef": 0.0},
     "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
-                  "resample_fractions": (), "revive": True},
+                  "resample_fractions": (), "revive": True, "l0_coef": 0.0},
     "jumprelu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
-                 "resample_fractions": (), "revive": False},
+                 "resample_fractions": (), "revive": False, "l0_coef": 1.0},
     "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
-             "resample_fractions": (), "revive": False},
+             "resample_fractions": (), "revive": False, "l0_coef": 0.05},
 }
 
 

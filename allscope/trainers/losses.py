@@ -64,9 +64,9 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   metrics["l0_per_group"] = jax.lax.stop_gradient(l0)
   if cfg.activation == "jumprelu":
     if cfg.l0_penalty == "linear":
-      sparsity = cfg.l0_coef * jnp.sum(l0)
+      sparsity = cfg.sparsity_coef * jnp.sum(l0)
     else:
-      sparsity = cfg.l0_coef * jnp.sum(jnp.square(l0 / cfg.target_l0 - 1.0))
+      sparsity = cfg.sparsity_coef * jnp.sum(jnp.square(l0 / cfg.target_l0 - 1.0))
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
     metrics["window_dropped"] = jnp.sum(enc.window_dropped)
@@ -80,7 +80,7 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   elif cfg.activation == "relu":
     norms = dictionaries.decoder_norms(params["w_dec"], cfg)  # [G, F]
     w = jax.vmap(lambda n, i: n[i])(norms, enc.indices)  # [G, B, C]
-    sparsity = cfg.l0_coef * jnp.sum(jnp.mean(jnp.sum(enc.acts * w, axis=-1), axis=-1))
+    sparsity = cfg.sparsity_coef * jnp.sum(jnp.mean(jnp.sum(enc.acts * w, axis=-1), axis=-1))
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
   else:

@@ -128,11 +128,11 @@ def loss_and_grads(p, cfg, x, y, dead, scale):
     l0 = np.mean(np.sum(mask, axis=-1), axis=-1)  # [G]
     dl0_dthr = np.mean(-(1.0 / eps) * kern, axis=1)  # [G, F]: d L0_g / d thr_gf
     if cfg.l0_penalty == "linear":
-      pen = cfg.l0_coef * np.sum(l0)
-      dthr += scale * cfg.l0_coef * dl0_dthr
+      pen = cfg.sparsity_coef * np.sum(l0)
+      dthr += scale * cfg.sparsity_coef * dl0_dthr
     else:
-      pen = cfg.l0_coef * np.sum((l0 / cfg.target_l0 - 1) ** 2)
-      dthr += scale * cfg.l0_coef * (2 * (l0 / cfg.target_l0 - 1) / cfg.target_l0)[:, None] * dl0_dthr
+      pen = cfg.sparsity_coef * np.sum((l0 / cfg.target_l0 - 1) ** 2)
+      dthr += scale * cfg.sparsity_coef * (2 * (l0 / cfg.target_l0 - 1) / cfg.target_l0)[:, None] * dl0_dthr
     loss += scale * pen
     if cfg.freq_coef:
       freq = np.mean(mask, axis=1)  # [G, F]
@@ -143,10 +143,10 @@ def loss_and_grads(p, cfg, x, y, dead, scale):
     metrics["l0"] = np.mean(l0)
   elif cfg.activation == "relu":
     n = dec_norms(p, cfg)  # [G, F]
-    pen = cfg.l0_coef * np.sum(np.mean(np.sum(f * n[:, None, :], axis=-1), axis=-1))
+    pen = cfg.sparsity_coef * np.sum(np.mean(np.sum(f * n[:, None, :], axis=-1), axis=-1))
     loss += scale * pen
-    dpre += scale * cfg.l0_coef * mask * n[:, None, :] / bsz
-    coef = scale * cfg.l0_coef * np.mean(f, axis=1) / n  # [G, F]
+    dpre += scale * cfg.sparsity_coef * mask * n[:, None, :] / bsz
+    coef = scale * cfg.sparsity_coef * np.mean(f, axis=1) / n  # [G, F]
     grads["w_dec"] += p["w_dec"] * coef.reshape(coef.shape + (1,) * (p["w_dec"].ndim - 2))
     metrics["l0"] = np.mean(np.sum(mask, axis=-1))
   else:

@@ -59,10 +59,20 @@ def test_topk_trains_a_free_decoder_with_low_momentum_and_no_warmup(activation):
 def test_jumprelu_keeps_a_unit_decoder_and_warmup_and_explicit_values_win():
   jr = TrainConfig(activation="jumprelu")
   assert (jr.warmup_steps, jr.b1, jr.unit_decoder) == (100, 0.9, True)
-  assert ACTIVATION_DEFAULTS["relu"] == ACTIVATION_DEFAULTS["jumprelu"]
+  relu = {**ACTIVATION_DEFAULTS["relu"], "l0_coef": ACTIVATION_DEFAULTS["jumprelu"]["l0_coef"]}
+  assert relu == ACTIVATION_DEFAULTS["jumprelu"]
   topk = TrainConfig(activation="topk", lr_warmup_steps=7, adam_b1=0.8, decoder_norm="unit")
   assert (topk.warmup_steps, topk.b1, topk.unit_decoder) == (7, 0.8, True)
   assert not TrainConfig(activation="jumprelu", decoder_norm="none").unit_decoder
+
+
+def test_sparsity_coefficient_defaults_by_activation():
+  # JumpReLU's L0 coefficient is Gemma Scope's 1; ReLU's L1 coefficient is 0.05 (1 killed every
+  # latent of a one-pass F = 4096 transcoder on normalized activations; docs/train.md).
+  assert TrainConfig(activation="jumprelu").sparsity_coef == 1.0
+  assert TrainConfig(activation="relu").sparsity_coef == 0.05
+  assert TrainConfig(activation="topk").sparsity_coef == 0.0
+  assert TrainConfig(activation="relu", l0_coef=0.3).sparsity_coef == 0.3
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-3])
