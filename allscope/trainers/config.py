@@ -56,9 +56,9 @@ class TrainConfig:
   # (faster once aux_k is a sizeable fraction of the width), "auto" picks (dictionaries.aux_dense).
   aux_path: Literal["auto", "dense", "sparse"] = "auto"
   # Dead-latent resampling (trainers.resample; TopK/BatchTopK, not a clt): at these fractions of
-  # train.steps, latents silent for aux_after_tokens tokens restart from high-error rows.
-  # None: the activation's default (ACTIVATION_DEFAULTS); () turns it off.
-  resample_fractions: tuple[float, ...] | None = None
+  # train.steps, latents silent for aux_after_tokens tokens restart from high-error rows. Off by
+  # default: it lost to `revive` in the screen (docs/train.md).
+  resample_fractions: tuple[float, ...] = ()
   # TopK/BatchTopK: each step, a latent silent for aux_after_tokens tokens gets the encoder bias
   # that puts it in the top k of its best row of the batch (docs/train.md: measured).
   # None: the activation's default (ACTIVATION_DEFAULTS: on for TopK and BatchTopK).
@@ -132,13 +132,6 @@ class TrainConfig:
     if self.encoder_init == "auto":
       return self.kind in ("sae", "crosscoder")
     return self.encoder_init == "transpose"
-
-  @property
-  def resample_at(self) -> tuple[float, ...]:
-    """train.resample_fractions, or the activation's default (none for a clt) when unset."""
-    if self.resample_fractions is None and self.kind == "clt":
-      return ()
-    return tuple(_default(self, "resample_fractions"))
 
   @property
   def revives(self) -> bool:
@@ -271,13 +264,13 @@ class TrainConfig:
 # latent on normalized activations, docs/train.md); TopK and BatchTopK have no penalty.
 ACTIVATION_DEFAULTS = {
     "topk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
-             "resample_fractions": (), "revive": True, "l0_coef": 0.0},
+             "revive": True, "l0_coef": 0.0},
     "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
-                  "resample_fractions": (), "revive": True, "l0_coef": 0.0},
+                  "revive": True, "l0_coef": 0.0},
     "jumprelu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
-                 "resample_fractions": (), "revive": False, "l0_coef": 1.0},
+                 "revive": False, "l0_coef": 1.0},
     "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
-             "resample_fractions": (), "revive": False, "l0_coef": 0.05},
+             "revive": False, "l0_coef": 0.05},
 }
 
 

@@ -101,7 +101,7 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
             "batch_threshold": enc.batch_threshold}
   if enc.lift is not None:
     extras["lift"] = jax.lax.stop_gradient(enc.lift)
-  if cfg.resample_at:  # trainers.resample: rows by error, their residuals and top-k cut-offs
+  if cfg.resample_fractions:  # trainers.resample: rows by error, their residuals and top-k cut-offs
     kept = jnp.min(jnp.where(enc.fired > 0, enc.acts, jnp.inf), axis=-1)  # [G, B]
     extras.update(residual=jax.lax.stop_gradient(y - y_hat), row_err=jax.lax.stop_gradient(err),
                   row_threshold=jax.lax.stop_gradient(jnp.where(jnp.isfinite(kept), kept, 0.0)))

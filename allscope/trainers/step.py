@@ -75,7 +75,7 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
                                                     num_segments=cfg.width))(
       extras["indices"], extras["fired"]) > 0  # [G, F]
   since = jnp.where(fired, 0, jnp.minimum(st.since_fired + batch, _SATURATE))
-  if cfg.resample_at:
+  if cfg.resample_fractions:
     # At the scheduled steps (a function of the step: a resumed run resamples identically).
     silent = since >= cfg.aux_after_tokens
     key = jax.random.split(jax.random.wrap_key_data(st.rng))[1]

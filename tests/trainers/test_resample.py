@@ -52,8 +52,7 @@ def _moments(st):
 def test_schedule_is_a_function_of_the_step():
   assert resample.resample_steps(dataclasses.replace(CFG, steps=94,
                                                      resample_fractions=(0.25, 0.5))) == (24, 47)
-  assert TrainConfig(activation="topk").resample_at == TrainConfig(
-      activation="topk", resample_fractions=None).resample_at
+  assert TrainConfig(activation="topk").resample_fractions == ()  # off by default
   with pytest.raises(ValueError, match="resample_fractions"):
     TrainConfig(activation="jumprelu", resample_fractions=(0.5,)).validate()
   with pytest.raises(ValueError, match="resample_fractions"):
