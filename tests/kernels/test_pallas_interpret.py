@@ -49,12 +49,13 @@ def test_gather_decode(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gather_dot(rng, dtype):
-  idx, _ = ref.sparse_inputs(rng, B, C, N)
+@pytest.mark.parametrize("slots,block_c", [(C, 4), (12, 4)])  # C = 5: one slot per program
+def test_gather_dot(rng, dtype, slots, block_c):
+  idx, _ = ref.sparse_inputs(rng, B, slots, N)
   g, g64 = _cast(rng.normal(size=(B, D)), dtype)
   table, table64 = _cast(rng.normal(size=(N, D)), dtype)
-  out = pallas.gather_dot(idx, g, table, interpret=True, **SMALL)
-  assert out.shape == (B, C) and out.dtype == jnp.float32
+  out = pallas.gather_dot(idx, g, table, interpret=True, block_c=block_c, **SMALL)
+  assert out.shape == (B, slots) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.gather_dot(idx, g64, table64)) <= F32_TOL
 
 

@@ -29,7 +29,8 @@ def _kernel(starts_ref, pair_ref, val_ref, src_ref, out_ref, *, block_d: int, bl
   def body(q, acc):
     first = start + q * block_p
     live = first + jnp.arange(block_p, dtype=jnp.int32) < end
-    b = pair_ref[pl.ds(first, block_p)] // slots
+    # Lanes past the segment re-read its first row (cached) instead of another row's.
+    b = jnp.where(live, pair_ref[pl.ds(first, block_p)], pair_ref[start]) // slots
     val = jnp.where(live, val_ref[pl.ds(first, block_p)].astype(jnp.float32), 0.0)
     contrib = val[:, None] * src_ref[b, cols].astype(jnp.float32)
     return acc + jnp.sum(jnp.where(live[:, None], contrib, 0.0), axis=0)
@@ -61,6 +62,7 @@ def _tpu_call(indices, values, src, num_rows: int, interpret: bool, block_p: int
                                        values.reshape(-1).astype(jnp.float32), padded, block_p)
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, block_n=bn, block_p=block_p, slots=slots),
+      name="scatter_outer",
       out_shape=jax.ShapeDtypeStruct((padded, dim), jnp.float32),
       grid=(padded // bn,),
       in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 4,
@@ -86,6 +88,7 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   starts, pairs, vals = _segments.plan(indices.reshape(-1), values.reshape(-1), num_rows, block_p)
   return pl.pallas_call(
       functools.partial(_kernel, block_d=bd, block_p=block_p, slots=slots),
+      name="scatter_outer",
       out_shape=jax.ShapeDtypeStruct((num_rows, dim), jnp.float32),
       grid=(num_rows, dim // bd),
       in_specs=[pl.BlockSpec()] * 4,
