@@ -75,15 +75,23 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
   return lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T
 
 
-def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
-  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D]."""
+def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int,
+                  acc: jax.Array | None = None) -> jax.Array:
+  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D].
+
+  With `acc` (float32 [num_rows, D]) the sums are added to it, in its buffer when the caller no
+  longer needs it: two slot sets (the main and AuxK decodes) share one gradient buffer.
+  """
   c = indices.shape[1]
+  shape = (num_rows, src.shape[1])
+  if acc is not None:
+    check_acc(acc, shape)
   src = src.astype(_F32)
 
   def body(j, acc):
     return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
 
-  return lax.fori_loop(0, c, body, zeros_after((num_rows, src.shape[1]), values, src))
+  return lax.fori_loop(0, c, body, zeros_after(shape, values, src) if acc is None else acc)
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

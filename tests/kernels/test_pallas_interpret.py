@@ -139,6 +139,23 @@ def test_tpu_clt_kernels(rng, dtype):
   assert ref.rel_err(out, acc + ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
 
 
+def test_scatter_outer_adds_into_acc(rng):
+  """`acc` (aliased to the output): the sums are added to it, for the AuxK slots' gradients;
+  Triton (GPU) and Mosaic (TPU) kernels."""
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  src = rng.normal(size=(B, D)).astype(np.float32)
+  acc = rng.normal(size=(N, D)).astype(np.float32)
+  want = acc + ref.scatter_outer(idx, val, src, N)
+  out = jax.jit(lambda a: pallas.scatter_outer(idx, val, src, N, a, interpret=True, block_d=8,
+                                               block_p=4))(jnp.asarray(acc))
+  assert ref.rel_err(out, want) <= F32_TOL
+  out = pallas.scatter_outer(idx, val, src, N, jnp.asarray(acc), interpret=True, backend="tpu",
+                             block_p=4)
+  assert ref.rel_err(out, want) <= F32_TOL
+  with pytest.raises(ValueError, match="acc is"):
+    pallas.scatter_outer(idx, val, src, N, jnp.asarray(acc[:-1]), interpret=True)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_clt_scatter_outer(rng, dtype):
   idx, val = ref.sparse_inputs(rng, B, C, F, lead=(L,))
