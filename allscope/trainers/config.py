@@ -50,7 +50,7 @@ class TrainConfig:
   # JumpReLU: after each update every log-threshold of a dictionary moves by
   # l0_control * log(batch L0 / target_l0) (clipped to +-1), an integral controller that holds L0
   # at its target as the encoder grows and the lr decays (docs/train.md); 0 turns it off.
-  l0_control: float = 0.05
+  l0_control: float = 0.1
   freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
   freq_max: float = 0.1
   aux_k: int = 256  # AuxK for TopK/BatchTopK

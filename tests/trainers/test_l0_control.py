@@ -1,5 +1,6 @@
 """JumpReLU's L0 controller: after each update every log-threshold of a dictionary moves by
-l0_control * log(batch L0 / target_l0), clipped to +-1, and nothing else changes."""
+l0_control * log(batch L0 / target_l0), clipped to +-1 and ramped like the penalty over the
+sparsity warm-up, and nothing else changes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from allscope.trainers.step import train_step
 
 B, D_IN, D_OUT, F = 128, 12, 8, 64
 CFG = TrainConfig(kind="transcoder", activation="jumprelu", layers=(0, 1, 2), width=F,
-                  target_l0=6.0, batch_size=B, steps=10, lr=3e-3, l0_control=0.05)
+                  target_l0=6.0, batch_size=B, steps=10, lr=3e-3, l0_control=0.05,
+                  sparsity_warmup_steps=4)  # step 0: the controller at a quarter of its gain
 OFF = dataclasses.replace(CFG, l0_control=0.0)
 
 
@@ -45,7 +47,7 @@ def test_each_step_moves_a_dictionarys_thresholds_by_its_log_l0_error(seed):
   l0 = _true_l0(params, x)
   assert l0[0] > 2 * CFG.target_l0 and l0[2] < CFG.target_l0 / 3, l0  # the setup spans the clip
   np.testing.assert_allclose(np.asarray(m_on["per_group"]["l0"]), l0, rtol=1e-6)
-  want = CFG.l0_control * np.clip(np.log(np.maximum(l0, 1e-3) / CFG.target_l0), -1.0, 1.0)
+  want = CFG.l0_control / 4 * np.clip(np.log(np.maximum(l0, 1e-3) / CFG.target_l0), -1.0, 1.0)
   shift = np.asarray(on.params["log_threshold"]) - np.asarray(off.params["log_threshold"])
   np.testing.assert_allclose(shift, np.broadcast_to(want[:, None], shift.shape), atol=2e-6)
   for name in ("w_enc", "b_enc", "w_dec", "b_dec"):  # the controller touches thresholds only
@@ -53,7 +55,7 @@ def test_each_step_moves_a_dictionarys_thresholds_by_its_log_l0_error(seed):
 
 
 def test_the_controller_is_on_by_default_and_checked():
-  assert TrainConfig(activation="jumprelu").l0_control == 0.05
+  assert TrainConfig(activation="jumprelu").l0_control == 0.1
   for bad in (-0.1, 1.5, float("nan")):
     with pytest.raises(ValueError, match="train.l0_control"):
       TrainConfig(activation="jumprelu", l0_control=bad).validate()
