@@ -91,10 +91,11 @@ def test_jumprelu_transcoder_reaches_its_target_l0_on_held_out_rows(store, tmp_p
 def test_a_wide_jumprelu_reaches_its_target_l0_in_one_pass(store, tmp_path):
   """F = 4096 over ~8k training rows, one pass (32 steps of 256): at the former defaults (fixed
   0.001 thresholds that Adam moved ~0.3% per step) L0 stayed in the hundreds; the calibrated
-  thresholds and the L0 controller (train.l0_control) hold it at the target from the start."""
+  thresholds and the L0 controller (train.l0_control) hold it at the target from the start.
+  Overflow is not asserted here: 32 steps end before the steady state (it falls from ~750 to
+  ~20 firing latents dropped per step over the second half); the 400-step runs above check it."""
   cfg = TrainConfig(kind="transcoder", activation="jumprelu", layers=(LAYER,), width=4096,
                     target_l0=16.0, batch_size=256, steps=32, log_every=8,
                     checkpoint_every=10 ** 6)
-  l0, overflow = _train_and_measure(store, tmp_path, cfg)
-  assert sum(overflow) == 0, overflow
+  l0, _ = _train_and_measure(store, tmp_path, cfg)
   assert abs(l0 - cfg.target_l0) <= 0.1 * cfg.target_l0, l0
