@@ -44,9 +44,13 @@ class TrainConfig:
   # activation's default (ACTIVATION_DEFAULTS)
   sparsity_warmup_steps: int = 100
   bandwidth: float = 0.01  # epsilon of the rectangle kernel, on normalized activations
-  threshold_init: float = 0.001  # > 0: fixed (Gemma Scope); 0: calibrated on the first batch
-  init_l0_multiple: float = 2.0  # calibrated thresholds fire init_l0_multiple * target_l0 at step 0
+  threshold_init: float = 0.0  # 0: calibrated on the first batch; > 0: fixed (Gemma Scope: 0.001)
+  init_l0_multiple: float = 1.0  # calibrated thresholds fire init_l0_multiple * target_l0 at step 0
   threshold_lr_multiple: float = 20.0  # log-threshold steps are this many times the learning rate
+  # JumpReLU: after each update every log-threshold of a dictionary moves by
+  # l0_control * log(batch L0 / target_l0) (clipped to +-1), an integral controller that holds L0
+  # at its target as the encoder grows and the lr decays (docs/train.md); 0 turns it off.
+  l0_control: float = 0.1
   freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
   freq_max: float = 0.1
   aux_k: int = 256  # AuxK for TopK/BatchTopK
@@ -229,7 +233,7 @@ class TrainConfig:
     ranges = (("lr", 0, None, True, False), ("l0_coef", 0, None, False, False),
               ("bandwidth", 0, None, True, False), ("threshold_init", 0, None, False, False),
               ("init_l0_multiple", 0, None, True, False),
-              ("threshold_lr_multiple", 0, None, False, False),
+              ("threshold_lr_multiple", 0, None, False, False), ("l0_control", 0, 1, False, False),
               ("freq_coef", 0, None, False, False), ("freq_max", 0, 1, True, False),
               ("aux_k", 0, None, False, False), ("aux_coef", 0, None, False, False),
               ("dead_tokens", 1, None, False, False), ("target_l0", 0, None, True, False),
@@ -258,8 +262,12 @@ class TrainConfig:
 # the screen). TopK and BatchTopK also revive silent latents (`revive`, trainers.step): without
 # it 41-46% of the latents of a one-pass F = 4096 transcoder never fire on held-out rows, with
 # it 1-4% (docs/train.md).
-# JumpReLU and ReLU keep Gemma Scope's unit-norm decoder (ReLU's L1 is weighted by
-# decoder norms) and the usual Adam settings. l0_coef: JumpReLU's L0 coefficient 1 (Gemma Scope);
+# JumpReLU trains with the same optimizer and decoder (its one-pass F = 4096 held-out FVU at the
+# TopK lr is within 1-7% of TopK's at equal L0; its L0 is held by calibrated thresholds and
+# l0_control, docs/train.md) but no revive: lifting a silent latent's bias against an L0
+# penalty that raises its threshold again ratchets both up until the reconstruction diverges.
+# ReLU keeps Gemma Scope's unit-norm decoder (its L1 is weighted by decoder norms) and the usual
+# Adam settings. l0_coef: JumpReLU's L0 coefficient 1 (Gemma Scope);
 # ReLU's L1 coefficient 0.05 (held-out L0 48 for a one-pass F = 4096 transcoder; 1 killed every
 # latent on normalized activations, docs/train.md); TopK and BatchTopK have no penalty.
 ACTIVATION_DEFAULTS = {
@@ -267,7 +275,7 @@ ACTIVATION_DEFAULTS = {
              "revive": True, "l0_coef": 0.0},
     "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
                   "revive": True, "l0_coef": 0.0},
-    "jumprelu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
+    "jumprelu": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
                  "revive": False, "l0_coef": 1.0},
     "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
              "revive": False, "l0_coef": 0.05},
@@ -282,23 +290,15 @@ def _default(cfg: TrainConfig, name: str):
 
 
 # default_lr: Adam's peak lr for a dictionary trained on B tokens per step,
-#   LR_BASE * sqrt(B / LR_REF_BATCH), the same at every width (JumpReLU: see below).
+#   LR_BASE * sqrt(B / LR_REF_BATCH), the same at every width and activation.
 # The held-out FVU of the sweep in docs/train.md (benchmarks/lr_sweep.py on the 270M store, one
 # pass at 1024 tokens per step) was best at 5e-3 for widths 1k, 4k and 16k alike; the 1/sqrt(F)
 # law that sparsify uses gave 8% worse FVU at 16k (its lr was half the best). sqrt(B) as for
 # Adam's noise scale (not swept).
 LR_BASE = 5e-3
 LR_REF_BATCH = 1024
-# JumpReLU at the TopK rate kills most latents and undershoots its target L0 (docs/train.md).
-# Its lr was tuned for its target L0 under the former 1/sqrt(F) rule (at F = 512; the sweep at
-# F = 4096, where both rules agree, cannot rank lrs at one pass), so it keeps that width term.
-JUMPRELU_LR_SCALE = 1.0 / 3.0
-JUMPRELU_LR_REF_WIDTH = 4096
 
 
 def default_lr(cfg: TrainConfig) -> float:
   """The learning rate used when train.lr is unset (see LR_BASE and docs/train.md)."""
-  lr = LR_BASE * (cfg.batch_size / LR_REF_BATCH) ** 0.5
-  if cfg.activation == "jumprelu":
-    lr *= JUMPRELU_LR_SCALE * (JUMPRELU_LR_REF_WIDTH / cfg.width) ** 0.5
-  return lr
+  return LR_BASE * (cfg.batch_size / LR_REF_BATCH) ** 0.5

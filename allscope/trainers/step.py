@@ -68,6 +68,14 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   if "lift" in extras:  # train.revive: silent latents into the top k of their best row
     lift = jnp.where(good & dead & (extras["lift"] > 0), extras["lift"] + REVIVE_MARGIN, 0.0)
     new_params = {**new_params, "b_enc": new_params["b_enc"] + lift}
+  if cfg.activation == "jumprelu" and cfg.l0_control:
+    # Integral control of each dictionary's L0 on its thresholds (one shared shift in log space),
+    # at a rate independent of the lr schedule (the penalty alone, through Adam, moves a
+    # log-threshold at most lr x threshold_lr_multiple per step and lags the encoder), ramped
+    # with the penalty over the sparsity warm-up.
+    err = jnp.log(jnp.maximum(metrics["l0_per_group"], 1e-3) / cfg.target_l0)
+    shift = jnp.where(good, cfg.l0_control * scale * jnp.clip(err, -1.0, 1.0), 0.0)
+    new_params = {**new_params, "log_threshold": new_params["log_threshold"] + shift[:, None]}
   ok_params = _finite(new_params)  # an update can still overflow (a huge learning rate)
 
   batch = x.shape[0]

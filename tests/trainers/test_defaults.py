@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from allscope.trainers import dictionaries, losses, state as state_lib
-from allscope.trainers.config import (ACTIVATION_DEFAULTS, JUMPRELU_LR_SCALE, LR_BASE, TrainConfig,
-                                      default_lr)
+from allscope.trainers.config import ACTIVATION_DEFAULTS, LR_BASE, TrainConfig, default_lr
 
 
 def test_unset_lr_follows_the_batch_rule_at_every_width():
@@ -25,19 +24,18 @@ def test_unset_lr_follows_the_batch_rule_at_every_width():
     assert default_lr(TrainConfig(width=width, batch_size=1024, **topk)) == pytest.approx(LR_BASE)
   assert default_lr(TrainConfig(width=2 ** 14, batch_size=4096, **topk)) == pytest.approx(
       2 * LR_BASE)
-  # JumpReLU keeps its tuned 1/sqrt(F) term: a third of the TopK lr at 4k, 2/3 of it at 1k.
-  assert default_lr(TrainConfig(width=2 ** 12, batch_size=1024, activation="jumprelu")) == (
-      pytest.approx(JUMPRELU_LR_SCALE * LR_BASE))
-  assert default_lr(TrainConfig(width=2 ** 10, batch_size=1024, activation="jumprelu")) == (
-      pytest.approx(2 * JUMPRELU_LR_SCALE * LR_BASE))
+  # JumpReLU follows the same rule (its thresholds are calibrated and controlled, docs/train.md).
+  for width in (2 ** 10, 2 ** 12):
+    assert default_lr(TrainConfig(width=width, batch_size=1024, activation="jumprelu")) == (
+        pytest.approx(LR_BASE))
   assert TrainConfig(width=2 ** 12, lr=1e-4).learning_rate == 1e-4
   sched = state_lib.schedule(TrainConfig(width=2 ** 12, batch_size=1024, steps=100,
                                          lr_warmup_steps=10, **topk))
   assert float(sched(50)) == pytest.approx(LR_BASE)
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_topk_trains_a_free_decoder_with_low_momentum_and_no_warmup(activation):
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_topk_and_jumprelu_train_a_free_decoder_with_low_momentum_and_no_warmup(activation):
   cfg = TrainConfig(kind="transcoder", activation=activation, width=64, steps=100)
   assert (cfg.warmup_steps, cfg.b1, cfg.unit_decoder) == (0, 0.5, False)
   assert float(state_lib.schedule(cfg)(0)) == pytest.approx(cfg.learning_rate)  # full lr at once
@@ -56,14 +54,14 @@ def test_topk_trains_a_free_decoder_with_low_momentum_and_no_warmup(activation):
   assert float(u2["w"][0] / u1["w"][0]) == pytest.approx(want, rel=1e-4)
 
 
-def test_jumprelu_keeps_a_unit_decoder_and_warmup_and_explicit_values_win():
+def test_relu_keeps_a_unit_decoder_and_warmup_and_explicit_values_win():
+  relu = TrainConfig(activation="relu")
+  assert (relu.warmup_steps, relu.b1, relu.unit_decoder) == (100, 0.9, True)
   jr = TrainConfig(activation="jumprelu")
-  assert (jr.warmup_steps, jr.b1, jr.unit_decoder) == (100, 0.9, True)
-  relu = {**ACTIVATION_DEFAULTS["relu"], "l0_coef": ACTIVATION_DEFAULTS["jumprelu"]["l0_coef"]}
-  assert relu == ACTIVATION_DEFAULTS["jumprelu"]
+  assert (jr.threshold_init, jr.init_l0_multiple, jr.revives) == (0.0, 1.0, False)
   topk = TrainConfig(activation="topk", lr_warmup_steps=7, adam_b1=0.8, decoder_norm="unit")
   assert (topk.warmup_steps, topk.b1, topk.unit_decoder) == (7, 0.8, True)
-  assert not TrainConfig(activation="jumprelu", decoder_norm="none").unit_decoder
+  assert TrainConfig(activation="jumprelu", decoder_norm="unit").unit_decoder
 
 
 def test_sparsity_coefficient_defaults_by_activation():
@@ -83,15 +81,18 @@ def test_a_non_positive_lr_is_refused(lr):
 
 def test_transcoders_get_an_independent_encoder_saes_a_tied_one():
   key = jax.random.key(0)
+  # Tied: the encoder is the transpose of the decoder's unit directions (free decoders, as
+  # JumpReLU's and TopK's, start at norm init_decoder_norm).
+  unit_t = lambda w: np.swapaxes(w / np.linalg.norm(w, axis=-1, keepdims=True), 1, 2)
   sae = dictionaries.init_params(TrainConfig(kind="sae", width=64), 16, 16, key)
-  np.testing.assert_allclose(sae["w_enc"], np.swapaxes(sae["w_dec"], 1, 2), rtol=1e-6)
+  np.testing.assert_allclose(sae["w_enc"], unit_t(sae["w_dec"]), rtol=1e-5)
   tc = dictionaries.init_params(TrainConfig(kind="transcoder", width=64), 16, 16, key)
   cos = np.abs(np.sum(tc["w_enc"][0] * tc["w_dec"][0].T, axis=0))
   assert np.max(cos) < 0.95  # not the decoder's transpose
   np.testing.assert_allclose(np.linalg.norm(tc["w_enc"][0], axis=0).mean(), 1.0, rtol=0.2)
   forced = dictionaries.init_params(
       TrainConfig(kind="transcoder", width=64, encoder_init="transpose"), 16, 16, key)
-  np.testing.assert_allclose(forced["w_enc"], np.swapaxes(forced["w_dec"], 1, 2), rtol=1e-6)
+  np.testing.assert_allclose(forced["w_enc"], unit_t(forced["w_dec"]), rtol=1e-5)
 
 
 def test_l0_counts_the_latents_dropped_for_lack_of_capacity():
