@@ -103,6 +103,16 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return values, indices.astype(jnp.int32)
 
 
+def _order_key(x: jax.Array) -> jax.Array:
+  """float32 -> int32 keys ordered as lax.top_k orders floats (-0.0 < +0.0; NaN by sign)."""
+  bits = lax.bitcast_convert_type(x, jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: flip the magnitude bits
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
+
+
 def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
   """The top k chunks of each row by their maxima, then the top k of their elements: lax.top_k.
 
@@ -120,7 +130,14 @@ def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   if pad:
     x = jnp.concatenate([x, jnp.full(lead + (pad,), -jnp.inf, x.dtype)], axis=-1)
   blocks = x.reshape(lead + (n_chunks, chunk))
-  _, best = lax.top_k(jnp.max(blocks, axis=-1), k)
+  # The chunk maxima as a reduce over int32 keys in lax.top_k's total order (_order_key), not
+  # jnp.max: XLA:CPU hands a float max-reduce to YNNPACK, which first writes x out whole (the
+  # trainers' `product + b_enc`, a [B, F] pass), while it fuses x's producer into this one.
+  if x.dtype == jnp.float32:
+    maxima = _from_order_key(jnp.max(_order_key(blocks), axis=-1))
+  else:
+    maxima = jnp.max(blocks, axis=-1)
+  _, best = lax.top_k(maxima, k)
   best = jnp.sort(best, axis=-1)
   cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(lead + (k * chunk,))
   values, pos = lax.top_k(cand, k)

@@ -135,6 +135,30 @@ def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, two_stage, n, k, chunk)
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunk_max_top_k_total_order(rng, dtype):
+  """Signed zeros, infinities and ties rank as in lax.top_k (-0.0 below +0.0), in float32 (the
+  maxima over int32 order keys) and bfloat16 (a plain max)."""
+  levels = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, np.inf], np.float32)
+  for x in (levels[rng.integers(0, len(levels), (16, 1000))], rng.standard_normal((16, 1000))):
+    x = jnp.asarray(x, dtype)
+    want_v, want_i = jax.lax.top_k(x, 17)
+    got_v, got_i = xla.chunk_max_top_k(x, 17, 16)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.signbit(np.asarray(got_v, np.float32)),
+                                  np.signbit(np.asarray(want_v, np.float32)))
+
+
+def test_chunk_max_top_k_reads_its_input_once():
+  """The chunk maxima fuse x's producer: top_k(product + bias) never writes the [B, N] sum out
+  (the trainers' encoder bias pass); only the small candidate arrays are temporaries."""
+  b, n = 512, 4096
+  f = jax.jit(jax.vmap(lambda p, bias: xla.chunk_max_top_k(p + bias, 16, 16)))
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  temp = f.lower(shape(2, b, n), shape(2, n)).compile().memory_analysis().temp_size_in_bytes
+  assert temp < b * n * 4, temp
+
+
 def test_chunk_max_top_k_needs_k_chunks():
   with pytest.raises(ValueError, match="exceeds"):
     xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
