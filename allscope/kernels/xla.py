@@ -60,6 +60,23 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> ja
   return lax.fori_loop(0, c // u, body, jnp.zeros((b, table.shape[1]), _F32))
 
 
+def _row_dot(g: jax.Array, rows: jax.Array) -> jax.Array:
+  """[..., D] x [..., D] -> [...]: sum(g * rows) as a tree of column-half additions.
+
+  XLA:CPU fuses the gather of `rows`, the product and the halvings into one elementwise pass
+  that writes D / 2^h columns, then sums those few: 1.3-1.7x faster than a dot (einsum), which
+  needs the gathered rows written out first, and than jnp.sum(g * rows), whose fused row
+  reduction runs 2.5x slower (and 6x under the trainers' one-group vmap).
+  """
+  p, rest = g * rows, []
+  while p.shape[-1] > 8:
+    h = p.shape[-1] // 2
+    if p.shape[-1] % 2:
+      rest.append(p[..., 2 * h])
+    p = p[..., :h] + p[..., h:2 * h]
+  return sum(rest, jnp.sum(p, axis=-1))
+
+
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
   """out[b, j] = g[b] . table[indices[b, j]]: [B, C], [B, D], [N, D] -> [B, C]."""
   b, c = indices.shape
@@ -67,10 +84,7 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
 
   def body(j, acc):
     rows = jnp.take(table, indices[:, j], axis=0, mode="clip").astype(_F32)
-    # A dot, not sum(g * rows): under vmap with one group XLA CPU's fused multiply-reduce of
-    # [1, B, D] ran 6x slower than this.
-    dot = jnp.einsum("bd,bd->b", g, rows, precision=lax.Precision.HIGHEST)
-    return lax.dynamic_update_index_in_dim(acc, dot, j, 0)
+    return lax.dynamic_update_index_in_dim(acc, _row_dot(g, rows), j, 0)
 
   return lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T
 

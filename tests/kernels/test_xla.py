@@ -64,6 +64,21 @@ def test_gather_dot_and_scatter_outer_are_the_vjp_of_gather_decode(rng):
   assert rel(dv, want_dv) <= TOL and rel(dt, want_dt) <= TOL
 
 
+@pytest.mark.parametrize("d", [1, 5, 8, 37, 640])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_dot_any_width(rng, d, dtype):
+  """The column-halving row dot at widths with odd halvings (37 -> 18 + 1 -> 9 -> 4 + 1),
+  none (<= 8) and Gemma's 640, under the trainers' vmap over dictionaries."""
+  idx = np.stack([sparse_indices(rng, B, C, N) for _ in range(2)])
+  g = rng.standard_normal((2, B, d)).astype(np.float32)
+  table = jnp.asarray(rng.standard_normal((2, N, d)), dtype)
+  want = np.einsum("gbd,gbcd->gbc", g, np.stack([np.asarray(t, np.float64)[i]
+                                                 for t, i in zip(table, idx)]))
+  got = jax.jit(jax.vmap(xla.gather_dot))(jnp.asarray(idx), jnp.asarray(g), table)
+  assert got.dtype == jnp.float32 and got.shape == (2, B, C)
+  assert rel(got, want) <= TOL
+
+
 def test_scatter_outer_many_duplicates(rng):
   idx = rng.integers(0, 3, (B, C)).astype(np.int32)  # every row hits the same 3 rows
   v = ragged_values(rng, B, C)
