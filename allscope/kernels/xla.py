@@ -89,15 +89,76 @@ def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
   return lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T
 
 
+def _bits(n: int) -> int:
+  """Bits that hold 0 .. n - 1."""
+  return max(n - 1, 1).bit_length()
+
+
+def _row_pieces(indices: jax.Array, num_rows: int, piece: int) -> tuple[jax.Array, jax.Array]:
+  """The (b, j) pairs of `indices` [B, C] grouped by row into pieces of at most `piece` pairs.
+
+  Returns pairs [V, piece] int32 (flat pair numbers b C + j; B C in unused slots) and rows [V]
+  int32 (each piece's row; num_rows for unused pieces), pieces in row order. Row n has
+  ceil(count_n / piece) pieces, so V = B C // piece + min(num_rows, B C) bounds them all.
+  """
+  n_pairs = indices.size
+  flat = indices.reshape(-1)
+  pair_bits = _bits(n_pairs)
+  if _bits(num_rows) + pair_bits <= 32:
+    # one sort of packed (row, pair) keys: XLA:CPU sorts a lone primitive key about 6x faster
+    # than a key with a payload operand
+    key = jnp.sort((flat.astype(jnp.uint32) << pair_bits) | jnp.arange(n_pairs, dtype=jnp.uint32))
+    rows = (key >> pair_bits).astype(jnp.int32)
+    order = (key & ((1 << pair_bits) - 1)).astype(jnp.int32)
+  else:
+    rows, order = lax.sort_key_val(flat, jnp.arange(n_pairs, dtype=jnp.int32))
+  starts = jnp.searchsorted(rows, jnp.arange(num_rows + 1, dtype=jnp.int32)).astype(jnp.int32)
+  counts = (starts[1:] - starts[:-1] + piece - 1) // piece  # pieces per row
+  ends = jnp.cumsum(counts, dtype=jnp.int32)
+  rank = jnp.arange(n_pairs, dtype=jnp.int32) - starts[rows]  # position in the row's run
+  n_pieces = n_pairs // piece + min(num_rows, n_pairs)
+  pairs = jnp.full((n_pieces, piece), n_pairs, jnp.int32).at[
+      ends[rows] - counts[rows] + rank // piece, rank % piece].set(
+          order, mode="drop", unique_indices=True)
+  piece_rows = jnp.searchsorted(ends, jnp.arange(n_pieces, dtype=jnp.int32), side="right")
+  return pairs, piece_rows.astype(jnp.int32)
+
+
 def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
-  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D]."""
-  c = indices.shape[1]
+  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D].
+
+  Not a scatter-add per slot (XLA:CPU writes each slot's [B, D] products out for the scatter,
+  which cannot fuse them): the pairs are sorted by row (_row_pieces) and each piece of up to
+  `piece` pairs of one row is summed in a fused gather-multiply-add, like gather_decode; only
+  those sums are scattered, about `piece` times fewer rows. 2x faster at B=4096, C=64, N=16384,
+  D=640, and the two scatters of a step (d w_dec, d w_enc) share the sort of their indices.
+  """
+  b, c = indices.shape
+  n_pairs = b * c
   src = src.astype(_F32)
+  # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
+  piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
+  pairs, piece_rows = _row_pieces(indices, num_rows, piece)
+  weights = jnp.take(values.reshape(-1).astype(_F32), pairs, mode="fill", fill_value=0)
+  tokens = pairs // c
+  block = min(pairs.shape[0], 4096)
+  n_blocks = -(-pairs.shape[0] // block)
+  pad = n_blocks * block - pairs.shape[0]
+  if pad:
+    weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+    piece_rows = jnp.pad(piece_rows, (0, pad), constant_values=num_rows)
 
-  def body(j, acc):
-    return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
+  def body(i, acc):
+    w = lax.dynamic_slice_in_dim(weights, i * block, block)
+    t = lax.dynamic_slice_in_dim(tokens, i * block, block)
+    part = w[:, 0, None] * jnp.take(src, t[:, 0], axis=0, mode="clip")
+    for q in range(1, piece):
+      part = part + w[:, q, None] * jnp.take(src, t[:, q], axis=0, mode="clip")
+    rows = lax.dynamic_slice_in_dim(piece_rows, i * block, block)
+    return acc.at[rows].add(part, mode="drop", indices_are_sorted=True)
 
-  return lax.fori_loop(0, c, body, zeros_after((num_rows, src.shape[1]), values, src))
+  return lax.fori_loop(0, n_blocks, body, zeros_after((num_rows, src.shape[1]), values, src))
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -79,6 +79,28 @@ def test_gather_dot_any_width(rng, d, dtype):
   assert rel(got, want) <= TOL
 
 
+@pytest.mark.parametrize("b,c,n,d", [
+    (24, 7, 40, 12),  # packed (row, pair) sort keys, pieces of 4
+    (300, 5, 7, 3),  # a few rows with many pieces of 16 each
+    (16, 3, 1000, 5),  # more rows than pairs: most rows empty
+    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: the sort with a payload
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scatter_outer_by_sorted_pieces(rng, b, c, n, d, dtype):
+  """scatter_outer sums each row's pairs in pieces after sorting them: any rows per pair,
+  duplicates, empty slots, both sort paths, under the trainers' vmap over dictionaries."""
+  idx = np.stack([sparse_indices(rng, b, c, n) for _ in range(2)])
+  v = np.stack([ragged_values(rng, b, c) for _ in range(2)])
+  src = rng.standard_normal((2, b, d)).astype(np.float32)
+  v_in, src_in = jnp.asarray(v, dtype), jnp.asarray(src, dtype)
+  got = jax.jit(jax.vmap(xla.scatter_outer, in_axes=(0, 0, 0, None)), static_argnums=3)(
+      jnp.asarray(idx), v_in, src_in, n)
+  assert got.dtype == jnp.float32 and got.shape == (2, n, d)
+  for g in range(2):
+    want = np_scatter_outer(idx[g], np.asarray(v_in[g], np.float64), np.asarray(src_in[g]), n)
+    assert rel(got[g], want) <= TOL
+
+
 def test_scatter_outer_many_duplicates(rng):
   idx = rng.integers(0, 3, (B, C)).astype(np.int32)  # every row hits the same 3 rows
   v = ragged_values(rng, B, C)
