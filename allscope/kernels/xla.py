@@ -63,8 +63,8 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> ja
 def _row_dot(g: jax.Array, rows: jax.Array) -> jax.Array:
   """[..., D] x [..., D] -> [...]: sum(g * rows) as a tree of column-half additions.
 
-  XLA:CPU fuses the gather of `rows`, the product and the halvings into one elementwise pass
-  that writes D / 2^h columns, then sums those few: 1.3-1.7x faster than a dot (einsum), which
+  XLA:CPU fuses the gather of `rows`, the product and all the additions into one elementwise
+  pass that writes the [...] sums: 1.3-1.7x faster than a dot (einsum), which
   needs the gathered rows written out first, and than jnp.sum(g * rows), whose fused row
   reduction runs 2.5x slower (and 6x under the trainers' one-group vmap).
   """
@@ -74,7 +74,8 @@ def _row_dot(g: jax.Array, rows: jax.Array) -> jax.Array:
     if p.shape[-1] % 2:
       rest.append(p[..., 2 * h])
     p = p[..., :h] + p[..., h:2 * h]
-  return sum(rest, jnp.sum(p, axis=-1))
+  # the last few columns added as slices too: a jnp.sum would be a separate (YNNPACK) call
+  return sum(rest + [p[..., i] for i in range(1, p.shape[-1])], p[..., 0])
 
 
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
@@ -94,19 +95,21 @@ def _bits(n: int) -> int:
   return max(n - 1, 1).bit_length()
 
 
-def _row_pieces(indices: jax.Array, num_rows: int, piece: int) -> tuple[jax.Array, jax.Array]:
+def _row_pieces(indices: jax.Array, num_rows: int, piece: int,
+                pack: bool = True) -> tuple[jax.Array, jax.Array]:
   """The (b, j) pairs of `indices` [B, C] grouped by row into pieces of at most `piece` pairs.
 
   Returns pairs [V, piece] int32 (flat pair numbers b C + j; B C in unused slots) and rows [V]
   int32 (each piece's row; num_rows for unused pieces), pieces in row order. Row n has
   ceil(count_n / piece) pieces, so V = B C // piece + min(num_rows, B C) bounds them all.
+  With `pack`, and where row and pair numbers fit in 32 bits together, the pairs are ordered by
+  one sort of packed uint32 keys: XLA:CPU sorts a lone primitive key about 6x faster than a key
+  with a payload operand (lax.sort_key_val, the other path).
   """
   n_pairs = indices.size
   flat = indices.reshape(-1)
   pair_bits = _bits(n_pairs)
-  if _bits(num_rows) + pair_bits <= 32:
-    # one sort of packed (row, pair) keys: XLA:CPU sorts a lone primitive key about 6x faster
-    # than a key with a payload operand
+  if pack and _bits(num_rows) + pair_bits <= 32:
     key = jnp.sort((flat.astype(jnp.uint32) << pair_bits) | jnp.arange(n_pairs, dtype=jnp.uint32))
     rows = (key >> pair_bits).astype(jnp.int32)
     order = (key & ((1 << pair_bits) - 1)).astype(jnp.int32)
@@ -124,18 +127,10 @@ def _row_pieces(indices: jax.Array, num_rows: int, piece: int) -> tuple[jax.Arra
   return pairs, piece_rows.astype(jnp.int32)
 
 
-def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
-  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D].
-
-  Not a scatter-add per slot (XLA:CPU writes each slot's [B, D] products out for the scatter,
-  which cannot fuse them): the pairs are sorted by row (_row_pieces) and each piece of up to
-  `piece` pairs of one row is summed in a fused gather-multiply-add, like gather_decode; only
-  those sums are scattered, about `piece` times fewer rows. 2x faster at B=4096, C=64, N=16384,
-  D=640, and the two scatters of a step (d w_dec, d w_enc) share the sort of their indices.
-  """
+def _piece_sums(indices, values, src, num_rows: int, acc: jax.Array) -> jax.Array:
+  """acc + scatter_outer(indices, values, src) by sorted row pieces (see scatter_outer)."""
   b, c = indices.shape
   n_pairs = b * c
-  src = src.astype(_F32)
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
   pairs, piece_rows = _row_pieces(indices, num_rows, piece)
@@ -158,7 +153,27 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
     rows = lax.dynamic_slice_in_dim(piece_rows, i * block, block)
     return acc.at[rows].add(part, mode="drop", indices_are_sorted=True)
 
-  return lax.fori_loop(0, n_blocks, body, zeros_after((num_rows, src.shape[1]), values, src))
+  return lax.fori_loop(0, n_blocks, body, acc)
+
+
+def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
+  """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D].
+
+  Not a scatter-add per slot (XLA:CPU writes each slot's [B, D] products out for the scatter,
+  which cannot fuse them): the pairs are sorted by row (_row_pieces) and each piece of up to 16
+  pairs of one row is summed in a fused gather-multiply-add, as in gather_decode; only those
+  sums are scattered, about 16 times fewer rows. 2x faster at B=4096, C=64, N=16384, D=640, and
+  the two scatters of a step (d w_dec, d w_enc) share the sort of their indices. The slots are
+  taken in groups whose (row, pair) numbers fit in 32 bits, each sorted apart.
+  """
+  b, c = indices.shape
+  src = src.astype(_F32)
+  out = zeros_after((num_rows, src.shape[1]), values, src)
+  fit = (1 << (32 - _bits(num_rows))) // b  # slots per packed sort (0: none fit; one sort)
+  group = min(c, fit) if fit else c
+  for j in range(0, c, group):
+    out = _piece_sums(indices[:, j:j + group], values[:, j:j + group], src, num_rows, out)
+  return out
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

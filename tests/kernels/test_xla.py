@@ -83,7 +83,7 @@ def test_gather_dot_any_width(rng, d, dtype):
     (24, 7, 40, 12),  # packed (row, pair) sort keys, pieces of 4
     (300, 5, 7, 3),  # a few rows with many pieces of 16 each
     (16, 3, 1000, 5),  # more rows than pairs: most rows empty
-    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: the sort with a payload
+    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: two slot groups, sorted apart
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scatter_outer_by_sorted_pieces(rng, b, c, n, d, dtype):
@@ -99,6 +99,23 @@ def test_scatter_outer_by_sorted_pieces(rng, b, c, n, d, dtype):
   for g in range(2):
     want = np_scatter_outer(idx[g], np.asarray(v_in[g], np.float64), np.asarray(src_in[g]), n)
     assert rel(got[g], want) <= TOL
+
+
+def test_row_pieces_packed_keys_equal_the_payload_sort(rng):
+  """Both sort paths of scatter_outer's grouping give the same pieces, in row order."""
+  idx = jnp.asarray(sparse_indices(rng, 50, 9, 30))
+  packed = xla._row_pieces(idx, 30, 4)
+  payload = xla._row_pieces(idx, 30, 4, pack=False)
+  for a, b in zip(packed, payload):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  pairs, rows = map(np.asarray, packed)
+  used = rows < 30
+  assert np.all(np.diff(rows) >= 0) and used.sum() <= pairs.shape[0]
+  flat = np.asarray(idx).reshape(-1)
+  # every pair exactly once, in a piece of its own row
+  assert sorted(pairs[pairs < flat.size].tolist()) == list(range(flat.size))
+  assert np.all(flat[pairs[used][pairs[used] < flat.size]] ==
+                np.repeat(rows[used], (pairs[used] < flat.size).sum(axis=1)))
 
 
 def test_scatter_outer_many_duplicates(rng):
