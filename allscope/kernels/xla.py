@@ -134,19 +134,19 @@ def _piece_sums(indices, values, src, num_rows: int, acc: jax.Array) -> jax.Arra
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
   pairs, piece_rows = _row_pieces(indices, num_rows, piece)
-  weights = jnp.take(values.reshape(-1).astype(_F32), pairs, mode="fill", fill_value=0)
-  tokens = pairs // c
-  block = min(pairs.shape[0], 4096)
+  flat_values = values.reshape(-1).astype(_F32)
+  block = min(pairs.shape[0], b)  # [b, D] sums per step: no larger than a slot's products
   n_blocks = -(-pairs.shape[0] // block)
   pad = n_blocks * block - pairs.shape[0]
   if pad:
-    weights = jnp.pad(weights, ((0, pad), (0, 0)))
-    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+    pairs = jnp.pad(pairs, ((0, pad), (0, 0)), constant_values=n_pairs)
     piece_rows = jnp.pad(piece_rows, (0, pad), constant_values=num_rows)
 
   def body(i, acc):
-    w = lax.dynamic_slice_in_dim(weights, i * block, block)
-    t = lax.dynamic_slice_in_dim(tokens, i * block, block)
+    # weights and token rows looked up per block (fused into the sum): no table of each kept
+    blk = lax.dynamic_slice_in_dim(pairs, i * block, block)
+    w = jnp.take(flat_values, blk, mode="fill", fill_value=0)
+    t = blk // c
     part = w[:, 0, None] * jnp.take(src, t[:, 0], axis=0, mode="clip")
     for q in range(1, piece):
       part = part + w[:, q, None] * jnp.take(src, t[:, q], axis=0, mode="clip")
