@@ -84,9 +84,12 @@ def main() -> None:
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--k", type=int, default=64)
   ap.add_argument("--activation", default="topk")
+  ap.add_argument("--auxk", action="store_true", help="every step runs AuxK and revive "
+                  "(train_step.py's AuxK-on rows); default: none, the steady state")
   ap.add_argument("--min-ms", type=float, default=1.0, help="hide ops below this (per step)")
   args = ap.parse_args()
-  (run, sync), _ = allscope_runner(args.d, args.width, args.tokens, args.activation, args.k)
+  (run, sync), _ = allscope_runner(args.d, args.width, args.tokens, args.activation, args.k,
+                                  args.auxk)
   floor = _interleaved_best({"floor": floor_runner(args.d, args.width, args.tokens)}, 2)["floor"]
   names = op_names(run.hlo_text())
   sync(run())

@@ -9,11 +9,14 @@ For each shape (d, F), B tokens and k, it times in one run:
   sparsify  `sparsify.SparseCoder` (PyPI eai-sparsify, torch) forward (FVU + AuxK) + backward +
             its decoder-gradient projection + torch Adam + unit-norm decoder, on the same device
             (TopK only: sparsify has no BatchTopK or JumpReLU).
+Rows with AuxK "off" have no dead latents on either side (AuxK does not run); rows with "on" run
+AuxK every step (allscope: aux_k = 256 over its silent latents; sparsify: its own k_aux over a
+random 10% of latents marked dead).
 and prints a table of step / floor ratios and allscope's speed-up in tokens/s over sparsify.
 Each time is the best of --steps rounds that call floor, allscope and sparsify once each in turn
 (after a warm-up), so that load from other processes hits every column alike.
 
-  python benchmarks/train_step.py --quick    # d=640, F=16384, TopK only
+  python benchmarks/train_step.py --quick    # d=640, F=16384, TopK only, AuxK off
   python benchmarks/train_step.py            # d=640/F=16384 and d=2304/F=65536, all activations
 Needs the `bench` extra (eai-sparsify) for the sparsify column; without it the column is blank.
 """
@@ -61,10 +64,12 @@ def floor_runner(d: int, width: int, tokens: int):
   return (lambda: mm(x, w)), jax.block_until_ready
 
 
-def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int):
+def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool):
+  # AuxK (and revive) act on latents silent for aux_after_tokens: 1 token makes every step run
+  # them (random data leaves many latents silent each step), 10**9 none.
   cfg = TrainConfig(kind="sae", activation=activation, layers=(0,), width=width, k=k,
                     target_l0=k, batch_size=tokens, steps=10**6, matmul_dtype=_dtype(),
-                    mesh_data=1)
+                    mesh_data=1, aux_after_tokens=1 if auxk else 10**9)
   mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
   params = dictionaries.init_params(cfg, d, d, jax.random.key(0))
   if "log_threshold" in params:  # pre ~ N(0, 1) on this data: fire about k latents per token
@@ -88,7 +93,7 @@ def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int):
   return (run, jax.block_until_ready), dictionaries.kernel_ops(cfg).name
 
 
-def sparsify_runner(d: int, width: int, tokens: int, k: int):
+def sparsify_runner(d: int, width: int, tokens: int, k: int, auxk: bool):
   try:
     import torch
     from sparsify.config import SparseCoderConfig
@@ -101,10 +106,12 @@ def sparsify_runner(d: int, width: int, tokens: int, k: int):
                     dtype=torch.float32)
   opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
   x = torch.randn(tokens, d, device=device, dtype=torch.float32)
-  no_dead = torch.zeros(width, dtype=torch.bool, device=device)  # as in allscope's timed steps
+  # AuxK runs where some latents are dead (a random 10%), and not at all without dead latents.
+  dead = (torch.rand(width, device=device) < 0.1) if auxk else torch.zeros(
+      width, dtype=torch.bool, device=device)
 
   def run():
-    out = sae(x, dead_mask=no_dead)
+    out = sae(x, dead_mask=dead)
     (out.fvu + out.auxk_loss).backward()
     sae.remove_gradient_parallel_to_decoder_directions()
     opt.step()
@@ -117,7 +124,8 @@ def sparsify_runner(d: int, width: int, tokens: int, k: int):
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="d=640, F=16384, TopK only")
+  ap.add_argument("--quick", action="store_true",
+                  help="d=640, F=16384, TopK only, AuxK off")
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--k", type=int, default=64)
   ap.add_argument("--steps", type=int, default=3, help="timed calls per row (best is kept)")
@@ -127,24 +135,26 @@ def main() -> None:
   dev = jax.devices()[0]
   print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.tokens} tokens/step, "
         f"k={args.k}, floor = x @ w_enc in {_dtype()}")
-  header = (f"{'d':>5} {'F':>6} {'activation':>10} {'kernels':>8} {'floor ms':>9} "
+  header = (f"{'d':>5} {'F':>6} {'activation':>10} {'kernels':>8} {'AuxK':>5} {'floor ms':>9} "
             f"{'allscope ms':>11} {'sparsify ms':>11} {'allscope/floor':>14} "
             f"{'sparsify/floor':>14} {'tok/s vs sparsify':>17}")
   print(header)
   print("-" * len(header))
   for d, width in shapes:
-    peer = sparsify_runner(d, width, args.tokens, args.k)
-    for activation in activations:
-      step, kernels = allscope_runner(d, width, args.tokens, activation, args.k)
-      runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
-      if peer is not None and activation == "topk":
-        runners["sparsify"] = peer
-      best = _interleaved_best(runners, args.steps)
-      floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
-      print(f"{d:>5} {width:>6} {activation:>10} {kernels:>8} {1e3 * floor:>9.1f} {1e3 * t:>11.1f} "
-            f"{(f'{1e3 * p:.1f}' if p else '-'):>11} {t / floor:>14.2f} "
-            f"{(f'{p / floor:.2f}' if p else '-'):>14} {(f'{p / t:.2f}x' if p else '-'):>17}",
-            flush=True)
+    for auxk in (False,) if args.quick else (False, True):
+      peer = sparsify_runner(d, width, args.tokens, args.k, auxk)
+      for activation in activations if not auxk else ACTIVATIONS[:1]:
+        step, kernels = allscope_runner(d, width, args.tokens, activation, args.k, auxk)
+        runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
+        if peer is not None and activation == "topk":
+          runners["sparsify"] = peer
+        best = _interleaved_best(runners, args.steps)
+        floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
+        print(f"{d:>5} {width:>6} {activation:>10} {kernels:>8} {'on' if auxk else 'off':>5} "
+              f"{1e3 * floor:>9.1f} {1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
+              f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
+              f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
+
 
 if __name__ == "__main__":
   main()

@@ -11,12 +11,14 @@ from allscope.kernels.clt_decode import (causal_mask, causal_to_dense, clt_decod
                                          clt_decode_with_aux, dense_clt_decode)
 from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
 from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, row_count, topk
-from allscope.kernels.sparse_decode import dense_decode, sparse_decode
-from allscope.kernels.sparse_encode import dense_encode, encoder_grad, gather_pre, sparse_encode
+from allscope.kernels.sparse_decode import decode_with_aux, dense_decode, sparse_decode
+from allscope.kernels.sparse_encode import (dense_encode, encoder_grad, gather_pre, sparse_encode,
+                                           sparse_encode_with_aux)
 
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
-    "clt_decode", "clt_decode_with_aux", "clt_layout", "dense_clt_decode", "dense_decode",
+    "clt_decode", "clt_decode_with_aux", "clt_layout", "decode_with_aux", "dense_clt_decode",
+    "dense_decode",
     "dense_encode", "encoder_grad", "gather_pre", "jumprelu", "relu", "resolve", "row_count",
-    "sparse_decode", "sparse_encode", "topk",
+    "sparse_decode", "sparse_encode", "sparse_encode_with_aux", "topk",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 
 from allscope.kernels import clt_layout
 from allscope.kernels.dispatch import XLA, Ops
+from allscope.kernels.sparse_decode import decode_with_aux
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -41,46 +42,12 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, ops: Ops
   return _clt(ops, indices, values, w_dec)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _clt_aux(ops: Ops, indices, values, aux_indices, aux_values, w_dec, use_aux):
-  return _clt_aux_fwd(ops, indices, values, aux_indices, aux_values, w_dec, use_aux)[0]
-
-
-def _clt_aux_fwd(ops, indices, values, aux_indices, aux_values, w_dec, use_aux):
-  out = ops.clt_decode(indices, values, w_dec)
-  aux = jax.lax.cond(use_aux, lambda: ops.clt_decode(aux_indices, aux_values, w_dec),
-                     lambda: jnp.zeros_like(out))
-  return (out, aux), (indices, values, aux_indices, aux_values, w_dec, use_aux)
-
-
-def _clt_aux_bwd(ops, res, cts):
-  indices, values, aux_indices, aux_values, w_dec, use_aux = res
-  g, g_aux = cts
-  dvalues = ops.clt_gather_dot(indices, g, w_dec).astype(values.dtype)
-  daux = jax.lax.cond(use_aux, lambda: ops.clt_gather_dot(aux_indices, g_aux, w_dec),
-                      lambda: jnp.zeros(aux_values.shape, jnp.float32)).astype(aux_values.dtype)
-  dw = ops.clt_scatter_outer(indices, values, g, w_dec.shape[0])
-  # The AuxK pairs are added into the main gradient's buffer: a loop of 0 or 1 trips, which XLA
-  # runs in place on its carry (a second scatter and a sum would hold 3 decoder-sized arrays).
-  dw = jax.lax.fori_loop(0, use_aux.astype(jnp.int32),
-                         lambda _, acc: ops.clt_scatter_outer(aux_indices, aux_values, g_aux,
-                                                              w_dec.shape[0], acc), dw)
-  return None, dvalues, None, daux, dw.astype(w_dec.dtype), None
-
-
-_clt_aux.defvjp(_clt_aux_fwd, _clt_aux_bwd)
-
-
 def clt_decode_with_aux(indices: jax.Array, values: jax.Array, aux_indices: jax.Array,
                         aux_values: jax.Array, w_dec: jax.Array, use_aux: jax.Array,
                         ops: Ops = XLA) -> tuple[jax.Array, jax.Array]:
-  """Two decodes through one w_dec: (clt_decode(indices, values), clt_decode(aux_indices,
-  aux_values)), the second only where the scalar `use_aux` is True (zeros otherwise).
-
-  AuxK's decode next to the main one: their decoder gradients are accumulated into one buffer
-  (clt_scatter_outer's `acc`), not two decoder-sized arrays and their sum.
-  """
-  return _clt_aux(ops, indices, values, aux_indices, aux_values, w_dec, jnp.asarray(use_aux, bool))
+  """`sparse_decode.decode_with_aux` for a CLT: (clt_decode(indices, values),
+  clt_decode(aux_indices, aux_values) where `use_aux`), one decoder-gradient buffer."""
+  return decode_with_aux(indices, values, aux_indices, aux_values, w_dec, use_aux, ops, clt=True)
 
 
 def causal_mask(n_layers: int, dtype=jnp.float32) -> jax.Array:

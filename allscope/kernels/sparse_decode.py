@@ -34,6 +34,60 @@ def _bwd(ops, res, g):
 _decode.defvjp(_fwd, _bwd)
 
 
+def _prims(ops: Ops, clt: bool):
+  """(decode, gather_dot, scatter_outer) of a per-layer or a CLT decoder."""
+  if clt:
+    return ops.clt_decode, ops.clt_gather_dot, ops.clt_scatter_outer
+  return ops.gather_decode, ops.gather_dot, ops.scatter_outer
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _with_aux(ops: Ops, clt: bool, indices, values, aux_indices, aux_values, w_dec, use_aux):
+  return _aux_fwd(ops, clt, indices, values, aux_indices, aux_values, w_dec, use_aux)[0]
+
+
+def _aux_fwd(ops, clt, indices, values, aux_indices, aux_values, w_dec, use_aux):
+  decode, _, _ = _prims(ops, clt)
+  out = decode(indices, values, w_dec)
+  aux = jax.lax.cond(use_aux, lambda: decode(aux_indices, aux_values, w_dec),
+                     lambda: jnp.zeros_like(out))
+  return (out, aux), (indices, values, aux_indices, aux_values, w_dec, use_aux)
+
+
+def _aux_bwd(ops, clt, res, cts):
+  indices, values, aux_indices, aux_values, w_dec, use_aux = res
+  g, g_aux = cts
+  _, gather_dot, scatter_outer = _prims(ops, clt)
+  dvalues = gather_dot(indices, g, w_dec).astype(values.dtype)
+  daux = jax.lax.cond(use_aux, lambda: gather_dot(aux_indices, g_aux, w_dec),
+                      lambda: jnp.zeros(aux_values.shape, jnp.float32)).astype(aux_values.dtype)
+  dw = scatter_outer(indices, values, g, w_dec.shape[0])
+  # The AuxK pairs are added into the main gradient's buffer: a loop of 0 or 1 trips, which XLA
+  # runs in place on its carry (a cond's untaken branch would zero-fill a second decoder-sized
+  # array and a sum would read both).
+  dw = jax.lax.fori_loop(0, use_aux.astype(jnp.int32),
+                         lambda _, acc: scatter_outer(aux_indices, aux_values, g_aux,
+                                                      w_dec.shape[0], acc), dw)
+  return None, dvalues, None, daux, dw.astype(w_dec.dtype), None
+
+
+_with_aux.defvjp(_aux_fwd, _aux_bwd)
+
+
+def decode_with_aux(indices: jax.Array, values: jax.Array, aux_indices: jax.Array,
+                    aux_values: jax.Array, w_dec: jax.Array, use_aux: jax.Array,
+                    ops: Ops = XLA, clt: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Two decodes through one w_dec: (decode(indices, values), decode(aux_indices, aux_values)),
+  the second only where the scalar `use_aux` is True (zeros otherwise).
+
+  AuxK's decode next to the main one: their decoder gradients are accumulated into one buffer
+  (the scatter's `acc`), not two decoder-sized arrays and their sum. `clt=False`: sparse_decode
+  ([B, C] slots, w_dec [F, d]); `clt=True`: clt_decode ([L, B, C] slots, w_dec [F, P, d]).
+  """
+  return _with_aux(ops, clt, indices, values, aux_indices, aux_values, w_dec,
+                   jnp.asarray(use_aux, bool))
+
+
 def sparse_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array,
                   ops: Ops = XLA) -> jax.Array:
   """indices [B, C] int32, values [B, C], w_dec [F, D] -> [B, D] float32."""

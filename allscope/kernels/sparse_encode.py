@@ -43,38 +43,58 @@ _encode.defvjp(_fwd, _bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _encode_gated(ops: Ops, x, w_enc, b_enc, indices, pre_at, gate):
-  del ops, x, w_enc, b_enc, indices, gate
-  return pre_at
+def _encode_aux(ops: Ops, x, w_enc, b_enc, indices, pre_at, aux_indices, aux_pre_at, use_aux):
+  del ops, x, w_enc, b_enc, indices, aux_indices, use_aux
+  return pre_at, aux_pre_at
 
 
-def _gated_fwd(ops, x, w_enc, b_enc, indices, pre_at, gate):
-  return pre_at, (x, w_enc, b_enc, indices, pre_at, gate)
+def _aux_fwd(ops, x, w_enc, b_enc, indices, pre_at, aux_indices, aux_pre_at, use_aux):
+  return (pre_at, aux_pre_at), (x, w_enc, b_enc, indices, aux_indices, use_aux)
 
 
-def _gated_bwd(ops, res, g):
-  *res, gate = res
-  x, w_enc, b_enc, _, pre_at = res
-  zeros = lambda: (jnp.zeros_like(x), jnp.zeros_like(w_enc), jnp.zeros_like(b_enc))
-  dx, dw, db = jax.lax.cond(gate, lambda: _bwd(ops, res, g)[:3], zeros)
-  return dx, dw, db, None, jnp.zeros_like(pre_at), None
+def _aux_bwd(ops, res, cts):
+  x, w_enc, b_enc, indices, aux_indices, use_aux = res
+  g, g_aux = cts
+  width = w_enc.shape[1]
+  trips = use_aux.astype(jnp.int32)  # AuxK's scatters: a loop of 0 or 1 trips, in place
+  dw = jax.lax.fori_loop(0, trips, lambda _, acc: ops.scatter_outer(aux_indices, g_aux, x, width,
+                                                                    acc),
+                         ops.scatter_outer(indices, g, x, width))
+  segments = lambda v, i: jax.ops.segment_sum(v.reshape(-1).astype(jnp.float32), i.reshape(-1),
+                                               num_segments=width)
+  db = jax.lax.fori_loop(0, trips, lambda _, acc: acc + segments(g_aux, aux_indices),
+                         segments(g, indices))
+  dx = jax.lax.fori_loop(0, trips, lambda _, acc: acc + ops.gather_decode(aux_indices, g_aux,
+                                                                          w_enc.T),
+                         ops.gather_decode(indices, g, w_enc.T))
+  return (dx.astype(x.dtype), dw.T.astype(w_enc.dtype), db.astype(b_enc.dtype), None,
+          jnp.zeros(g.shape, g.dtype), None, jnp.zeros(g_aux.shape, g_aux.dtype), None)
 
 
-_encode_gated.defvjp(_gated_fwd, _gated_bwd)
+_encode_aux.defvjp(_aux_fwd, _aux_bwd)
 
 
 def sparse_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, indices: jax.Array,
-                  pre_at: jax.Array, ops: Ops = XLA, gate: jax.Array | None = None) -> jax.Array:
+                  pre_at: jax.Array, ops: Ops = XLA) -> jax.Array:
   """x [B, D], w_enc [D, F], b_enc [F], indices [B, C], pre_at [B, C] -> pre_at.
 
   pre_at must be (x @ w_enc + b_enc) at `indices` (what the selection returned); it is the
-  forward value, and the gradient flows into x, w_enc and b_enc. With a scalar `gate`, the
-  backward's scatters run only where it is True (AuxK's slots while latents are dead): the
-  caller's cotangent must be 0 where it is False, as the gradient then is.
+  forward value, and the gradient flows into x, w_enc and b_enc.
   """
-  if gate is None:
-    return _encode(ops, x, w_enc, b_enc, indices, pre_at)
-  return _encode_gated(ops, x, w_enc, b_enc, indices, pre_at, jnp.asarray(gate, bool))
+  return _encode(ops, x, w_enc, b_enc, indices, pre_at)
+
+
+def sparse_encode_with_aux(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, indices: jax.Array,
+                           pre_at: jax.Array, aux_indices: jax.Array, aux_pre_at: jax.Array,
+                           use_aux: jax.Array, ops: Ops = XLA) -> tuple[jax.Array, jax.Array]:
+  """`sparse_encode` of two slot sets, the main one and AuxK's [B, aux_k]: (pre_at, aux_pre_at).
+
+  AuxK's encoder gradient is added into the main one's buffer and runs only where the scalar
+  `use_aux` is True; the caller's cotangent of aux_pre_at must then be 0 where it is False (AuxK
+  contributes nothing while no latent is dead).
+  """
+  return _encode_aux(ops, x, w_enc, b_enc, indices, pre_at, aux_indices, aux_pre_at,
+                     jnp.asarray(use_aux, bool))
 
 
 def gather_pre(pre: jax.Array, indices: jax.Array) -> jax.Array:

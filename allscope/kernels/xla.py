@@ -156,8 +156,12 @@ def _piece_sums(indices, values, src, num_rows: int, acc: jax.Array) -> jax.Arra
   return lax.fori_loop(0, n_blocks, body, acc)
 
 
-def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int) -> jax.Array:
+def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int,
+                  acc: jax.Array | None = None) -> jax.Array:
   """out[n] = sum_{(b, j): indices[b, j] = n} values[b, j] * src[b]: -> [num_rows, D].
+
+  With `acc` (float32 [num_rows, D]) the sums are added to it, in its buffer when the caller no
+  longer needs it: two slot sets (the main and AuxK decodes) share one gradient buffer.
 
   Not a scatter-add per slot (XLA:CPU writes each slot's [B, D] products out for the scatter,
   which cannot fuse them): the pairs are sorted by row (_row_pieces) and each piece of up to 16
@@ -167,8 +171,11 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   taken in groups whose (row, pair) numbers fit in 32 bits, each sorted apart.
   """
   b, c = indices.shape
+  shape = (num_rows, src.shape[1])
+  if acc is not None:
+    check_acc(acc, shape)
   src = src.astype(_F32)
-  out = zeros_after((num_rows, src.shape[1]), values, src)
+  out = zeros_after(shape, values, src) if acc is None else acc
   fit = (1 << (32 - _bits(num_rows))) // b  # slots per packed sort (0: none fit; one sort)
   group = min(c, fit) if fit else c
   for j in range(0, c, group):

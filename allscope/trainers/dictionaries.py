@@ -48,7 +48,9 @@ class Encoding(NamedTuple):
   # path (no [G, B, F] array outlives the encoder) aux_* are [G, B, aux_k] slots; on the dense
   # path (aux_dense(cfg)) they are [G, B, F] and aux_indices is None.
   aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
-  aux_pre: jax.Array | None = None  # pre-activations at the candidates (0 elsewhere), no gradient
+  # pre-activations at the candidates (0 elsewhere): differentiable on the sparse path (one
+  # encoder gradient with the main slots, kernels.sparse_encode_with_aux), not on the dense one
+  aux_pre: jax.Array | None = None
   aux_ok: jax.Array | None = None  # bool: the slot (dense: the latent) is a candidate
   # JumpReLU: entries of the threshold-gradient window (just below their thresholds, not
   # firing) dropped for lack of capacity; they narrow the window of that row, not the code.
@@ -227,8 +229,8 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
                          overflow=fired_dropped)
     else:
       sel = kernels.relu(dense, cfg.slots, ops)
-    pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
-    out = (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
+    main = lambda pre: (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
+    lifted = ()
     if revive:
       def lift(_):
         if cfg.activation == "topk":
@@ -236,9 +238,11 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
         else:
           cut = jnp.full((x_g.shape[0],), jnp.maximum(batch_thr, 0.0))
         return jnp.maximum(-jnp.max(product + b - cut[:, None], axis=0), 0.0)
-      out = out + (jax.lax.cond(any_dead, lift, lambda _: jnp.zeros((width,), jnp.float32), None),)
-    if not k_aux:
-      return out
+      lifted = (jax.lax.cond(any_dead, lift, lambda _: jnp.zeros((width,), jnp.float32), None),)
+    if not k_aux or dense_aux:
+      pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
+      if not k_aux:
+        return main(pre) + lifted
 
     def pick(_):
       scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
@@ -256,8 +260,13 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
           () if dense_aux else (jnp.zeros(shape, jnp.int32),))
 
     aux_pre, aux_ok, *aux_idx = jax.lax.cond(any_dead, pick, none, None)
-    aux_idx = aux_idx[0] if aux_idx else None  # the dense path has no indices: every latent
-    return out + (aux_idx, jnp.where(aux_ok, aux_pre, 0.0), aux_ok)
+    aux_pre = jnp.where(aux_ok, aux_pre, 0.0)
+    if dense_aux:  # no indices: every latent
+      return main(pre) + lifted + (None, aux_pre, aux_ok)
+    # One encoder-gradient buffer for the main and AuxK slots (AuxK's scatters only while dead).
+    pre, aux_pre = kernels.sparse_encode_with_aux(x_g, w_enc, b_enc, sel.indices, sel.values,
+                                                  aux_idx[0], aux_pre, any_dead, ops)
+    return main(pre) + lifted + (aux_idx[0], aux_pre, aux_ok)
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)
   idx, pre, active, overflow, batch_thr, window_dropped = res[:6]
@@ -288,7 +297,12 @@ def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: j
 
 def decode(params: Params, cfg: TrainConfig, x: jax.Array, indices: jax.Array,
            acts: jax.Array) -> jax.Array:
-  y = decode_latents(params, cfg, indices, acts) + params["b_dec"][None]
+  return add_bias_and_skip(params, x, decode_latents(params, cfg, indices, acts))
+
+
+def add_bias_and_skip(params: Params, x: jax.Array, y_latents: jax.Array) -> jax.Array:
+  """The reconstruction from the latents' contribution: + b_dec, + x @ w_skip (skip kinds)."""
+  y = y_latents + params["b_dec"][None]
   if "w_skip" in params:
     y = y + jnp.einsum("bgi,gio->bgo", x, params["w_skip"])
   return y

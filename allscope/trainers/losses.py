@@ -36,11 +36,12 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
             dead: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B, G, d_in], y [B, G_out, d_out] (normalized); dead [G, F] bool; scale: sparsity ramp."""
   enc = dictionaries.encode(params, cfg, x, dead)
-  # A CLT decodes AuxK's latents together with the main ones, so both decoder gradients share
-  # one buffer (its decoder is 1.5x the [L, B, F] pre-activations at 18 layers).
-  joint_aux = cfg.kind == "clt" and enc.aux_indices is not None
+  # AuxK's sparse path decodes its latents together with the main ones, so both decoder
+  # gradients share one buffer (a CLT's decoder is 1.5x the [L, B, F] pre-activations at 18
+  # layers) and no zeroed gradient or sum exists while no latent is dead.
+  joint_aux = enc.aux_indices is not None
   if joint_aux:
-    y_hat, e_hat = _clt_decode_with_aux(params, cfg, x, enc, jnp.any(dead))
+    y_hat, e_hat = _decode_with_aux(params, cfg, x, enc, jnp.any(dead))
   else:
     y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
   err = _sq(y - y_hat)  # [B, G_out]
@@ -109,25 +110,14 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
 
 
 def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> jax.Array:
-  """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024).
-
-  The candidates come from encode (enc.aux_*). Sparse path: their pre-activations get the
-  sparse encoder gradient and their decode is the same sparse decode as the main one. Dense path
-  (dictionaries.aux_dense): [B, F] activations, zero off the candidates, through matmuls, which
-  is cheaper once aux_k is a sizeable fraction of F.
+  """The top aux_k dead latents of each row reconstruct the residual error (Gao et al. 2024);
+  the dense path (dictionaries.aux_dense): [B, F] activations, zero off the candidates, through
+  matmuls, cheaper once aux_k is a sizeable fraction of F. The sparse path is _decode_with_aux.
   """
   xg = jnp.swapaxes(x, 0, 1)
-  if enc.aux_indices is None:
-    pre = jax.vmap(kernels.dense_encode)(xg, params["w_enc"], params["b_enc"], enc.aux_pre)
-    acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
-    e_hat = jnp.einsum("gbf,gfo->bgo", acts, params["w_dec"],
-                       preferred_element_type=jnp.float32)
-  else:
-    ops = dictionaries.kernel_ops(cfg)
-    pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops))(
-        xg, params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
-    acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
-    e_hat = dictionaries.decode_latents(params, cfg, enc.aux_indices, acts)
+  pre = jax.vmap(kernels.dense_encode)(xg, params["w_enc"], params["b_enc"], enc.aux_pre)
+  acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
+  e_hat = jnp.einsum("gbf,gfo->bgo", acts, params["w_dec"], preferred_element_type=jnp.float32)
   return _aux_ratio(residual, e_hat)
 
 
@@ -137,14 +127,17 @@ def _aux_ratio(residual: jax.Array, e_hat: jax.Array) -> jax.Array:
   return num / jnp.maximum(den, 1e-12)
 
 
-def _clt_decode_with_aux(params, cfg: TrainConfig, x, enc: dictionaries.Encoding,
-                         use_aux: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A CLT's reconstruction and AuxK's e_hat (_auxk's sparse path; zeros while no latent is
-  dead) from one decode, whose backward adds AuxK's pairs into the main decoder gradient."""
+def _decode_with_aux(params, cfg: TrainConfig, x, enc: dictionaries.Encoding,
+                     use_aux: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The reconstruction and AuxK's e_hat (zeros while no latent is dead) from one decode,
+  whose backward adds AuxK's pairs into the main decoder gradient."""
   ops = dictionaries.kernel_ops(cfg)
-  pre = jax.vmap(lambda x_g, w, b, i, p: kernels.sparse_encode(x_g, w, b, i, p, ops, use_aux))(
-      jnp.swapaxes(x, 0, 1), params["w_enc"], params["b_enc"], enc.aux_indices, enc.aux_pre)
-  acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
-  y_lat, e_hat = kernels.clt_decode_with_aux(enc.indices, enc.acts, enc.aux_indices, acts,
-                                             params["w_dec"], use_aux, ops)
-  return y_lat + params["b_dec"][None], e_hat
+  acts = jnp.where(enc.aux_ok, jax.nn.relu(enc.aux_pre), 0.0)
+  if cfg.kind == "clt":
+    y_lat, e_hat = kernels.clt_decode_with_aux(enc.indices, enc.acts, enc.aux_indices, acts,
+                                               params["w_dec"], use_aux, ops)
+  else:
+    y_lat, e_hat = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), jax.vmap(
+        lambda i, v, ai, av, w: kernels.decode_with_aux(i, v, ai, av, w, use_aux, ops))(
+            enc.indices, enc.acts, enc.aux_indices, acts, params["w_dec"]))
+  return dictionaries.add_bias_and_skip(params, x, y_lat), e_hat

@@ -147,18 +147,57 @@ def test_clt_decode_with_aux_is_two_decodes_with_one_gradient(rng, ops_name, use
   assert rel(dav, want_dav) <= TOL if use_aux else np.all(np.asarray(dav) == 0)
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_sparse_encode_gate_skips_the_backward(rng, gate):
-  """A gated sparse_encode has sparse_encode's gradient where the gate is True, 0 where False."""
-  x = jnp.asarray(rng.standard_normal((B, D)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((D, F)), jnp.float32)
-  b = jnp.asarray(rng.standard_normal(F), jnp.float32)
-  idx = jnp.asarray(sparse_indices(rng, B, C, F))
-  g = jnp.asarray(ragged_values(rng, B, C))
-  pre_at = kernels.gather_pre(x @ w + b, idx)
-  _, plain = jax.vjp(lambda *a: kernels.sparse_encode(*a, idx, pre_at), x, w, b)
-  out, gated = jax.vjp(lambda *a: kernels.sparse_encode(*a, idx, pre_at, gate=jnp.asarray(gate)),
-                       x, w, b)
-  assert np.array_equal(out, pre_at)
-  for got, want in zip(gated(g), plain(g)):
-    assert np.array_equal(got, want if gate else np.zeros_like(want))
+@pytest.mark.parametrize("ops_name", OPS)
+@pytest.mark.parametrize("use_aux", [True, False])
+def test_decode_with_aux_is_two_decodes_with_one_gradient(rng, ops_name, use_aux):
+  """The per-layer (main, AuxK) decodes through one w_dec: each output and the summed d w_dec
+  match two float64 decodes; with use_aux False the AuxK output and its d values are 0."""
+  ops, ca = _ops(ops_name), 2 * C + 1
+  idx, aidx = sparse_indices(rng, B, C, F), sparse_indices(rng, B, ca, F)
+  v, av = ragged_values(rng, B, C), ragged_values(rng, B, ca)
+  w = rng.standard_normal((F, D)).astype(np.float32)
+  g, ga = (rng.standard_normal((B, D)).astype(np.float32) for _ in range(2))
+  fn = lambda v, av, w: kernels.decode_with_aux(jnp.asarray(idx), v, jnp.asarray(aidx), av, w,
+                                                use_aux, ops)
+  (y, e), vjp = jax.vjp(jax.jit(fn), *map(jnp.asarray, (v, av, w)))
+  dv, dav, dw = vjp((jnp.asarray(g), jnp.asarray(ga)))
+  w64, g64, ga64 = (a.astype(np.float64) for a in (w, g, ga))
+  assert rel(y, np.einsum("bc,bcd->bd", v, w64[idx])) <= TOL
+  want_e = np.einsum("bc,bcd->bd", av, w64[aidx])
+  assert rel(e, want_e) <= TOL if use_aux else np.all(np.asarray(e) == 0)
+  want_dw = np.zeros((F, D))
+  np.add.at(want_dw, idx.reshape(-1), (v[..., None] * g64[:, None]).reshape(-1, D))
+  if use_aux:
+    np.add.at(want_dw, aidx.reshape(-1), (av[..., None] * ga64[:, None]).reshape(-1, D))
+  assert rel(dw, want_dw) <= TOL
+  assert rel(dv, np.einsum("bd,bcd->bc", g64, w64[idx])) <= TOL
+  want_dav = np.einsum("bd,bcd->bc", ga64, w64[aidx])
+  assert rel(dav, want_dav) <= TOL if use_aux else np.all(np.asarray(dav) == 0)
+
+
+@pytest.mark.parametrize("ops_name", OPS)
+@pytest.mark.parametrize("use_aux", [True, False])
+def test_sparse_encode_with_aux_is_one_encoder_gradient(rng, ops_name, use_aux):
+  """(main, AuxK) slot sets of one encoder: the values pass through, and d x, d w_enc, d b_enc
+  are float64's dense gradient of both sets where use_aux, of the main set alone where not."""
+  ops, ca = _ops(ops_name), 2 * C + 1
+  x = rng.standard_normal((B, D)).astype(np.float32)
+  w = rng.standard_normal((D, F)).astype(np.float32)
+  b = rng.standard_normal(F).astype(np.float32)
+  idx, aidx = sparse_indices(rng, B, C, F), sparse_indices(rng, B, ca, F)
+  g, ga = ragged_values(rng, B, C), ragged_values(rng, B, ca)
+  pre = x @ w + b
+  pre_at, aux_at = (np.take_along_axis(pre, i, axis=1) for i in (idx, aidx))
+  fn = lambda x, w, b: kernels.sparse_encode_with_aux(
+      x, w, b, jnp.asarray(idx), jnp.asarray(pre_at), jnp.asarray(aidx), jnp.asarray(aux_at),
+      use_aux, ops)
+  (out, aux), vjp = jax.vjp(jax.jit(fn), *map(jnp.asarray, (x, w, b)))
+  assert np.array_equal(out, pre_at) and np.array_equal(aux, aux_at)
+  dx, dw, db = vjp((jnp.asarray(g), jnp.asarray(ga)))
+  dense = np.zeros((B, F))  # the [B, F] cotangent of pre
+  np.add.at(dense, (np.repeat(np.arange(B), C), idx.reshape(-1)), g.reshape(-1))
+  if use_aux:
+    np.add.at(dense, (np.repeat(np.arange(B), ca), aidx.reshape(-1)), ga.reshape(-1))
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  assert rel(dw, x64.T @ dense) <= TOL and rel(db, dense.sum(0)) <= TOL
+  assert rel(dx, dense @ w64.T) <= TOL

@@ -49,12 +49,13 @@ def test_gather_decode(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gather_dot(rng, dtype):
-  idx, _ = ref.sparse_inputs(rng, B, C, N)
+@pytest.mark.parametrize("slots,block_c", [(C, 4), (12, 4)])  # C = 5: one slot per program
+def test_gather_dot(rng, dtype, slots, block_c):
+  idx, _ = ref.sparse_inputs(rng, B, slots, N)
   g, g64 = _cast(rng.normal(size=(B, D)), dtype)
   table, table64 = _cast(rng.normal(size=(N, D)), dtype)
-  out = pallas.gather_dot(idx, g, table, interpret=True, **SMALL)
-  assert out.shape == (B, C) and out.dtype == jnp.float32
+  out = pallas.gather_dot(idx, g, table, interpret=True, block_c=block_c, **SMALL)
+  assert out.shape == (B, slots) and out.dtype == jnp.float32
   assert ref.rel_err(out, ref.gather_dot(idx, g64, table64)) <= F32_TOL
 
 
@@ -136,6 +137,23 @@ def test_tpu_clt_kernels(rng, dtype):
   out = pallas.clt_scatter_outer(idx, val, g, F, jnp.asarray(acc), interpret=True, backend="tpu",
                                  block_p=4)
   assert ref.rel_err(out, acc + ref.clt_scatter_outer(idx, val, g, F)) <= F32_TOL
+
+
+def test_scatter_outer_adds_into_acc(rng):
+  """`acc` (aliased to the output): the sums are added to it, for the AuxK slots' gradients;
+  Triton (GPU) and Mosaic (TPU) kernels."""
+  idx, val = ref.sparse_inputs(rng, B, C, N)
+  src = rng.normal(size=(B, D)).astype(np.float32)
+  acc = rng.normal(size=(N, D)).astype(np.float32)
+  want = acc + ref.scatter_outer(idx, val, src, N)
+  out = jax.jit(lambda a: pallas.scatter_outer(idx, val, src, N, a, interpret=True, block_d=8,
+                                               block_p=4))(jnp.asarray(acc))
+  assert ref.rel_err(out, want) <= F32_TOL
+  out = pallas.scatter_outer(idx, val, src, N, jnp.asarray(acc), interpret=True, backend="tpu",
+                             block_p=4)
+  assert ref.rel_err(out, want) <= F32_TOL
+  with pytest.raises(ValueError, match="acc is"):
+    pallas.scatter_outer(idx, val, src, N, jnp.asarray(acc[:-1]), interpret=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

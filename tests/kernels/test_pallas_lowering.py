@@ -31,6 +31,10 @@ CASES = {
     "gather_dot": (pallas.gather_dot, (S((B, C), I32), S((B, D)), S((F, D))), {}),
     "scatter_outer": (pallas.scatter_outer, (S((B, C), I32), S((B, C)), S((B, D))),
                       {"num_rows": F}),
+    # AuxK's d w_dec (or d w_enc) added into the main one's (aux_k = 256 slots)
+    "scatter_outer_acc": (lambda i, v, src, acc, **kw: pallas.scatter_outer(i, v, src, F, acc, **kw),
+                          (S((B, 4 * C), I32), S((B, 4 * C)), S((B, D)), S((F, D), jnp.float32)),
+                          {}),
     "top_k": (pallas.top_k, (S((B, F)),), {"k": K}),
     "clt_decode": (pallas.clt_decode, (S((L, B, C), I32), S((L, B, C)), S((FC, P, DC))), {}),
     "clt_gather_dot": (pallas.clt_gather_dot,

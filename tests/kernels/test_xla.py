@@ -226,6 +226,18 @@ def test_top_k_is_lax_top_k(rng):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
+def test_scatter_outer_adds_into_acc(rng):
+  """With `acc`, the scatter adds its sums to acc (AuxK's slots into the main gradient)."""
+  idx, v = sparse_indices(rng, B, C, N), ragged_values(rng, B, C)
+  src = rng.standard_normal((B, D)).astype(np.float32)
+  acc = rng.standard_normal((N, D)).astype(np.float32)
+  out = jax.jit(xla.scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, src)), N,
+                                                     jnp.asarray(acc))
+  assert rel(out, acc + np_scatter_outer(idx, v, src, N)) <= TOL
+  with pytest.raises(ValueError, match=r"acc is float32\[%d, %d\]" % (N, D - 1)):
+    xla.scatter_outer(*map(jnp.asarray, (idx, v, src)), N, jnp.asarray(acc[:, 1:]))
+
+
 def test_clt_scatter_outer_adds_into_acc(rng):
   """With `acc`, the scatter adds its sums to acc (a second slot set into the same gradient)."""
   n_layers, f, d = 3, 16, 6

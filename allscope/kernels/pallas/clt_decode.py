@@ -75,6 +75,7 @@ def _tpu_call(indices, values, w_dec, interpret: bool):
   padded = idx.shape[1]
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, block_b=bb, slots=slots, num_layers=num_layers),
+      name="clt_decode",
       out_shape=jax.ShapeDtypeStruct((num_layers, padded, dim), jnp.float32),  # [L, B, d]
       grid=(padded // bb, num_layers),
       in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 3,
@@ -104,6 +105,7 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array, *,
   padded = idx_t.shape[2]
   out = pl.pallas_call(
       functools.partial(_kernel, block_b=bb, block_d=bd, slots=slots, num_layers=num_layers),
+      name="clt_decode",
       out_shape=jax.ShapeDtypeStruct((padded, num_layers, dim), jnp.float32),
       grid=(padded // bb, num_layers, dim // bd),
       in_specs=[pl.BlockSpec()] * 3,

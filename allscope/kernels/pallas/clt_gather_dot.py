@@ -69,6 +69,7 @@ def _tpu_call(indices, g, w_dec, interpret: bool):
   padded = idx.shape[1]
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, block_b=bb, slots=slots, num_layers=num_layers),
+      name="clt_gather_dot",
       out_shape=jax.ShapeDtypeStruct((num_layers, slots, padded, 1), jnp.float32),
       grid=(padded // bb, num_layers),
       in_specs=[pl.BlockSpec((None, bb, slots), lambda i, s: (s, i, 0),
@@ -99,6 +100,7 @@ def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array, *,
   padded = idx_t.shape[2]
   out = pl.pallas_call(
       functools.partial(_kernel, block_b=bb, block_d=bd, num_d=dim // bd, num_layers=num_layers),
+      name="clt_gather_dot",
       out_shape=jax.ShapeDtypeStruct((num_layers, slots, padded), jnp.float32),
       grid=(padded // bb, num_layers, slots),
       in_specs=[pl.BlockSpec()] * 3,

@@ -35,7 +35,8 @@ def _kernel(src_ref, tgt_ref, starts_ref, pair_ref, val_ref, g_ref, *refs, block
   def body(q, acc):
     first = start + q * block_p
     live = first + jnp.arange(block_p, dtype=jnp.int32) < end
-    b = pair_ref[s, pl.ds(first, block_p)] // slots
+    # Lanes past the segment re-read its first row (cached) instead of another row's.
+    b = jnp.where(live, pair_ref[s, pl.ds(first, block_p)], pair_ref[s, start]) // slots
     val = jnp.where(live, val_ref[s, pl.ds(first, block_p)].astype(jnp.float32), 0.0)
     contrib = val[:, None] * g_ref[b, t, cols].astype(jnp.float32)
     return acc + jnp.sum(jnp.where(live[:, None], contrib, 0.0), axis=0)
@@ -81,6 +82,7 @@ def _tpu_call(indices, values, g, num_rows: int, acc, interpret: bool, block_p: 
   return pl.pallas_call(
       functools.partial(_tpu_kernel, block_p=block_p, slots=slots, num_layers=num_layers,
                         has_acc=acc is not None),
+      name="clt_scatter_outer",
       out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),
       grid=(num_rows,),
       in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 4 + [block] * len(extra),
@@ -115,6 +117,7 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
   extra = () if acc is None else (acc,)
   return pl.pallas_call(
       functools.partial(_kernel, block_d=bd, block_p=block_p, slots=slots),
+      name="clt_scatter_outer",
       out_shape=jax.ShapeDtypeStruct((num_rows, num_pairs, dim), jnp.float32),
       grid=(num_rows, num_pairs, dim // bd),
       in_specs=[pl.BlockSpec()] * 6 + [block] * len(extra),

@@ -53,6 +53,7 @@ def _tpu_call(indices, values, table, interpret: bool):
   padded = idx.shape[0]
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, block_b=bb, slots=slots),
+      name="gather_decode",
       out_shape=jax.ShapeDtypeStruct((padded, dim), jnp.float32),
       grid=(padded // bb,),
       in_specs=[pl.BlockSpec((bb, slots), lambda i: (i, 0), memory_space=pltpu.SMEM),
@@ -83,6 +84,7 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array, *,
   padded = idx_t.shape[1]
   out = pl.pallas_call(
       functools.partial(_kernel, block_b=bb, block_d=bd, slots=slots),
+      name="gather_decode",
       out_shape=jax.ShapeDtypeStruct((padded, dim), jnp.float32),
       grid=(padded // bb, dim // bd),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],

@@ -143,6 +143,7 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
   padded = xp.shape[0]
   cand_v, cand_i = pl.pallas_call(
       functools.partial(_kernel, chunk=chunk, m=m, n=n),
+      name="top_k",
       out_shape=(jax.ShapeDtypeStruct((num_chunks, padded, m), x.dtype),
                  jax.ShapeDtypeStruct((num_chunks, padded, m), jnp.int32)),
       grid=(padded // r, num_chunks),
