@@ -64,6 +64,60 @@ def test_gather_dot_and_scatter_outer_are_the_vjp_of_gather_decode(rng):
   assert rel(dv, want_dv) <= TOL and rel(dt, want_dt) <= TOL
 
 
+@pytest.mark.parametrize("d", [1, 5, 8, 37, 640])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_dot_any_width(rng, d, dtype):
+  """The column-halving row dot at widths with odd halvings (37 -> 18 + 1 -> 9 -> 4 + 1),
+  none (<= 8) and Gemma's 640, under the trainers' vmap over dictionaries."""
+  idx = np.stack([sparse_indices(rng, B, C, N) for _ in range(2)])
+  g = rng.standard_normal((2, B, d)).astype(np.float32)
+  table = jnp.asarray(rng.standard_normal((2, N, d)), dtype)
+  want = np.einsum("gbd,gbcd->gbc", g, np.stack([np.asarray(t, np.float64)[i]
+                                                 for t, i in zip(table, idx)]))
+  got = jax.jit(jax.vmap(xla.gather_dot))(jnp.asarray(idx), jnp.asarray(g), table)
+  assert got.dtype == jnp.float32 and got.shape == (2, B, C)
+  assert rel(got, want) <= TOL
+
+
+@pytest.mark.parametrize("b,c,n,d", [
+    (24, 7, 40, 12),  # packed (row, pair) sort keys, pieces of 4
+    (300, 5, 7, 3),  # a few rows with many pieces of 16 each
+    (16, 3, 1000, 5),  # more rows than pairs: most rows empty
+    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: the scatter per slot
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scatter_outer_by_sorted_pieces(rng, b, c, n, d, dtype):
+  """scatter_outer sums each row's pairs in pieces after sorting them: any rows per pair,
+  duplicates, empty slots, both sort paths, under the trainers' vmap over dictionaries."""
+  idx = np.stack([sparse_indices(rng, b, c, n) for _ in range(2)])
+  v = np.stack([ragged_values(rng, b, c) for _ in range(2)])
+  src = rng.standard_normal((2, b, d)).astype(np.float32)
+  v_in, src_in = jnp.asarray(v, dtype), jnp.asarray(src, dtype)
+  got = jax.jit(jax.vmap(xla.scatter_outer, in_axes=(0, 0, 0, None)), static_argnums=3)(
+      jnp.asarray(idx), v_in, src_in, n)
+  assert got.dtype == jnp.float32 and got.shape == (2, n, d)
+  for g in range(2):
+    want = np_scatter_outer(idx[g], np.asarray(v_in[g], np.float64), np.asarray(src_in[g]), n)
+    assert rel(got[g], want) <= TOL
+
+
+def test_row_pieces_packed_keys_equal_the_payload_sort(rng):
+  """Both sort paths of scatter_outer's grouping give the same pieces, in row order."""
+  idx = jnp.asarray(sparse_indices(rng, 50, 9, 30))
+  packed = xla._row_pieces(idx, 30, 4)
+  payload = xla._row_pieces(idx, 30, 4, pack=False)
+  for a, b in zip(packed, payload):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  pairs, rows = map(np.asarray, packed)
+  used = rows < 30
+  assert np.all(np.diff(rows) >= 0) and used.sum() <= pairs.shape[0]
+  flat = np.asarray(idx).reshape(-1)
+  # every pair exactly once, in a piece of its own row
+  assert sorted(pairs[pairs < flat.size].tolist()) == list(range(flat.size))
+  assert np.all(flat[pairs[used][pairs[used] < flat.size]] ==
+                np.repeat(rows[used], (pairs[used] < flat.size).sum(axis=1)))
+
+
 def test_scatter_outer_many_duplicates(rng):
   idx = rng.integers(0, 3, (B, C)).astype(np.int32)  # every row hits the same 3 rows
   v = ragged_values(rng, B, C)
@@ -133,6 +187,30 @@ def test_two_stage_top_k_equals_lax_top_k_with_ties(rng, two_stage, n, k, chunk)
     assert got_i.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunk_max_top_k_total_order(rng, dtype):
+  """Signed zeros, infinities and ties rank as in lax.top_k (-0.0 below +0.0), in float32 (the
+  maxima over int32 order keys) and bfloat16 (a plain max)."""
+  levels = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, np.inf], np.float32)
+  for x in (levels[rng.integers(0, len(levels), (16, 1000))], rng.standard_normal((16, 1000))):
+    x = jnp.asarray(x, dtype)
+    want_v, want_i = jax.lax.top_k(x, 17)
+    got_v, got_i = xla.chunk_max_top_k(x, 17, 16)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.signbit(np.asarray(got_v, np.float32)),
+                                  np.signbit(np.asarray(want_v, np.float32)))
+
+
+def test_chunk_max_top_k_reads_its_input_once():
+  """The chunk maxima fuse x's producer: top_k(product + bias) never writes the [B, N] sum out
+  (the trainers' encoder bias pass); only the small candidate arrays are temporaries."""
+  b, n = 512, 4096
+  f = jax.jit(jax.vmap(lambda p, bias: xla.chunk_max_top_k(p + bias, 16, 16)))
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  temp = f.lower(shape(2, b, n), shape(2, n)).compile().memory_analysis().temp_size_in_bytes
+  assert temp < b * n * 4, temp
 
 
 def test_chunk_max_top_k_needs_k_chunks():
