@@ -239,10 +239,9 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
           cut = jnp.full((x_g.shape[0],), jnp.maximum(batch_thr, 0.0))
         return jnp.maximum(-jnp.max(product + b - cut[:, None], axis=0), 0.0)
       lifted = (jax.lax.cond(any_dead, lift, lambda _: jnp.zeros((width,), jnp.float32), None),)
-    if not k_aux or dense_aux:
-      pre = kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
-      if not k_aux:
-        return main(pre) + lifted
+    encode_main = lambda: kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
+    if not k_aux:
+      return main(encode_main()) + lifted
 
     def pick(_):
       scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
@@ -262,7 +261,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     aux_pre, aux_ok, *aux_idx = jax.lax.cond(any_dead, pick, none, None)
     aux_pre = jnp.where(aux_ok, aux_pre, 0.0)
     if dense_aux:  # no indices: every latent
-      return main(pre) + lifted + (None, aux_pre, aux_ok)
+      return main(encode_main()) + lifted + (None, aux_pre, aux_ok)
     # One encoder-gradient buffer for the main and AuxK slots (AuxK's scatters only while dead).
     pre, aux_pre = kernels.sparse_encode_with_aux(x_g, w_enc, b_enc, sel.indices, sel.values,
                                                   aux_idx[0], aux_pre, any_dead, ops)
