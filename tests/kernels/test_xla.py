@@ -86,9 +86,10 @@ def test_gather_dot_any_width(rng, d, dtype):
     (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: the scatter per slot
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_scatter_outer_by_sorted_pieces(rng, b, c, n, d, dtype):
+def test_scatter_outer_by_sorted_pieces(rng, monkeypatch, b, c, n, d, dtype):
   """scatter_outer sums each row's pairs in pieces after sorting them: any rows per pair,
   duplicates, empty slots, both sort paths, under the trainers' vmap over dictionaries."""
+  monkeypatch.setattr(xla, "PIECES_MIN_PRODUCTS", 0)  # the sorted pieces at these small shapes
   idx = np.stack([sparse_indices(rng, b, c, n) for _ in range(2)])
   v = np.stack([ragged_values(rng, b, c) for _ in range(2)])
   src = rng.standard_normal((2, b, d)).astype(np.float32)
