@@ -37,8 +37,8 @@ class TrainConfig:
   # Sparsity.
   k: int = 32  # TopK / BatchTopK
   target_l0: float = 32.0  # quadratic L0 penalty target; also sizes the JumpReLU capacity
-  capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0) (JumpReLU: at least
-  # target_l0 + 192), at most width
+  capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0) (JumpReLU: the larger of
+  # 6 * target_l0 and target_l0 + 192), at most width
   l0_penalty: Literal["linear", "quadratic"] = "quadratic"
   l0_coef: float | None = None  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU); None: the
   # activation's default (ACTIVATION_DEFAULTS)
@@ -170,10 +170,10 @@ class TrainConfig:
       return min(self.k, self.width)
     if self.activation == "jumprelu":
       # Per-row L0 is heavy-tailed on real activations (thresholds are absolute, so rows of 1.5-2x
-      # the median norm fire 5-10x the target): at F = 4096 the densest row of a 1024-row batch
-      # fires up to target + 160 latents at targets 16-64 (docs/train.md), which 4 x target does
-      # not hold below ~64.
-      return min(max(4 * base, base + 192), self.width)
+      # the median norm fire 5-10x the target): at F = 4096 with revive the densest training rows
+      # fire up to ~target + 160 at target 16 and ~5 x target at 64 (docs/train.md). Slots cost
+      # little memory at real sizes (the [B, F] pre-activations dominate).
+      return min(max(6 * base, base + 192), self.width)
     return min(max(4 * base, 8), self.width)
 
   def validate(self) -> None:
