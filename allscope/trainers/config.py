@@ -37,8 +37,8 @@ class TrainConfig:
   # Sparsity.
   k: int = 32  # TopK / BatchTopK
   target_l0: float = 32.0  # quadratic L0 penalty target; also sizes the JumpReLU capacity
-  capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0) (JumpReLU: at least
-  # target_l0 + 64), at most width
+  capacity: int = 0  # active slots per row; 0 = 4 * (k or target_l0) (JumpReLU: the larger of
+  # 6 * target_l0 and target_l0 + 192), at most width
   l0_penalty: Literal["linear", "quadratic"] = "quadratic"
   l0_coef: float | None = None  # L0 coefficient (JumpReLU) or L1 coefficient (ReLU); None: the
   # activation's default (ACTIVATION_DEFAULTS)
@@ -64,8 +64,10 @@ class TrainConfig:
   # default: it lost to `revive` in the screen (docs/train.md).
   resample_fractions: tuple[float, ...] = ()
   # TopK/BatchTopK: each step, a latent silent for aux_after_tokens tokens gets the encoder bias
-  # that puts it in the top k of its best row of the batch (docs/train.md: measured).
-  # None: the activation's default (ACTIVATION_DEFAULTS: on for TopK and BatchTopK).
+  # that puts it in the top k of its best row of the batch; JumpReLU: the threshold just under
+  # its best pre-activation of the batch, for at most width / 32 latents per step, nearest first
+  # (docs/train.md: measured). None: the activation's default (ACTIVATION_DEFAULTS: on for TopK,
+  # BatchTopK and JumpReLU).
   revive: bool | None = None
   dead_tokens: int = 1_000_000  # a latent that fired on none of the last N tokens is dead
   matryoshka: tuple[int, ...] = ()  # nested prefix sizes (< width); the full width is implied
@@ -140,7 +142,7 @@ class TrainConfig:
   @property
   def revives(self) -> bool:
     """train.revive, or the activation's default when it is left unset."""
-    return bool(_default(self, "revive")) and self.activation in ("topk", "batchtopk")
+    return bool(_default(self, "revive")) and self.activation in ("topk", "batchtopk", "jumprelu")
 
   @property
   def data_init(self) -> bool:
@@ -167,9 +169,11 @@ class TrainConfig:
     if self.activation == "topk":
       return min(self.k, self.width)
     if self.activation == "jumprelu":
-      # Per-row L0 is heavy-tailed on real activations: the densest rows fire about target + 50
-      # latents at targets 16-64 (docs/train.md), which 4 x target does not hold below ~22.
-      return min(max(4 * base, base + 64), self.width)
+      # Per-row L0 is heavy-tailed on real activations (thresholds are absolute, so rows of 1.5-2x
+      # the median norm fire 5-10x the target): at F = 4096 with revive the densest training rows
+      # fire up to ~target + 160 at target 16 and ~5 x target at 64 (docs/train.md). Slots cost
+      # little memory at real sizes (the [B, F] pre-activations dominate).
+      return min(max(6 * base, base + 192), self.width)
     return min(max(4 * base, 8), self.width)
 
   def validate(self) -> None:
@@ -264,8 +268,9 @@ class TrainConfig:
 # it 1-4% (docs/train.md).
 # JumpReLU trains with the same optimizer and decoder (its one-pass F = 4096 held-out FVU at the
 # TopK lr is within 1-7% of TopK's at equal L0; its L0 is held by calibrated thresholds and
-# l0_control, docs/train.md) but no revive: lifting a silent latent's bias against an L0
-# penalty that raises its threshold again ratchets both up until the reconstruction diverges.
+# l0_control, docs/train.md) and revives silent latents by lowering their thresholds (a few per
+# step; lifting the bias instead, against an L0 penalty that raises the threshold again,
+# ratchets both up until the reconstruction diverges).
 # ReLU keeps Gemma Scope's unit-norm decoder (its L1 is weighted by decoder norms) and the usual
 # Adam settings. l0_coef: JumpReLU's L0 coefficient 1 (Gemma Scope);
 # ReLU's L1 coefficient 0.05 (held-out L0 48 for a one-pass F = 4096 transcoder; 1 killed every
@@ -276,7 +281,7 @@ ACTIVATION_DEFAULTS = {
     "batchtopk": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
                   "revive": True, "l0_coef": 0.0},
     "jumprelu": {"lr_warmup_steps": 0, "adam_b1": 0.5, "decoder_norm": "none",
-                 "revive": False, "l0_coef": 1.0},
+                 "revive": True, "l0_coef": 1.0},
     "relu": {"lr_warmup_steps": 100, "adam_b1": 0.9, "decoder_norm": "unit",
              "revive": False, "l0_coef": 0.05},
 }

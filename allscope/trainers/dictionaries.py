@@ -233,6 +233,12 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     lifted = ()
     if revive:
       def lift(_):
+        if cfg.activation == "jumprelu":
+          # In log-threshold units: how far the threshold lies above the latent's best
+          # pre-activation in the batch (0 where that is not positive: no threshold reaches it).
+          best = jnp.max(product + b, axis=0)
+          gap = jnp.log(jax.lax.stop_gradient(thr)) - jnp.log(jnp.maximum(best, 1e-30))
+          return jnp.where(best > 0, jnp.maximum(gap, 0.0), 0.0)
         if cfg.activation == "topk":
           cut = jnp.maximum(jnp.min(jnp.where(sel.active, sel.values, jnp.inf), axis=-1), 0.0)
         else:

@@ -243,6 +243,11 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   group_names = (["all_layers"] if cfg.kind == "crosscoder"
                  else [f"layer_{l}" for l in cfg.layers])
   warned_capacity = False
+  # The capacity should never bind once training settles (after the sparsity warm-up, or in the
+  # second half of a run shorter than it): the firing latents dropped there are summed on the
+  # device every step and checked at each log step, so one between log steps is not missed.
+  steady_from = min(cfg.sparsity_warmup_steps, cfg.steps // 2)
+  dropped, dropped_from = None, None
 
   def check() -> None:
     bad = int(jax.device_get(st.bad_step))
@@ -263,6 +268,9 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
         st, m = step_fn(st, put(batch[site_in]), put(batch[site_out]), norm_in, norm_out)
         batch = None
         bar.update(1)
+        if step_done > steady_from and not warned_capacity:
+          dropped = m["overflow"] if dropped is None else dropped + m["overflow"]
+          dropped_from = dropped_from or step_done
         if step_done % cfg.log_every == 0 or step_done == cfg.steps:
           check()
           host = jax.device_get(m)
@@ -278,17 +286,17 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
           for k, values in per_group.items():
             for name, v in zip(group_names, np.asarray(values).reshape(-1)):
               writer.add_scalar(f"{k}/{name}", float(v), step_done)
-          if (metrics["overflow"] > 0 and step_done > cfg.sparsity_warmup_steps
-              and not warned_capacity):
+          n_dropped = 0 if dropped is None else int(jax.device_get(dropped))
+          if n_dropped > 0 and not warned_capacity:
             # The capacity bounds memory; the sparsity penalty should keep L0 well below it.
             warned_capacity = True
             fix = {"jumprelu": "rows fire far more latents than target_l0 (per-row L0 is "
                                "heavy-tailed, docs/train.md): raise train.capacity",
                    "relu": "the sparsity is not under control: raise train.l0_coef or "
                            "train.capacity"}.get(cfg.activation, "raise train.capacity")
-            log.warning("train: step %d dropped %d active latents for lack of capacity "
-                        "(train.capacity=%d slots per row, L0 %.1f); %s", step_done,
-                        int(metrics["overflow"]), cfg.slots, metrics["l0"], fix)
+            log.warning("train: steps %d-%d dropped %d active latents for lack of capacity "
+                        "(train.capacity=%d slots per row, L0 %.1f); %s", dropped_from,
+                        step_done, n_dropped, cfg.slots, metrics["l0"], fix)
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", fvu=f"{metrics['fvu']:.3f}",
                           l0=f"{metrics['l0']:.1f}", dead=f"{100 * metrics['dead']:.1f}%",
                           tok_s=f"{metrics['tokens_per_s']:.3g}")

@@ -14,6 +14,12 @@ from allscope.trainers.config import TrainConfig
 
 _SATURATE = 1 << 30
 REVIVE_MARGIN = 1e-3  # a revived latent's pre-activation clears its row's cut-off by this much
+# JumpReLU's revive: a revived threshold sits REVIVE_LOG_MARGIN (log) under the latent's best
+# pre-activation of the batch; at most REVIVE_MAX_FRACTION of the latents per step (those
+# nearest their thresholds), so the L0 they add stays within what the controller absorbs
+# (all at once: L0 +58-127% and FVU +29%; docs/train.md).
+REVIVE_LOG_MARGIN = 0.05
+REVIVE_MAX_FRACTION = 1 / 32
 
 
 def _finite(tree) -> jax.Array:
@@ -65,7 +71,17 @@ def train_step(cfg: TrainConfig, st: state_lib.TrainState, x: jax.Array, y: jax.
   # A branch, not a select between old and new: the update runs in place on the donated state
   # and a skipped step copies nothing (a select would read both and write every array again).
   new_params, opt_state = jax.lax.cond(good, update, lambda _: (params, st.opt_state), None)
-  if "lift" in extras:  # train.revive: silent latents into the top k of their best row
+  if "lift" in extras and cfg.activation == "jumprelu":
+    # train.revive: a silent latent's threshold drops to just under its best pre-activation of
+    # the batch (its bias and direction untouched; the L0 controller absorbs the extra firing).
+    cand = good & dead & (extras["lift"] > 0)
+    n = max(1, int(cfg.width * REVIVE_MAX_FRACTION))
+    score = jnp.where(cand, -extras["lift"], -jnp.inf)
+    kth = jax.lax.top_k(score, n)[0][..., -1:]
+    cand = cand & (score >= kth)
+    lift = jnp.where(cand, extras["lift"] + REVIVE_LOG_MARGIN, 0.0)
+    new_params = {**new_params, "log_threshold": new_params["log_threshold"] - lift}
+  elif "lift" in extras:  # train.revive: silent latents into the top k of their best row
     lift = jnp.where(good & dead & (extras["lift"] > 0), extras["lift"] + REVIVE_MARGIN, 0.0)
     new_params = {**new_params, "b_enc": new_params["b_enc"] + lift}
   if cfg.activation == "jumprelu" and cfg.l0_control:

@@ -58,7 +58,7 @@ def test_relu_keeps_a_unit_decoder_and_warmup_and_explicit_values_win():
   relu = TrainConfig(activation="relu")
   assert (relu.warmup_steps, relu.b1, relu.unit_decoder) == (100, 0.9, True)
   jr = TrainConfig(activation="jumprelu")
-  assert (jr.threshold_init, jr.init_l0_multiple, jr.revives) == (0.0, 1.0, False)
+  assert (jr.threshold_init, jr.init_l0_multiple, jr.revives) == (0.0, 1.0, True)
   topk = TrainConfig(activation="topk", lr_warmup_steps=7, adam_b1=0.8, decoder_norm="unit")
   assert (topk.warmup_steps, topk.b1, topk.unit_decoder) == (7, 0.8, True)
   assert TrainConfig(activation="jumprelu", decoder_norm="unit").unit_decoder

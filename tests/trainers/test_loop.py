@@ -136,5 +136,24 @@ def test_jumprelu_warns_once_when_its_capacity_drops_firing_latents(tmp_path, ca
     result = train(cfg, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path, progress=False)
   assert result.metrics["overflow"] > 0
   warnings = [r.getMessage() for r in caplog.records if "lack of capacity" in r.getMessage()]
-  assert len(warnings) == 1 and "step 2 dropped" in warnings[0], warnings
+  assert len(warnings) == 1 and "steps 2-2 dropped" in warnings[0], warnings
   assert "train.capacity=2 slots per row" in warnings[0] and "raise train.capacity" in warnings[0]
+
+
+def test_a_capacity_that_binds_after_warm_up_is_warned_about_once_naming_the_fix(tmp_path, caplog):
+  """JumpReLU's capacity bounds memory, never the sparsity: firing latents dropped for lack of
+  slots once training settles (after the sparsity warm-up, or in the second half of a shorter
+  run) log one warning naming train.capacity, even when they fall between log steps; the
+  default capacity on the same data drops none and stays silent."""
+  base = dataclasses.replace(CFG, activation="jumprelu", target_l0=3.0, steps=12, log_every=5,
+                             checkpoint_every=100)  # warm-up 100 > 12 steps: second half counts
+  with caplog.at_level("WARNING", logger="allscope.trainers.loop"):
+    train(dataclasses.replace(base, capacity=1), synthetic.loader(SRC, 64), SRC.norm_scale(),
+          tmp_path / "tight", progress=False)
+  warnings = [r.getMessage() for r in caplog.records if "lack of capacity" in r.getMessage()]
+  assert len(warnings) == 1 and "raise train.capacity" in warnings[0], warnings
+  assert "steps 7-" in warnings[0], warnings  # counted from the first step of the second half
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="allscope.trainers.loop"):
+    train(base, synthetic.loader(SRC, 64), SRC.norm_scale(), tmp_path / "default", progress=False)
+  assert not [r for r in caplog.records if "lack of capacity" in r.getMessage()]

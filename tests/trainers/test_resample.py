@@ -186,3 +186,54 @@ def test_revive_puts_each_silent_latent_in_the_top_k_of_its_best_row(activation)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   for k in ("w_enc", "w_dec", "b_dec"):
     np.testing.assert_array_equal(np.asarray(on.params[k]), np.asarray(off.params[k]))
+
+
+def test_jumprelu_revive_lowers_the_nearest_silent_thresholds_under_their_best_pre_activation():
+  """train.revive for JumpReLU: after the update, the REVIVE_MAX_FRACTION x width silent latents
+  nearest their thresholds (in log units, over the batch's best pre-activation) get the
+  log-threshold log(best pre) - REVIVE_LOG_MARGIN; a silent latent whose pre-activations are
+  all <= 0, or beyond that count, keeps its threshold, and nothing else changes (float64
+  reference from the pre-step parameters)."""
+  from allscope.trainers import step as step_lib
+  f = 256  # 8 revived per step
+  base = TrainConfig(kind="transcoder", activation="jumprelu", layers=(0, 1), width=f,
+                     target_l0=8.0, batch_size=B, steps=10, lr=3e-3, aux_after_tokens=1000,
+                     revive=False)
+  cfg = dataclasses.replace(base, revive=True)
+  assert TrainConfig(activation="jumprelu").revives  # on by default
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(B, 2, D_IN)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(B, 2, D_OUT)), jnp.float32)
+  ones = jnp.ones((2,), jnp.float32)
+  params = dictionaries.init_params(base, D_IN, D_OUT, jax.random.key(4))
+  b_enc = rng.normal(0.0, 0.5, size=(2, f))
+  b_enc[:, ::16] = -20.0  # pre-activations <= 0 on every row: no threshold reaches them
+  params["b_enc"] = jnp.asarray(b_enc, jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  pre = np.einsum("bgi,gif->gbf", x64, np.asarray(params["w_enc"], np.float64)) + np.asarray(
+      params["b_enc"], np.float64)[:, None]  # [G, B, F]
+  best = pre.max(axis=1)
+  silent = rng.random((2, f)) < 0.5
+  # Live latents fire on their top tenth of rows; silent ones sit above their best row.
+  thr = np.where(silent, np.abs(best) * np.exp(rng.uniform(0.1, 2.0, (2, f))),
+                 np.maximum(np.quantile(pre, 0.9, axis=1), 1e-3))
+  params["log_threshold"] = jnp.asarray(np.log(thr), jnp.float32)
+  st = state_lib.init_state(base, params, jax.random.key(4))
+  st = st.replace(step=jnp.asarray(5, jnp.int32),
+                  since_fired=jnp.where(silent, 1000, 0).astype(jnp.int32))
+  on, _ = jax.jit(lambda s: train_step(cfg, s, x, y, ones, ones))(st)
+  off, _ = jax.jit(lambda s: train_step(base, s, x, y, ones, ones))(st)
+  n = int(f * step_lib.REVIVE_MAX_FRACTION)
+  log_thr = np.log(np.asarray(np.exp(params["log_threshold"]), np.float64))
+  for g in range(2):
+    gap = np.where(silent[g] & (best[g] > 0), log_thr[g] - np.log(np.maximum(best[g], 1e-30)),
+                   np.inf)
+    assert np.sum(np.isfinite(gap)) > n and np.sum(silent[g] & (best[g] <= 0)) > 0  # both cases
+    chosen = np.argsort(gap)[:n]
+    want = np.zeros(f)
+    want[chosen] = -(gap[chosen] + step_lib.REVIVE_LOG_MARGIN)
+    got = (np.asarray(on.params["log_threshold"][g], np.float64)
+           - np.asarray(off.params["log_threshold"][g], np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+  for k in ("w_enc", "b_enc", "w_dec", "b_dec"):
+    np.testing.assert_array_equal(np.asarray(on.params[k]), np.asarray(off.params[k]))
