@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -147,7 +148,6 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   forward once, caching the residual stream entering every splice layer, and each splice then
   runs only the layers from its own onward plus the unembedding.
   """
-  import jax
   import jax.numpy as jnp
   from tqdm.auto import tqdm
 
@@ -204,6 +204,7 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   seq_nll = {key: [] for key, *_ in splices}
   seq_nll["clean"], seq_targets, kl = [], [], {key: 0.0 for key, *_ in splices}
 
+  graphdef, state = nnx.split(model)
   bar = tqdm(range(0, tokens.shape[0], cfg.batch_size), desc="evaluate", unit="batch",
              disable=not progress)
   start_time = time.perf_counter()
@@ -218,10 +219,10 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
     keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
     spliced = b0 < n_splice
     if spliced:
-      captured, clean = _clean_pass(model, batch, mask, clean_sites, clean_layers)
+      captured, clean = _clean_pass(graphdef, state, batch, mask, clean_sites, clean_layers)
       n_used = min(n_rows, n_splice - b0)  # rows past splice_sequences are not counted
     else:  # activation metrics only: the capture stops at the deepest layer, no unembedding
-      captured = model.capture(batch, sites=sites, layers=layers, mask=mask)
+      captured = _capture(graphdef, state, batch, mask, sites, layers)
     keep_np = np.asarray(keep)
     for i, d in enumerate(dictionaries):
       x, y = _inputs_targets(d, captured, layer_index if spliced else capture_index, keep_np)
@@ -237,8 +238,8 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
           resid, begin = embedded, jnp.int32(0)
         else:
           resid, begin = captured["resid_post"][:, :, layer_index[start - 1]], jnp.int32(start)
-        hidden.append(_spliced_hidden(model, batch, mask, keep, params, spec, jnp.int32(layer),
-                                      begin, resid))
+        hidden.append(_spliced_hidden(graphdef, state, batch, mask, keep, params, spec,
+                                      jnp.int32(layer), begin, resid))
       del captured
       clean_nll, nll, kl_sum, valid = jax.device_get(
           _splice_losses(model.embed_tokens[...], clean, jnp.stack(hidden), batch, mask))
@@ -372,7 +373,6 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
   at every layer, so each layer's input is the replacement model's own mlp_in (errors feed
   forward).
   """
-  import jax
   import jax.numpy as jnp
 
   def keep_where(new, old):
@@ -450,7 +450,6 @@ def _vocab_stats(h: Any, embed: Any, targets: Any, n_clean: int, chunk: int = VO
   enters the max, the target logit and the p-weighted difference alike, so it cancels in
   NLL = lse - z_target and KL = sum_v p_v (z_p,v - z_q,v) + lse_q - lse_p.
   """
-  import jax
   import jax.numpy as jnp
 
   f32 = jnp.float32
@@ -485,29 +484,43 @@ def _vocab_stats(h: Any, embed: Any, targets: Any, n_clean: int, chunk: int = VO
   return m, jnp.log(s), target, diff / s[None, :n_clean]
 
 
-@functools.partial(nnx.jit, static_argnums=(3, 4))
-def _clean_pass(model: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
+# The forwards below take the model as (graphdef, state) = nnx.split(model), split once per
+# evaluation: under nnx.jit each call's handling of the model's state cost about 0.9 CPU-seconds
+# on the 270M (more than a one-layer splice tail), 19 times per batch.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _capture(graphdef: Any, state: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
+  """Activations of `sites` x `layers`, stopping at the deepest of those layers."""
+  return nnx.merge(graphdef, state).forward(tokens, mask, sites, layers, (), False)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _clean_pass(graphdef: Any, state: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
   """The clean forward, once per batch: activations of `sites` x `layers` (the dictionaries'
   inputs and targets and the cached residuals) and the final hidden state at the predicting
   positions [B, S - 1, d]; the vocabulary is left to `_splice_losses`."""
+  model = nnx.merge(graphdef, state)
   captured, h = model.forward(tokens, mask, sites, layers, (), True, final_hidden=True)
   return captured, h[:, :-1]
 
 
-@functools.partial(nnx.jit, static_argnums=(5,))
-def _spliced_hidden(model: Any, tokens: Any, mask: Any, keep: Any, params: Any, spec: tuple,
-                    layer: Any, start: Any = None, resid: Any = None):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _spliced_hidden(graphdef: Any, state: Any, tokens: Any, mask: Any, keep: Any, params: Any,
+                    spec: tuple, layer: Any, start: Any = None, resid: Any = None):
   """The final hidden state [B, S - 1, d] (predicting positions) with the splice of `spec` at
   `layer`. With `resid` (the clean residual entering layer `start`) only layers >= start run;
   `start` and `layer` are traced, so one compile serves every layer."""
+  model = nnx.merge(graphdef, state)
   fns = _splice_fns(spec, params, keep, layer)
   splice = tuple(sorted(fns.items(), key=lambda kv: (kv[0][1], kv[0][0])))
   _, h = model.forward(tokens, mask, (), (), splice, True, start, resid, final_hidden=True)
   return h[:, :-1]
 
 
-@nnx.jit
-def _splice_losses(embed: Any, clean: Any, hidden: Any, tokens: Any, mask: Any):
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _splice_losses(embed: Any, clean: Any, hidden: Any, tokens: Any, mask: Any,
+                   chunk: int = VOCAB_CHUNK):
   """Per-sequence summed next-token NLL of the clean model [B] and of n splices [n, B], their
   KL(clean || spliced) [n, B], and the target counts [B], from the final hidden states `clean`
   [B, S - 1, d] and `hidden` [n, B, S - 1, d]: one streamed pass over the vocabulary for all of
@@ -518,7 +531,7 @@ def _splice_losses(embed: Any, clean: Any, hidden: Any, tokens: Any, mask: Any):
   n, b, s, d = hidden.shape
   rows = jnp.concatenate([clean[None], hidden.astype(clean.dtype)]).reshape(-1, d)
   targets = jnp.broadcast_to(tokens[None, :, 1:], (n + 1, b, s)).reshape(-1)
-  top, log_sum, target, gap = _vocab_stats(rows, embed, targets, b * s)
+  top, log_sum, target, gap = _vocab_stats(rows, embed, targets, b * s, chunk)
   top, log_sum = top.reshape(n + 1, b, s), log_sum.reshape(n + 1, b, s)
   nll = (top - target.reshape(n + 1, b, s)) + log_sum
   kl = gap.reshape(n, b, s) + (top[1:] - top[:1]) + (log_sum[1:] - log_sum[:1])

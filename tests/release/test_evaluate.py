@@ -289,11 +289,12 @@ def test_splice_from_the_cached_residual_equals_the_full_spliced_forward(tiny, r
   mask = batch != TINY.pad_id
   keep = mask & (batch != TINY.bos_id)
   layers = tuple(range(TINY.n_layers))
-  captured, clean = _clean_pass(model, batch, mask, ("resid_post",), layers)
+  graphdef, state = nnx.split(model)
+  captured, clean = _clean_pass(graphdef, state, batch, mask, ("resid_post",), layers)
   for layer in range(TINY.n_layers):
-    full = _spliced_hidden(model, batch, mask, keep, params, spec, jnp.int32(layer))
+    full = _spliced_hidden(graphdef, state, batch, mask, keep, params, spec, jnp.int32(layer))
     resid = model.embed(batch) if layer == 0 else captured["resid_post"][:, :, layer - 1]
-    tail = _spliced_hidden(model, batch, mask, keep, params, spec, jnp.int32(layer),
+    tail = _spliced_hidden(graphdef, state, batch, mask, keep, params, spec, jnp.int32(layer),
                            jnp.int32(layer), resid)
     np.testing.assert_allclose(np.asarray(tail), np.asarray(full), rtol=1e-6, atol=1e-6)
     assert np.abs(np.asarray(full) - np.asarray(clean)).max() > 1e-3  # the splice did act
@@ -330,14 +331,15 @@ def test_splice_losses_equal_the_materialized_log_softmax(tiny, rng):
   mask = batch != TINY.pad_id
   keep = mask & (batch != TINY.bos_id)
   layers = tuple(range(TINY.n_layers))
-  _, clean = _clean_pass(model, batch, mask, ("resid_post",), layers)
+  graphdef, state = nnx.split(model)
+  _, clean = _clean_pass(graphdef, state, batch, mask, ("resid_post",), layers)
   hidden = []
   for layer in range(TINY.n_layers):
     d = Dictionary(random_params(rng, 32, 48, 32), "transcoder", "jump_relu", "tiny", layer,
                    "mlp_in", "mlp_out")
     spec = ("transcoder", TINY.n_layers, "mlp_in", "mlp_out", "jump_relu", None)
-    hidden.append(_spliced_hidden(model, batch, mask, keep, jax.tree.map(jnp.asarray, d.params),
-                                  spec, jnp.int32(layer)))
+    hidden.append(_spliced_hidden(graphdef, state, batch, mask, keep,
+                                  jax.tree.map(jnp.asarray, d.params), spec, jnp.int32(layer)))
   clean_nll, nll, kl, counts = _splice_losses(model.embed_tokens[...], clean, jnp.stack(hidden),
                                               batch, mask)
 
