@@ -432,7 +432,7 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
   return fns
 
 
-VOCAB_CHUNK = 1024  # vocabulary rows per step of the streamed unembedding (see _vocab_stats)
+VOCAB_CHUNK = 512  # vocabulary rows per step of the streamed unembedding (see _vocab_stats)
 
 
 def _vocab_stats(h: Any, embed: Any, targets: Any, n_clean: int, chunk: int = VOCAB_CHUNK):
