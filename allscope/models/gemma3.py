@@ -159,12 +159,16 @@ class Gemma3(nnx.Module):
     """The residual stream entering layer 0: scaled token embeddings [batch, seq, d_model]."""
     return self.embed_tokens[...][tokens] * jnp.asarray(self.config.d_model**0.5, self.dtype)
 
-  def forward(self, tokens, mask, sites, layers, splice, with_logits, start=None, resid=None):
+  def forward(self, tokens, mask, sites, layers, splice, with_logits, start=None, resid=None,
+              final_hidden=False):
     """The traced forward pass behind `capture` and `logits` (call those instead).
 
     With `resid`, the residual stream entering layer `start` (`embed(tokens)` for 0, else a
     clean run's resid_post at start - 1), only layers >= start run: `start` may be traced, as
     each layer sits in a `lax.cond`, so one compile serves every start. Nothing is captured then.
+    With `final_hidden` (and `with_logits`), the final-norm hidden state [batch, seq, d_model]
+    comes back in place of the logits, which are `hidden @ embed_tokens.T` (tied, no softcap):
+    callers that only need log-sum-exps stream the vocabulary themselves.
     """
     cfg = self.config
     splice = dict(splice)
@@ -211,6 +215,8 @@ class Gemma3(nnx.Module):
     if not with_logits:
       return result, None
     x = rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+    if final_hidden:
+      return result, x
     logits = jnp.einsum("bsd,vd->bsv", x, self.embed_tokens[...],
                         preferred_element_type=jnp.float32)
     return result, logits

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -147,7 +148,6 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   forward once, caching the residual stream entering every splice layer, and each splice then
   runs only the layers from its own onward plus the unembedding.
   """
-  import jax
   import jax.numpy as jnp
   from tqdm.auto import tqdm
 
@@ -204,6 +204,7 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
   seq_nll = {key: [] for key, *_ in splices}
   seq_nll["clean"], seq_targets, kl = [], [], {key: 0.0 for key, *_ in splices}
 
+  graphdef, state = nnx.split(model)
   bar = tqdm(range(0, tokens.shape[0], cfg.batch_size), desc="evaluate", unit="batch",
              disable=not progress)
   start_time = time.perf_counter()
@@ -218,20 +219,17 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
     keep = mask & (batch != mc.bos_id)  # positions that are replaced and counted
     spliced = b0 < n_splice
     if spliced:
-      captured, clean_logp, nll, valid = _clean_pass(model, batch, mask, clean_sites,
-                                                     clean_layers)
+      captured, clean = _clean_pass(graphdef, state, batch, mask, clean_sites, clean_layers)
       n_used = min(n_rows, n_splice - b0)  # rows past splice_sequences are not counted
-      seq_nll["clean"].append(np.asarray(nll, np.float64)[:n_used])
-      seq_targets.append(np.asarray(valid)[:n_used])
     else:  # activation metrics only: the capture stops at the deepest layer, no unembedding
-      captured = model.capture(batch, sites=sites, layers=layers, mask=mask)
+      captured = _capture(graphdef, state, batch, mask, sites, layers)
     keep_np = np.asarray(keep)
     for i, d in enumerate(dictionaries):
       x, y = _inputs_targets(d, captured, layer_index if spliced else capture_index, keep_np)
       feats, y_hat = reconstruct(d, x)
       stats[i].add(y, y_hat, feats)
     if spliced:
-      embedded = None
+      embedded, hidden = None, []
       for key, spec, layer, start, params in splices:
         if start is None:
           resid, begin = None, None
@@ -240,11 +238,17 @@ def evaluate(cfg: EvalConfig, dictionaries: Sequence[Dict], model: Any, tokens: 
           resid, begin = embedded, jnp.int32(0)
         else:
           resid, begin = captured["resid_post"][:, :, layer_index[start - 1]], jnp.int32(start)
-        nll, kl_sum = _spliced_nll(model, batch, mask, keep, params, spec, jnp.int32(layer),
-                                   clean_logp, begin, resid)
-        seq_nll[key].append(np.asarray(nll, np.float64)[:n_used])
-        kl[key] += float(np.sum(np.asarray(kl_sum, np.float64)[:n_used]))
-      del clean_logp, captured
+        hidden.append(_spliced_hidden(graphdef, state, batch, mask, keep, params, spec,
+                                      jnp.int32(layer), begin, resid))
+      del captured
+      clean_nll, nll, kl_sum, valid = jax.device_get(
+          _splice_losses(model.embed_tokens[...], clean, jnp.stack(hidden), batch, mask))
+      seq_nll["clean"].append(np.asarray(clean_nll, np.float64)[:n_used])
+      seq_targets.append(np.asarray(valid)[:n_used])
+      for j, (key, *_) in enumerate(splices):
+        seq_nll[key].append(np.asarray(nll[j], np.float64)[:n_used])
+        kl[key] += float(np.sum(np.asarray(kl_sum[j], np.float64)[:n_used]))
+      del clean, hidden
     done = min(b0 + cfg.batch_size, tokens.shape[0]) * tokens.shape[1]
     bar.set_postfix(tokens_per_s=f"{done / (time.perf_counter() - start_time):.0f}")
 
@@ -369,7 +373,6 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
   at every layer, so each layer's input is the replacement model's own mlp_in (errors feed
   forward).
   """
-  import jax
   import jax.numpy as jnp
 
   def keep_where(new, old):
@@ -429,42 +432,112 @@ def _splice_fns(spec: tuple, params: Any, keep: Any, layer: Any) -> dict:
   return fns
 
 
-def _log_probs_and_valid(logits: Any, mask: Any) -> tuple[Any, Any]:
-  import jax
-  logp = jax.nn.log_softmax(logits[:, :-1].astype("float32"), axis=-1)
-  return logp, mask[:, 1:] & mask[:, :-1]
+VOCAB_CHUNK = 512  # vocabulary rows per step of the streamed unembedding (see _vocab_stats)
 
 
-def _seq_nll(logp: Any, tokens: Any, valid: Any) -> Any:
-  """Summed next-token NLL per sequence [B]."""
+def _vocab_stats(h: Any, embed: Any, targets: Any, n_clean: int, chunk: int = VOCAB_CHUNK):
+  """One streamed pass over the vocabulary for rows h [M, d] (logits z = h . embed_v), the first
+  `n_clean` rows clean and the rest n blocks of as many spliced rows in the same order. Returns
+  per row (max, log_sum) with logsumexp_v z = max + log_sum, and the logit of the row's target
+  [M]; per spliced row, sum_v p_v (z_clean,v - z_row,v) [n, n_clean] with p the clean row's
+  softmax.
+
+  The vocabulary goes by in chunks of `chunk` rows with an online (rescaled) log-sum-exp, so the
+  [M, V] logits never exist: each [M, chunk] block is used while it is hot, and the pass runs at
+  the GEMM's own rate (the last, shorter chunk, when V is not a multiple, runs outside the scan).
+  Everything comes from the same float32 logits, as the materialized log-softmax did: a logit
+  near the max is ~40 on Gemma 3 (a float32 ulp is 4e-6) and the product's rounding of it
+  enters the max, the target logit and the p-weighted difference alike, so it cancels in
+  NLL = lse - z_target and KL = sum_v p_v (z_p,v - z_q,v) + lse_q - lse_p.
+  """
   import jax.numpy as jnp
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
+
+  f32 = jnp.float32
+  vocab, d = embed.shape
+  rows = h.shape[0]
+  n = rows // n_clean - 1
+  chunk = min(chunk, vocab)
+
+  def step(carry, xs):
+    m, s, target, diff = carry
+    e, first = xs
+    z = jnp.einsum("md,cd->mc", h, e, preferred_element_type=f32)
+    m_new = jnp.maximum(m, jnp.max(z, axis=1))
+    scale = jnp.exp(m - m_new)
+    w = jnp.exp(z - m_new[:, None])
+    s = s * scale + jnp.sum(w, axis=1)
+    ids = first + jnp.arange(e.shape[0])
+    target = target + jnp.sum(jnp.where(ids[None] == targets[:, None], z, 0.0), axis=1)
+    zc = z[:n_clean]
+    gap = jnp.sum(w[None, :n_clean] * (zc[None] - z[n_clean:].reshape(n, n_clean, -1)), axis=2)
+    diff = diff * scale[None, :n_clean] + gap
+    return (m_new, s, target, diff), None
+
+  carry = (jnp.full((rows,), -jnp.inf, f32), jnp.zeros((rows,), f32), jnp.zeros((rows,), f32),
+           jnp.zeros((n, n_clean), f32))
+  k = vocab // chunk
+  carry, _ = jax.lax.scan(step, carry, (embed[:k * chunk].reshape(k, chunk, d),
+                                        jnp.arange(k, dtype=jnp.int32) * chunk))
+  if k * chunk < vocab:
+    carry, _ = step(carry, (embed[k * chunk:], jnp.int32(k * chunk)))
+  m, s, target, diff = carry
+  return m, jnp.log(s), target, diff / s[None, :n_clean]
 
 
-@functools.partial(nnx.jit, static_argnums=(3, 4))
-def _clean_pass(model: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
+# The forwards below take the model as (graphdef, state) = nnx.split(model), split once per
+# evaluation: under nnx.jit each call's handling of the model's state cost about 0.9 CPU-seconds
+# on the 270M (more than a one-layer splice tail), 19 times per batch.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _capture(graphdef: Any, state: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
+  """Activations of `sites` x `layers`, stopping at the deepest of those layers."""
+  return nnx.merge(graphdef, state).forward(tokens, mask, sites, layers, (), False)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _clean_pass(graphdef: Any, state: Any, tokens: Any, mask: Any, sites: tuple, layers: tuple):
   """The clean forward, once per batch: activations of `sites` x `layers` (the dictionaries'
-  inputs and targets and the cached residuals), log-probs, per-sequence NLL and target counts."""
-  import jax.numpy as jnp
-  captured, logits = model.forward(tokens, mask, sites, layers, (), True)
-  logp, valid = _log_probs_and_valid(logits, mask)
-  return captured, logp, _seq_nll(logp, tokens, valid), jnp.sum(valid, axis=1)
+  inputs and targets and the cached residuals) and the final hidden state at the predicting
+  positions [B, S - 1, d]; the vocabulary is left to `_splice_losses`."""
+  model = nnx.merge(graphdef, state)
+  captured, h = model.forward(tokens, mask, sites, layers, (), True, final_hidden=True)
+  return captured, h[:, :-1]
 
 
-@functools.partial(nnx.jit, static_argnums=(5,))
-def _spliced_nll(model: Any, tokens: Any, mask: Any, keep: Any, params: Any, spec: tuple,
-                 layer: Any, clean_logp: Any, start: Any = None, resid: Any = None):
-  """Per-sequence summed NLL [B] with the splice of `spec` at `layer`, and per-sequence summed
-  KL(clean || spliced) [B]. With `resid` (the clean residual entering layer `start`) only layers
-  >= start run; `start` and `layer` are traced, so one compile serves every layer."""
-  import jax.numpy as jnp
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _spliced_hidden(graphdef: Any, state: Any, tokens: Any, mask: Any, keep: Any, params: Any,
+                    spec: tuple, layer: Any, start: Any = None, resid: Any = None):
+  """The final hidden state [B, S - 1, d] (predicting positions) with the splice of `spec` at
+  `layer`. With `resid` (the clean residual entering layer `start`) only layers >= start run;
+  `start` and `layer` are traced, so one compile serves every layer."""
+  model = nnx.merge(graphdef, state)
   fns = _splice_fns(spec, params, keep, layer)
   splice = tuple(sorted(fns.items(), key=lambda kv: (kv[0][1], kv[0][0])))
-  _, logits = model.forward(tokens, mask, (), (), splice, True, start, resid)
-  logp, valid = _log_probs_and_valid(logits, mask)
-  kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
-  return _seq_nll(logp, tokens, valid), jnp.sum(jnp.where(valid, kl, 0.0), axis=1)
+  _, h = model.forward(tokens, mask, (), (), splice, True, start, resid, final_hidden=True)
+  return h[:, :-1]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _splice_losses(embed: Any, clean: Any, hidden: Any, tokens: Any, mask: Any,
+                   chunk: int = VOCAB_CHUNK):
+  """Per-sequence summed next-token NLL of the clean model [B] and of n splices [n, B], their
+  KL(clean || spliced) [n, B], and the target counts [B], from the final hidden states `clean`
+  [B, S - 1, d] and `hidden` [n, B, S - 1, d]: one streamed pass over the vocabulary for all of
+  them (stacked into one [(n + 1) * B * (S - 1), d] x [d, V] product, see `_vocab_stats`), in
+  place of n + 1 materialized [B, S - 1, V] log-softmaxes.
+  """
+  import jax.numpy as jnp
+  n, b, s, d = hidden.shape
+  rows = jnp.concatenate([clean[None], hidden.astype(clean.dtype)]).reshape(-1, d)
+  targets = jnp.broadcast_to(tokens[None, :, 1:], (n + 1, b, s)).reshape(-1)
+  top, log_sum, target, gap = _vocab_stats(rows, embed, targets, b * s, chunk)
+  top, log_sum = top.reshape(n + 1, b, s), log_sum.reshape(n + 1, b, s)
+  nll = (top - target.reshape(n + 1, b, s)) + log_sum
+  kl = gap.reshape(n, b, s) + (top[1:] - top[:1]) + (log_sum[1:] - log_sum[:1])
+  valid = mask[:, 1:] & mask[:, :-1]
+  nll, kl = jnp.sum(jnp.where(valid, nll, 0.0), axis=2), jnp.sum(jnp.where(valid, kl, 0.0), axis=2)
+  return nll[0], nll[1:], kl, jnp.sum(valid, axis=1)
 
 
 def write_tensorboard(log_dir: str | Path, results: Sequence[Evaluation]) -> None:
