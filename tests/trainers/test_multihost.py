@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,12 +62,15 @@ class Job:
     return self.logs[i].read_text()
 
   def steps_done(self) -> int:
-    return min(t.count("\nstep ") + t.startswith("step ") for t in map(self.text, range(len(self.procs))))
+    """The latest step every process has printed (absolute: a resumed run starts past 1)."""
+    return min(max((int(m) for m in re.findall(r"^step (\d+)$", t, re.M)), default=0)
+               for t in map(self.text, range(len(self.procs))))
 
   def wait_for_step(self, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while self.steps_done() < step:
-      if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
+      stopped = any(p.poll() is not None for p in self.procs)
+      if (stopped and self.steps_done() < step) or time.monotonic() > deadline:
         self.kill()
         raise AssertionError(f"the job stopped before step {step}:\n{self.text()[-3000:]}")
       time.sleep(0.05)
