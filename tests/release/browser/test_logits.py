@@ -11,7 +11,8 @@ from allscope.release.browser import Unembedding, logit_effects
 @pytest.fixture
 def unembed():
   rng = np.random.default_rng(3)
-  return Unembedding(rng.normal(0, 1, (700, 16)).astype(np.float32),
+  # 1000 tokens: long enough rows for the seam's two-stage top_k (n >= 128 k)
+  return Unembedding(rng.normal(0, 1, (1000, 16)).astype(np.float32),
                      rng.uniform(0.5, 1.5, 16).astype(np.float32),
                      {2: rng.normal(0, 0.3, (12, 16)).astype(np.float32)},
                      {2: rng.uniform(0.5, 1.5, 16).astype(np.float32)})
