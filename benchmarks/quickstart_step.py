@@ -1,19 +1,22 @@
 """Where the quickstart's train step goes: its parts timed alone, at the quickstart's shapes.
 
 Takes the TrainConfig of configs/quickstart.py (18 skip-transcoders, F=1024, B=512, BatchTopK
-k=16 in 32 slots, AuxK) on random activations with every latent dead for AuxK (the steady state
-of the quickstart, where most latents of the middle layers are silent for 10k tokens), and times
-in one process, interleaved (best of --rounds, so load from other processes hits all alike):
+k=16 in 32 slots, AuxK) on random activations, and times in one process, interleaved (best of
+--rounds, so load from other processes hits all alike):
 
   product     the dense encoder product x @ w_enc + b_enc (forward only, as in the step)
   select      BatchTopK's selection from that product
   main        the main sparse encode + decode, forward and backward (C slots)
   skip        the skip term x @ w_skip, forward and backward
-  aux_select  AuxK's top aux_k dead latents of each row
+  aux_select  AuxK's ranking of each row's dead latents (every latent dead), as the step runs it
   aux         AuxK's encode + decode, forward and backward (aux_k slots), as the step runs it
   optimizer   gradient clipping, Adam, decoder renormalization
-  step        the full jitted train step (AuxK on, train.aux_path as configured), and
-              step_sparse / step_dense / step_noaux with AuxK's sparse path, its dense path, off
+  step        the full jitted train step with 10% of each layer's latents silent for AuxK (at most
+              aux_k: every row takes all of them, no ranking), as the quickstart runs from about
+              step 45 on (docs/train.md, "AuxK in the quickstart")
+  step_ranked the step with every latent silent (more than aux_k: each row ranks them), as in
+              the quickstart's first steps; step_sparse / step_dense / step_noaux: the same with
+              AuxK's sparse path, its dense path, and AuxK off
 
   python benchmarks/quickstart_step.py [--rounds 3] [train.aux_k=64 ...]
 
@@ -86,7 +89,9 @@ def main() -> None:
   dense = product(xg, params["w_enc"], params["b_enc"])
   select = jax.jit(jax.vmap(lambda d: kernels.batchtopk(d, cfg.k, c, ops)[0]))
   sel = select(dense)
-  aux_select = jax.jit(jax.vmap(lambda d, m: kernels.topk(jnp.where(m[None], d, -jnp.inf), ka, ops)))
+  rank = ((lambda s: kernels.nth_largest(s, ka)) if dictionaries.aux_dense(cfg)
+          else (lambda s: kernels.topk(s, ka, ops)))
+  aux_select = jax.jit(jax.vmap(lambda d, m: rank(jnp.where(m[None], d, -jnp.inf))))
   aux_sel = aux_select(dense, dead)
 
   def sparse_loss(p, idx, pre, xg, y):
@@ -113,15 +118,18 @@ def main() -> None:
   mesh = mesh_lib.make_mesh(cfg)
   norm = jnp.ones((g,), jnp.float32)
 
-  def step_runner(c):
+  def step_runner(c, silent: float = 1.0):
     st = state_lib.init_state(c, jax.tree.map(jnp.copy, params), jax.random.key(0))  # donated
     sh = state_lib.shardings(c, st, mesh)
     st = jax.device_put(st, sh)
     step = compile_step(c, mesh, sh)
-    holder = {"st": dataclasses.replace(st, since_fired=jnp.full_like(st.since_fired, 1 << 29))}
+    since = jax.device_put(jnp.where(jnp.asarray(rng.random((g, f)) < silent), 1 << 29, 0)
+                           .astype(st.since_fired.dtype), sh.since_fired)
+    holder = {"st": st}
 
-    def run():
-      holder["st"], m = step(holder["st"], x, y, norm, norm)
+    def run():  # the same silent latents every call (a step resets those that fire)
+      st = dataclasses.replace(holder["st"], since_fired=jnp.copy(since))
+      holder["st"], m = step(st, x, y, norm, norm)
       return m["loss"]
     return run
 
@@ -133,7 +141,8 @@ def main() -> None:
       "aux_select": lambda: aux_select(dense, dead),
       "aux": lambda: aux_grad(params, enc, x, y),
       "optimizer": lambda: optimize(params, opt_state, params),
-      "step": step_runner(cfg),
+      "step": step_runner(cfg, silent=0.1),
+      "step_ranked": step_runner(cfg),
       "step_sparse": step_runner(dataclasses.replace(cfg, aux_path="sparse")),
       "step_dense": step_runner(dataclasses.replace(cfg, aux_path="dense")),
       "step_noaux": step_runner(dataclasses.replace(cfg, aux_after_tokens=1 << 30)),

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from allscope.kernels import xla
 from allscope.kernels.dispatch import XLA, Ops
 
 
@@ -77,7 +78,7 @@ def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Se
   row_top, row_idx = ops.top_k(sg, capacity)
   batch = pre.shape[0]
   n = min(k * batch, row_top.size)
-  threshold = jnp.sort(row_top.reshape(-1))[row_top.size - n]  # the n-th largest candidate
+  threshold = xla.nth_largest(row_top.reshape(-1), n)  # the n-th largest candidate
   used = (row_top >= threshold) & (row_top > 0)
   # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
   kept = row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))

@@ -198,6 +198,9 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
   revive = dead is not None and cfg.revives
   any_dead = jnp.any(dead) if (k_aux or revive) else None
+  # No group has more silent latents than aux_k: every row's AuxK candidates are all of them, and
+  # no per-row selection runs (the quickstart's case once its latents settle, docs/train.md).
+  all_fit = jnp.max(jnp.sum(dead, axis=-1)) <= k_aux if k_aux else None
   dense_aux = bool(k_aux) and aux_dense(cfg)
   width = params["b_enc"].shape[-1]
   if dead is None:
@@ -249,15 +252,26 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     if not k_aux:
       return main(encode_main()) + lifted
 
-    def pick(_):
+    def every(_):
+      if dense_aux:
+        ok = jnp.broadcast_to(dead_g[None, :], product.shape)
+        return jnp.where(ok, product + b, 0.0), ok
+      _, ids = jax.lax.top_k(dead_g.astype(jnp.int32), k_aux)  # the silent latents first
+      slots = (x_g.shape[0], k_aux)
+      return ((product + b)[:, ids], jnp.broadcast_to(dead_g[ids], slots),
+              jnp.broadcast_to(ids, slots))
+
+    def ranked(_):
       scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
-      aux = kernels.topk(scores, k_aux, ops)
       if not dense_aux:
+        aux = kernels.topk(scores, k_aux, ops)
         return aux.values, dead_g[aux.indices], aux.indices
-      # Every dead latent at or above the row's aux_k-th dead value (all of them when fewer
-      # than aux_k are dead; a tie at that value keeps every tied latent).
-      ok = dead_g[None, :] & (scores >= aux.values[:, -1:])
+      # Every dead latent at or above the row's aux_k-th dead value (a tie at that value keeps
+      # every tied latent); only that value is needed, not the indices.
+      ok = dead_g[None, :] & (scores >= kernels.nth_largest(scores, k_aux)[:, None])
       return jnp.where(ok, product + b, 0.0), ok
+
+    pick = lambda _: jax.lax.cond(all_fit, every, ranked, None)
 
     def none(_):
       shape = (x_g.shape[0], width if dense_aux else k_aux)

@@ -219,6 +219,20 @@ def test_chunk_max_top_k_needs_k_chunks():
     xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nth_largest_is_the_sorted_rows_entry(rng, dtype):
+  """Equal to jnp.sort(x)[..., -n] on random and tied rows (infinities, signed zeros), any n."""
+  levels = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, np.inf], np.float32)
+  for x in (levels[rng.integers(0, len(levels), (3, 16, 300))],
+            rng.standard_normal((3, 16, 300)).astype(np.float32)):
+    x = jnp.asarray(x, dtype)
+    for n in (1, 17, 150, 300):
+      np.testing.assert_array_equal(np.asarray(xla.nth_largest(x, n), np.float32),
+                                    np.asarray(jnp.sort(x, axis=-1)[..., 300 - n], np.float32))
+  with pytest.raises(ValueError, match="n=301"):
+    xla.nth_largest(jnp.zeros((2, 300)), 301)
+
+
 def test_top_k_is_lax_top_k(rng):
   x = jnp.asarray(_tied_rows(rng, 8, 20000))
   for k in (1, 64):

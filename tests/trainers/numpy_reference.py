@@ -164,6 +164,7 @@ def loss_and_grads(p, cfg, x, y, dead, scale):
       e_hat = decode(zero_b, cfg, fa, x)
       den = np.sum((e - e.mean(0, keepdims=True)) ** 2)
       aux = np.sum((e - e_hat) ** 2) / den
+      metrics["auxk"] = aux
       loss += cfg.aux_coef * aux
       de = cfg.aux_coef * 2 * (e_hat - e) / den
       grads["w_dec"] += dec_wgrad(p, cfg, fa, de)

@@ -39,12 +39,17 @@ def random_params(cfg: TrainConfig, rng: np.random.Generator) -> dict[str, np.nd
 CASES = [(kind, act) for kind in KINDS for act in ("jumprelu", "topk", "batchtopk", "relu")]
 
 
-def _check(cfg: TrainConfig, seed: int, dead_fraction: float = 0.5) -> dict[str, float]:
+def _check(cfg: TrainConfig, seed: int, dead_fraction: float = 0.5,
+           dead_counts: tuple[int, ...] | None = None) -> dict[str, float]:
+  """Relative errors against the reference; `dead_counts` (one per group) overrides the random
+  dead latents (`dead_fraction`) with that many, at random places."""
   rng = np.random.default_rng(seed)
   p = random_params(cfg, rng)
   x = rng.standard_normal((B, L, D)).astype(np.float32)
   y = rng.standard_normal((B, L, D)).astype(np.float32)
   dead = rng.random((cfg.n_groups, F)) < dead_fraction
+  if dead_counts is not None:
+    dead = np.stack([rng.permutation(F) < n for n in dead_counts])
   scale = 0.7
   # The reference works on the dense [G, F, G, d] CLT decoder (zeros below the diagonal).
   p_ref = {**p, "w_dec": np.asarray(kernels.causal_to_dense(p["w_dec"]))} if cfg.kind == "clt" else p
@@ -59,6 +64,8 @@ def _check(cfg: TrainConfig, seed: int, dead_fraction: float = 0.5) -> dict[str,
   errors = {"loss": rel(loss, want_loss), "l0": rel(metrics["l0"], want_m["l0"]),
             "fvu": rel(metrics["fvu"], want_m["fvu"])}
   errors.update({f"d_{k}": rel(grads[k], want_g[k]) for k in want_g})
+  if "auxk" in want_m:  # the AuxK ratio alone (aux_coef makes it a small part of the loss)
+    errors["auxk"] = rel(metrics["auxk"], want_m["auxk"])
   for k, v in want_g.items():
     assert np.linalg.norm(v) > 0, f"reference gradient of {k} is zero: the test would be vacuous"
   return errors
@@ -113,14 +120,15 @@ def test_threshold_gradient_is_only_the_pseudo_derivative():
 @pytest.mark.parametrize("kind,activation", [("sae", "topk"), ("skip_transcoder", "batchtopk"),
                                              ("crosscoder", "topk"), ("transcoder", "batchtopk")])
 def test_auxk_dense_and_sparse_paths_match_reference(kind, activation, aux_path):
-  """Both AuxK paths give the reference's loss and gradients, with fewer and with more dead
-  latents per row than aux_k (the dense path keeps all of them in the first case)."""
-  for aux_k, seed in ((8, 21), (30, 22)):
-    cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
-                      capacity=F if activation != "topk" else 0, aux_k=aux_k, aux_path=aux_path)
-    assert dictionaries.aux_dense(cfg) == (aux_path == "dense")
-    errors = _check(cfg, seed=seed)
-    assert max(errors.values()) < 2e-5, (aux_k, errors)
+  """Both AuxK paths give the reference's loss and gradients when some group has more dead
+  latents than aux_k (each row ranks its dead latents), and when none has (every dead latent is
+  a candidate of every row, no ranking runs)."""
+  cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
+                    capacity=F if activation != "topk" else 0, aux_k=12, aux_path=aux_path)
+  assert dictionaries.aux_dense(cfg) == (aux_path == "dense")
+  for counts, seed in (((5, 30, 12), 21), ((30,) * 3, 22), ((12, 3, 12), 23), ((1, 0, 7), 24)):
+    errors = _check(cfg, seed=seed, dead_counts=counts[:cfg.n_groups])
+    assert max(errors.values()) < 2e-5, (counts, errors)
 
 
 def test_auxk_path_auto_is_dense_only_for_a_sizeable_fraction_of_the_width():
