@@ -44,7 +44,8 @@ class Encoding(NamedTuple):
   overflow: jax.Array  # [G] int32: active (firing) latents dropped for lack of capacity
   batch_threshold: jax.Array  # [G] BatchTopK's smallest kept value (0 for other activations)
   # AuxK (TopK/BatchTopK, when `dead` was given): the top aux_k dead latents of each row, picked
-  # from the same dense product; zeros and aux_ok False while no latent is dead. On the sparse
+  # from the same dense product; zeros and aux_ok False outside the ranked regime (aux_regimes:
+  # no latent dead, or few enough for losses' columns regime). On the sparse
   # path (no [G, B, F] array outlives the encoder) aux_* are [G, B, aux_k] slots; on the dense
   # path (aux_dense(cfg)) they are [G, B, F] and aux_indices is None.
   aux_indices: jax.Array | None = None  # [G, B, aux_k] int32
@@ -79,6 +80,21 @@ def aux_dense(cfg: TrainConfig) -> bool:
   if cfg.aux_path != "auto":
     return cfg.aux_path == "dense"
   return cfg.kind != "clt" and min(cfg.aux_k, cfg.width) >= AUX_DENSE_MIN_FRACTION * cfg.width
+
+
+def aux_regimes(cfg: TrainConfig, dead: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """AuxK's two regimes, as scalars (both False while no latent of `dead` [G, F] is silent):
+
+  ranked   each row ranks its silent latents and keeps the top aux_k (encode's aux_* fields,
+           the dense or sparse path): some group has more than aux_k silent latents, or a CLT.
+  columns  no group has more than aux_k: every row keeps all of them, so AuxK is a dense
+           problem over those few columns (losses: no ranking, no [B, F] or aux_k-slot pass).
+  """
+  any_dead = jnp.any(dead)
+  if cfg.kind == "clt":
+    return any_dead, jnp.zeros((), bool)
+  fit = jnp.max(jnp.sum(dead, axis=-1)) <= min(cfg.aux_k, cfg.width)
+  return any_dead & ~fit, any_dead & fit
 
 
 def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
@@ -186,8 +202,8 @@ def prepare(cfg: TrainConfig, x: jax.Array) -> jax.Array:
 def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | None = None) -> Encoding:
   """x [B, G, d_in] (normalized) -> the sparse code of every group.
 
-  With `dead` [G, F] (TopK/BatchTopK), also the AuxK candidates; they are picked only when a
-  latent is dead (lax.cond on one scalar, so the dense [B, F] scores exist once per group).
+  With `dead` [G, F] (TopK/BatchTopK), also the AuxK candidates of the ranked regime
+  (aux_regimes; lax.cond on one scalar, so the dense [B, F] scores exist once per group).
   """
   ops = kernel_ops(cfg)
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
@@ -198,9 +214,10 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
   revive = dead is not None and cfg.revives
   any_dead = jnp.any(dead) if (k_aux or revive) else None
-  # No group has more silent latents than aux_k: every row's AuxK candidates are all of them, and
-  # no per-row selection runs (the quickstart's case once its latents settle, docs/train.md).
-  all_fit = jnp.max(jnp.sum(dead, axis=-1)) <= k_aux if k_aux else None
+  ranked = aux_regimes(cfg, dead)[0] if k_aux else None
+  # A CLT ranks per row only where a group has more silent latents than aux_k (otherwise its
+  # slots hold all of them); other kinds leave that case to losses' columns regime.
+  all_fit = jnp.max(jnp.sum(dead, axis=-1)) <= k_aux if k_aux and cfg.kind == "clt" else None
   dense_aux = bool(k_aux) and aux_dense(cfg)
   width = params["b_enc"].shape[-1]
   if dead is None:
@@ -252,16 +269,13 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     if not k_aux:
       return main(encode_main()) + lifted
 
-    def every(_):
-      if dense_aux:
-        ok = jnp.broadcast_to(dead_g[None, :], product.shape)
-        return jnp.where(ok, product + b, 0.0), ok
+    def every(_):  # a CLT with at most aux_k silent latents per group: all of them
       _, ids = jax.lax.top_k(dead_g.astype(jnp.int32), k_aux)  # the silent latents first
       slots = (x_g.shape[0], k_aux)
       return ((product + b)[:, ids], jnp.broadcast_to(dead_g[ids], slots),
               jnp.broadcast_to(ids, slots))
 
-    def ranked(_):
+    def rank(_):
       scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
       if not dense_aux:
         aux = kernels.topk(scores, k_aux, ops)
@@ -271,20 +285,20 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       ok = dead_g[None, :] & (scores >= kernels.nth_largest(scores, k_aux)[:, None])
       return jnp.where(ok, product + b, 0.0), ok
 
-    pick = lambda _: jax.lax.cond(all_fit, every, ranked, None)
+    pick = rank if all_fit is None else lambda _: jax.lax.cond(all_fit, every, rank, None)
 
     def none(_):
       shape = (x_g.shape[0], width if dense_aux else k_aux)
       return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)) + (
           () if dense_aux else (jnp.zeros(shape, jnp.int32),))
 
-    aux_pre, aux_ok, *aux_idx = jax.lax.cond(any_dead, pick, none, None)
+    aux_pre, aux_ok, *aux_idx = jax.lax.cond(ranked, pick, none, None)
     aux_pre = jnp.where(aux_ok, aux_pre, 0.0)
     if dense_aux:  # no indices: every latent
       return main(encode_main()) + lifted + (None, aux_pre, aux_ok)
     # One encoder-gradient buffer for the main and AuxK slots (AuxK's scatters only while dead).
     pre, aux_pre = kernels.sparse_encode_with_aux(x_g, w_enc, b_enc, sel.indices, sel.values,
-                                                  aux_idx[0], aux_pre, any_dead, ops)
+                                                  aux_idx[0], aux_pre, ranked, ops)
     return main(pre) + lifted + (aux_idx[0], aux_pre, aux_ok)
 
   res = jax.vmap(one)(xg, params["w_enc"], params["b_enc"], threshold, dead)

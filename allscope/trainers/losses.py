@@ -40,8 +40,9 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
   # gradients share one buffer (a CLT's decoder is 1.5x the [L, B, F] pre-activations at 18
   # layers) and no zeroed gradient or sum exists while no latent is dead.
   joint_aux = enc.aux_indices is not None
+  ranked, columns = dictionaries.aux_regimes(cfg, dead)
   if joint_aux:
-    y_hat, e_hat = _decode_with_aux(params, cfg, x, enc, jnp.any(dead))
+    y_hat, e_hat = _decode_with_aux(params, cfg, x, enc, ranked)
   else:
     y_hat = dictionaries.decode(params, cfg, x, enc.indices, enc.acts)
   err = _sq(y - y_hat)  # [B, G_out]
@@ -86,13 +87,17 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     metrics["sparsity"] = sparsity
   else:
     # AuxK only matters once latents die; skipping it until then saves its aux_k-wide encoder
-    # gradient and decode (both sparse, so the untaken branch costs little memory).
+    # gradient and decode (both sparse, so the untaken branch costs little memory). Its two
+    # regimes (dictionaries.aux_regimes) exclude each other.
     residual = jax.lax.stop_gradient(y - y_hat)
+    zero = lambda p: jnp.zeros((), jnp.float32)
     if joint_aux:
-      aux = jnp.where(jnp.any(dead), _aux_ratio(residual, e_hat), 0.0)
+      aux = jnp.where(ranked, _aux_ratio(residual, e_hat), 0.0)
     else:
-      aux = jax.lax.cond(jnp.any(dead), lambda p: _auxk(p, cfg, x, enc, residual),
-                         lambda p: jnp.zeros((), jnp.float32), params)
+      aux = jax.lax.cond(ranked, lambda p: _auxk(p, cfg, x, enc, residual), zero, params)
+    if cfg.kind != "clt":
+      aux = aux + jax.lax.cond(columns, lambda p: _auxk_columns(p, cfg, x, dead, residual), zero,
+                               params)
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
 
@@ -119,6 +124,37 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> 
   acts = jnp.where(enc.aux_ok, jax.nn.relu(pre), 0.0)
   e_hat = jnp.einsum("gbf,gfo->bgo", acts, params["w_dec"], preferred_element_type=jnp.float32)
   return _aux_ratio(residual, e_hat)
+
+
+# Column counts the columns regime is compiled for (then aux_k): its GEMMs cost what the
+# widest group's silent latents need, not aux_k's worth while only a few are silent.
+AUX_COLUMN_SIZES = (32, 64, 128)
+
+
+def _auxk_columns(params, cfg: TrainConfig, x, dead, residual) -> jax.Array:
+  """AuxK while no group has more than aux_k silent latents: every row's candidates are all of
+  them, so it is the dense problem over those columns (a B x d x n encode and decode, n the
+  smallest of AUX_COLUMN_SIZES + (aux_k,) holding every group's), with autodiff's gradients.
+  The same value as _auxk, whose [B, F] products and per-row ranking it avoids."""
+  k_aux = min(cfg.aux_k, cfg.width)
+  sizes = [n for n in AUX_COLUMN_SIZES if n < k_aux] + [k_aux]
+  compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
+  xg = jnp.swapaxes(x, 0, 1).astype(compute)  # [G, B, d_in]
+
+  def ratio(n: int, p) -> jax.Array:
+    ids = jax.lax.top_k(dead.astype(jnp.int32), n)[1]  # [G, n]: each group's silent latents first
+    ok = jnp.take_along_axis(dead, ids, axis=1)[:, None, :]
+    w_enc = jnp.take_along_axis(p["w_enc"], ids[:, None, :], axis=2).astype(compute)
+    pre = jnp.einsum("gbi,gin->gbn", xg, w_enc, preferred_element_type=jnp.float32)
+    pre = pre + jnp.take_along_axis(p["b_enc"], ids, axis=1)[:, None, :]
+    acts = jnp.where(ok, jax.nn.relu(pre), 0.0)
+    w_dec = jnp.take_along_axis(p["w_dec"], ids[:, :, None], axis=1)
+    e_hat = jnp.einsum("gbn,gno->bgo", acts, w_dec, preferred_element_type=jnp.float32)
+    return _aux_ratio(residual, e_hat)
+
+  widest = jnp.max(jnp.sum(dead, axis=-1))
+  branch = jnp.sum(widest > jnp.asarray(sizes[:-1], jnp.int32)) if len(sizes) > 1 else 0
+  return jax.lax.switch(branch, [lambda p, n=n: ratio(n, p) for n in sizes], params)
 
 
 def _aux_ratio(residual: jax.Array, e_hat: jax.Array) -> jax.Array:

@@ -126,7 +126,20 @@ def test_auxk_dense_and_sparse_paths_match_reference(kind, activation, aux_path)
   cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
                     capacity=F if activation != "topk" else 0, aux_k=12, aux_path=aux_path)
   assert dictionaries.aux_dense(cfg) == (aux_path == "dense")
-  for counts, seed in (((5, 30, 12), 21), ((30,) * 3, 22), ((12, 3, 12), 23), ((1, 0, 7), 24)):
+  for counts, seed in (((5, 30, 12), 21), ((30,) * 3, 22), ((12, 3, 12), 23), ((1, 0, 7), 24),
+                       ((2, 3, 1), 25)):
+    errors = _check(cfg, seed=seed, dead_counts=counts[:cfg.n_groups])
+    assert max(errors.values()) < 2e-5, (counts, errors)
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "crosscoder"])
+def test_auxk_columns_regime_takes_the_smallest_size_that_holds_every_group(kind, monkeypatch):
+  """Whatever column count the widest group's silent latents select (4, 8, or aux_k = 12), the
+  loss and gradients are the reference's."""
+  monkeypatch.setattr(losses, "AUX_COLUMN_SIZES", (4, 8))
+  cfg = TrainConfig(kind=kind, activation="topk", layers=tuple(range(L)), width=F, k=5,
+                    aux_k=12)
+  for counts, seed in (((2, 3, 1), 41), ((5, 8, 1), 42), ((12, 3, 9), 43)):
     errors = _check(cfg, seed=seed, dead_counts=counts[:cfg.n_groups])
     assert max(errors.values()) < 2e-5, (counts, errors)
 
@@ -141,12 +154,13 @@ def test_auxk_path_auto_is_dense_only_for_a_sizeable_fraction_of_the_width():
     dataclasses.replace(base, kind="clt", aux_path="dense").validate()
 
 
-@pytest.mark.parametrize("dead_fraction", [0.0, 0.5])
+@pytest.mark.parametrize("dead_counts", [(0, 0, 0), (20, 30, 12), (8, 3, 0)])
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_clt_auxk_decoded_with_the_main_code_matches_reference(activation, dead_fraction):
+def test_clt_auxk_decoded_with_the_main_code_matches_reference(activation, dead_counts):
   """A CLT decodes AuxK's latents in the main decode's op (one decoder-gradient buffer): loss and
-  gradients match the reference with dead latents, and with none (AuxK off, its gradient 0)."""
+  gradients match the reference with more dead latents than aux_k (ranked per row), with at
+  most aux_k (all of them in every row's slots), and with none (AuxK off, its gradient 0)."""
   cfg = TrainConfig(kind="clt", activation=activation, layers=tuple(range(L)), width=F, k=5,
                     capacity=F if activation != "topk" else 0, aux_k=8)
-  errors = _check(cfg, seed=31, dead_fraction=dead_fraction)
+  errors = _check(cfg, seed=31, dead_counts=dead_counts)
   assert max(errors.values()) < 2e-5, errors
