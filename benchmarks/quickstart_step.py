@@ -164,7 +164,8 @@ def aux_sweep(cfg, aux_ks: list[int], rounds: int) -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((b, g, D), np.float32))
   y = jnp.asarray(rng.standard_normal((b, g, D), np.float32))
-  dead = jnp.asarray(rng.random((g, f)) < 0.75)  # the quickstart's middle layers: ~3/4 silent
+  # 3/4 silent: more than any swept aux_k, so every row ranks them (the ranked regime)
+  dead = jnp.asarray(rng.random((g, f)) < 0.75)
   xg = jnp.swapaxes(x, 0, 1)
   product = jax.jit(jax.vmap(lambda x, w, bb: x @ w + bb))
   runners = {"product": lambda: product(xg, params["w_enc"], params["b_enc"])}

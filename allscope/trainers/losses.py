@@ -90,14 +90,13 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     # gradient and decode (both sparse, so the untaken branch costs little memory). Its two
     # regimes (dictionaries.aux_regimes) exclude each other.
     residual = jax.lax.stop_gradient(y - y_hat)
-    zero = lambda p: jnp.zeros((), jnp.float32)
     if joint_aux:
       aux = jnp.where(ranked, _aux_ratio(residual, e_hat), 0.0)
     else:
-      aux = jax.lax.cond(ranked, lambda p: _auxk(p, cfg, x, enc, residual), zero, params)
+      aux = jax.lax.cond(ranked, lambda p: _auxk(p, cfg, x, enc, residual),
+                         lambda p: jnp.zeros((), jnp.float32), params)
     if cfg.kind != "clt":
-      aux = aux + jax.lax.cond(columns, lambda p: _auxk_columns(p, cfg, x, dead, residual), zero,
-                               params)
+      aux = aux + _auxk_columns(params, cfg, x, dead, residual, columns)
     loss = loss + cfg.aux_coef * aux
     metrics["auxk"] = aux
 
@@ -131,30 +130,38 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> 
 AUX_COLUMN_SIZES = (32, 64, 128)
 
 
-def _auxk_columns(params, cfg: TrainConfig, x, dead, residual) -> jax.Array:
-  """AuxK while no group has more than aux_k silent latents: every row's candidates are all of
-  them, so it is the dense problem over those columns (a B x d x n encode and decode, n the
-  smallest of AUX_COLUMN_SIZES + (aux_k,) holding every group's), with autodiff's gradients.
-  The same value as _auxk, whose [B, F] products and per-row ranking it avoids."""
+def _auxk_columns(params, cfg: TrainConfig, x, dead, residual, columns) -> jax.Array:
+  """AuxK in its columns regime (0 outside it): no group has more than aux_k silent latents, so
+  every row's candidates are all of them and AuxK is the dense problem over those columns (a
+  B x d x n encode and decode, n the smallest of AUX_COLUMN_SIZES + (aux_k,) that holds every
+  group's), with autodiff's gradients: _auxk's value without its [B, F] products and ranking.
+
+  The columns are gathered outside the switch, so its branches take and return [G, d, aux_k]
+  blocks, not parameter-sized gradients (one scatter into them, outside too).
+  """
   k_aux = min(cfg.aux_k, cfg.width)
   sizes = [n for n in AUX_COLUMN_SIZES if n < k_aux] + [k_aux]
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1).astype(compute)  # [G, B, d_in]
+  ids = jax.lax.top_k(dead.astype(jnp.int32), k_aux)[1]  # [G, aux_k]: the silent latents first
+  ok = jnp.take_along_axis(dead, ids, axis=1)[:, None, :]
+  cols = (jnp.take_along_axis(params["w_enc"], ids[:, None, :], axis=2),  # [G, d_in, aux_k]
+          jnp.take_along_axis(params["b_enc"], ids, axis=1)[:, None, :],  # [G, 1, aux_k]
+          jnp.take_along_axis(params["w_dec"], ids[:, :, None], axis=1))  # [G, aux_k, d_out]
 
-  def ratio(n: int, p) -> jax.Array:
-    ids = jax.lax.top_k(dead.astype(jnp.int32), n)[1]  # [G, n]: each group's silent latents first
-    ok = jnp.take_along_axis(dead, ids, axis=1)[:, None, :]
-    w_enc = jnp.take_along_axis(p["w_enc"], ids[:, None, :], axis=2).astype(compute)
-    pre = jnp.einsum("gbi,gin->gbn", xg, w_enc, preferred_element_type=jnp.float32)
-    pre = pre + jnp.take_along_axis(p["b_enc"], ids, axis=1)[:, None, :]
-    acts = jnp.where(ok, jax.nn.relu(pre), 0.0)
-    w_dec = jnp.take_along_axis(p["w_dec"], ids[:, :, None], axis=1)
+  def ratio(n: int, c) -> jax.Array:
+    w_enc, b_enc, w_dec = c[0][..., :n], c[1][..., :n], c[2][:, :n]
+    pre = jnp.einsum("gbi,gin->gbn", xg, w_enc.astype(compute),
+                     preferred_element_type=jnp.float32) + b_enc
+    acts = jnp.where(ok[..., :n], jax.nn.relu(pre), 0.0)
     e_hat = jnp.einsum("gbn,gno->bgo", acts, w_dec, preferred_element_type=jnp.float32)
     return _aux_ratio(residual, e_hat)
 
   widest = jnp.max(jnp.sum(dead, axis=-1))
-  branch = jnp.sum(widest > jnp.asarray(sizes[:-1], jnp.int32)) if len(sizes) > 1 else 0
-  return jax.lax.switch(branch, [lambda p, n=n: ratio(n, p) for n in sizes], params)
+  size = jnp.sum(widest > jnp.asarray(sizes[:-1], jnp.int32)) if len(sizes) > 1 else 0
+  branches = [lambda c: jnp.zeros((), jnp.float32)] + [
+      lambda c, n=n: ratio(n, c) for n in sizes]
+  return jax.lax.switch(jnp.where(columns, 1 + size, 0), branches, cols)
 
 
 def _aux_ratio(residual: jax.Array, e_hat: jax.Array) -> jax.Array:
