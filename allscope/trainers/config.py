@@ -53,7 +53,7 @@ class TrainConfig:
   l0_control: float = 0.1
   freq_coef: float = 0.0  # frequency penalty against latents firing on > freq_max of tokens
   freq_max: float = 0.1
-  aux_k: int = 256  # AuxK for TopK/BatchTopK
+  aux_k: int = 256  # AuxK for TopK/BatchTopK; aux_k=0 or aux_coef=0 turns it off
   aux_coef: float = 1.0 / 32
   aux_after_tokens: int = 5_000  # AuxK, revive and resampling act on latents silent for N tokens
   # AuxK's encode/decode: "sparse" over its aux_k slots (kernel seam), "dense" as [B, F] matmuls
@@ -143,6 +143,11 @@ class TrainConfig:
   def revives(self) -> bool:
     """train.revive, or the activation's default when it is left unset."""
     return bool(_default(self, "revive")) and self.activation in ("topk", "batchtopk", "jumprelu")
+
+  @property
+  def auxk(self) -> bool:
+    """Whether AuxK runs: TopK/BatchTopK with aux_k and aux_coef both above 0."""
+    return self.activation in ("topk", "batchtopk") and self.aux_k > 0 and self.aux_coef > 0
 
   @property
   def data_init(self) -> bool:

@@ -215,8 +215,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   xg = jnp.swapaxes(x, 0, 1)  # [G, B, d_in]
   threshold = (jnp.exp(params["log_threshold"]) if "log_threshold" in params
                else jnp.zeros(params["b_enc"].shape))
-  k_aux = min(cfg.aux_k, cfg.width) if (
-      dead is not None and cfg.activation in ("topk", "batchtopk")) else 0
+  k_aux = min(cfg.aux_k, cfg.width) if dead is not None and cfg.auxk else 0
   revive = dead is not None and cfg.revives
   any_dead = jnp.any(dead) if (k_aux or revive) else None
   ranked = aux_regimes(cfg, dead)[0] if k_aux else None

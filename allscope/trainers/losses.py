@@ -85,7 +85,7 @@ def loss_fn(params: dictionaries.Params, cfg: TrainConfig, x: jax.Array, y: jax.
     sparsity = cfg.sparsity_coef * jnp.sum(jnp.mean(jnp.sum(enc.acts * w, axis=-1), axis=-1))
     loss = loss + scale * sparsity
     metrics["sparsity"] = sparsity
-  else:
+  elif cfg.auxk:
     # AuxK only matters once latents die; skipping it until then saves its aux_k-wide encoder
     # gradient and decode (both sparse, so the untaken branch costs little memory). Its two
     # regimes (dictionaries.aux_regimes) exclude each other.

@@ -132,6 +132,23 @@ def test_auxk_dense_and_sparse_paths_match_reference(kind, activation, aux_path)
     assert max(errors.values()) < 2e-5, (counts, errors)
 
 
+@pytest.mark.parametrize("off", [dict(aux_k=0), dict(aux_coef=0.0)])
+@pytest.mark.parametrize("kind,activation", [("transcoder", "topk"), ("clt", "batchtopk")])
+def test_auxk_off_leaves_the_loss_without_its_term(kind, activation, off):
+  """aux_k=0 or aux_coef=0 turns AuxK off: with dead latents in both regimes, the loss and
+  gradients are the reference's without AuxK, and no auxk metric is reported."""
+  cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(L)), width=F, k=5,
+                    capacity=F if activation != "topk" else 0, **off)
+  assert not cfg.auxk
+  for counts, seed in (((5, 30, 12), 51), ((2, 3, 1), 52)):
+    errors = _check(cfg, seed=seed, dead_counts=counts)
+    assert "auxk" not in errors and max(errors.values()) < 2e-5, (counts, errors)
+  jp = {k: jnp.asarray(v) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+  x = dictionaries.prepare(cfg, jnp.ones((B, L, D)))
+  _, (metrics, _) = losses.loss_fn(jp, cfg, x, x, jnp.ones((L, F), bool), jnp.asarray(1.0))
+  assert "auxk" not in metrics
+
+
 @pytest.mark.parametrize("kind", ["transcoder", "crosscoder"])
 def test_auxk_columns_regime_takes_the_smallest_size_that_holds_every_group(kind, monkeypatch):
   """Whatever column count the widest group's silent latents select (4, 8, or aux_k = 12), the
