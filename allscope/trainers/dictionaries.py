@@ -85,16 +85,31 @@ def aux_dense(cfg: TrainConfig) -> bool:
 def aux_regimes(cfg: TrainConfig, dead: jax.Array) -> tuple[jax.Array, jax.Array]:
   """AuxK's two regimes, as scalars (both False while no latent of `dead` [G, F] is silent):
 
-  ranked   each row ranks its silent latents and keeps the top aux_k (encode's aux_* fields,
-           the dense or sparse path): some group has more than aux_k silent latents, or a CLT.
-  columns  no group has more than aux_k: every row keeps all of them, so AuxK is a dense
-           problem over those few columns (losses: no ranking, no [B, F] or aux_k-slot pass).
+  ranked   each row ranks its silent latents among all F and keeps the top aux_k (encode's
+           aux_* fields, the dense or sparse path): some group has more silent latents than
+           the widest of aux_column_sizes, or a CLT.
+  columns  every group's silent latents fit in aux_column_sizes' widest: AuxK is a dense problem
+           over those columns (losses: no [B, F] or aux_k-slot pass; rows rank among the
+           columns only where there are more than aux_k).
   """
   any_dead = jnp.any(dead)
   if cfg.kind == "clt":
     return any_dead, jnp.zeros((), bool)
-  fit = _silent_fit(cfg, dead)
+  fit = jnp.max(jnp.sum(dead, axis=-1)) <= aux_column_sizes(cfg)[-1]
   return any_dead & ~fit, any_dead & fit
+
+
+# AuxK's columns regime is compiled for these column counts below aux_k, then for aux_k (every
+# row keeps all of its group's silent latents) and 2 and 4 aux_k up to F / 2 (each row keeps its
+# top aux_k of them): its GEMMs cost what the widest group's silent latents need.
+AUX_COLUMN_SIZES = (32, 64, 128)
+
+
+def aux_column_sizes(cfg: TrainConfig) -> tuple[int, ...]:
+  """The column counts of AuxK's columns regime, ascending."""
+  k_aux = min(cfg.aux_k, cfg.width)
+  return (tuple(n for n in AUX_COLUMN_SIZES if n < k_aux) + (k_aux,)
+          + tuple(n for n in (2 * k_aux, 4 * k_aux) if n <= cfg.width // 2))
 
 
 def _silent_fit(cfg: TrainConfig, dead: jax.Array) -> jax.Array:

@@ -125,35 +125,35 @@ def _auxk(params, cfg: TrainConfig, x, enc: dictionaries.Encoding, residual) -> 
   return _aux_ratio(residual, e_hat)
 
 
-# Column counts the columns regime is compiled for (then aux_k): its GEMMs cost what the
-# widest group's silent latents need, not aux_k's worth while only a few are silent.
-AUX_COLUMN_SIZES = (32, 64, 128)
-
-
 def _auxk_columns(params, cfg: TrainConfig, x, dead, residual, columns) -> jax.Array:
-  """AuxK in its columns regime (0 outside it): no group has more than aux_k silent latents, so
-  every row's candidates are all of them and AuxK is the dense problem over those columns (a
-  B x d x n encode and decode, n the smallest of AUX_COLUMN_SIZES + (aux_k,) that holds every
-  group's), with autodiff's gradients: _auxk's value without its [B, F] products and ranking.
+  """AuxK in its columns regime (0 outside it): every group's silent latents fit in n columns,
+  n the smallest of dictionaries.aux_column_sizes that holds them, and AuxK is the dense problem
+  over those columns (a B x d x n encode and decode) with autodiff's gradients: _auxk's value
+  without its [B, F] products. Up to n = aux_k every row keeps all of them (no ranking); above,
+  each row keeps those at or above its aux_k-th value among them, as _auxk's dense path.
 
-  The columns are gathered outside the switch, so its branches take and return [G, d, aux_k]
+  The columns are gathered outside the switch, so its branches take and return [G, d, n]
   blocks, not parameter-sized gradients (one scatter into them, outside too).
   """
   k_aux = min(cfg.aux_k, cfg.width)
-  sizes = [n for n in AUX_COLUMN_SIZES if n < k_aux] + [k_aux]
+  sizes = dictionaries.aux_column_sizes(cfg)
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1).astype(compute)  # [G, B, d_in]
-  ids = jax.lax.top_k(dead.astype(jnp.int32), k_aux)[1]  # [G, aux_k]: the silent latents first
+  ids = jax.lax.top_k(dead.astype(jnp.int32), sizes[-1])[1]  # [G, n]: the silent latents first
   ok = jnp.take_along_axis(dead, ids, axis=1)[:, None, :]
-  cols = (jnp.take_along_axis(params["w_enc"], ids[:, None, :], axis=2),  # [G, d_in, aux_k]
-          jnp.take_along_axis(params["b_enc"], ids, axis=1)[:, None, :],  # [G, 1, aux_k]
-          jnp.take_along_axis(params["w_dec"], ids[:, :, None], axis=1))  # [G, aux_k, d_out]
+  cols = (jnp.take_along_axis(params["w_enc"], ids[:, None, :], axis=2),  # [G, d_in, n]
+          jnp.take_along_axis(params["b_enc"], ids, axis=1)[:, None, :],  # [G, 1, n]
+          jnp.take_along_axis(params["w_dec"], ids[:, :, None], axis=1))  # [G, n, d_out]
 
   def ratio(n: int, c) -> jax.Array:
     w_enc, b_enc, w_dec = c[0][..., :n], c[1][..., :n], c[2][:, :n]
     pre = jnp.einsum("gbi,gin->gbn", xg, w_enc.astype(compute),
                      preferred_element_type=jnp.float32) + b_enc
-    acts = jnp.where(ok[..., :n], jax.nn.relu(pre), 0.0)
+    keep = ok[..., :n]
+    if n > k_aux:  # a tie at the row's aux_k-th value keeps every tied latent
+      scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
+      keep = keep & (scores >= kernels.nth_largest(scores, k_aux)[..., None])
+    acts = jnp.where(keep, jax.nn.relu(pre), 0.0)
     e_hat = jnp.einsum("gbn,gno->bgo", acts, w_dec, preferred_element_type=jnp.float32)
     return _aux_ratio(residual, e_hat)
 

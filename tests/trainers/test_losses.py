@@ -151,13 +151,20 @@ def test_auxk_off_leaves_the_loss_without_its_term(kind, activation, off):
 
 @pytest.mark.parametrize("kind", ["transcoder", "crosscoder"])
 def test_auxk_columns_regime_takes_the_smallest_size_that_holds_every_group(kind, monkeypatch):
-  """Whatever column count the widest group's silent latents select (4, 8, or aux_k = 12), the
-  loss and gradients are the reference's."""
-  monkeypatch.setattr(losses, "AUX_COLUMN_SIZES", (4, 8))
+  """Whatever column count the widest group's silent latents select (4, aux_k = 8, or 16 =
+  2 aux_k, where each row keeps its top aux_k of them), the loss and gradients are the
+  reference's; past the widest size (F / 2 caps it at 16 here) the ranked regime takes over."""
+  monkeypatch.setattr(dictionaries, "AUX_COLUMN_SIZES", (4,))
   cfg = TrainConfig(kind=kind, activation="topk", layers=tuple(range(L)), width=F, k=5,
-                    aux_k=12)
-  for counts, seed in (((2, 3, 1), 41), ((5, 8, 1), 42), ((12, 3, 9), 43)):
-    errors = _check(cfg, seed=seed, dead_counts=counts[:cfg.n_groups])
+                    aux_k=8)
+  assert dictionaries.aux_column_sizes(cfg) == (4, 8, 16)
+  for counts, seed, columns in (((2, 3, 1), 41, True), ((5, 8, 1), 42, True),
+                                ((12, 3, 9), 43, True), ((16, 16, 2), 44, True),
+                                ((17, 3, 9), 45, False)):
+    counts = counts[:cfg.n_groups]
+    dead = np.stack([np.arange(F) < n for n in counts])
+    assert bool(dictionaries.aux_regimes(cfg, jnp.asarray(dead))[1]) == columns, counts
+    errors = _check(cfg, seed=seed, dead_counts=counts)
     assert max(errors.values()) < 2e-5, (counts, errors)
 
 
