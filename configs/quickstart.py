@@ -36,7 +36,7 @@ def get_config() -> RunConfig:
           checkpoint_every=75, log_every=15),
       # Every metric on the store's 72 held-out sequences (9 144 next-token targets per layer),
       # in 12 batches of 6: per batch one clean forward, 18 splice tails and one streamed pass
-      # over the 262k vocabulary for all 19 (docs/evaluate.md), 24 s on 2 quiet AVX-512 cores.
+      # over the 262k vocabulary for all 19 (docs/evaluate.md), 24-28 s on 2 AVX-512 cores.
       # No zero-ablation passes: they would double the splices for fraction_loss_recovered only.
       evaluate=EvalConfig(n_sequences=72, seq_len=128, batch_size=6, zero_ablation=False),
       release=ReleaseConfig(name="gemma3-270m-quickstart"),
