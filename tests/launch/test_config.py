@@ -112,9 +112,8 @@ def test_in_range_edges_are_accepted():
 
 def test_quickstart_measures_on_8k_heldout_tokens_and_spends_its_splices_on_delta_lm():
   """FVU/L0/dead and the spliced delta LM loss of every layer on >= 8k held-out tokens, in
-  whole batches: no padded rows computed; the
-  splice budget goes to delta LM (no zero-ablation passes); its AuxK runs on the dense path
-  (F = 1024, aux_k a quarter of it)."""
+  whole batches: no padded rows computed; the splice budget goes to delta LM (no zero-ablation
+  passes); its AuxK runs on the dense path (F = 1024, aux_k a quarter of it)."""
   from allscope.trainers import dictionaries
 
   cfg = config_lib.load("quickstart")

@@ -144,7 +144,8 @@ def test_auxk_off_leaves_the_loss_without_its_term(kind, activation, off):
     errors = _check(cfg, seed=seed, dead_counts=counts)
     assert "auxk" not in errors and max(errors.values()) < 2e-5, (counts, errors)
   jp = {k: jnp.asarray(v) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
-  x = dictionaries.prepare(cfg, jnp.ones((B, L, D)))
+  x = dictionaries.prepare(cfg, jnp.asarray(np.random.default_rng(1).standard_normal((B, L, D)),
+                                            jnp.float32))
   _, (metrics, _) = losses.loss_fn(jp, cfg, x, x, jnp.ones((L, F), bool), jnp.asarray(1.0))
   assert "auxk" not in metrics
 
