@@ -183,11 +183,24 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
     check_acc(acc, shape)
   src = src.astype(_F32)
   out = zeros_after(shape, values, src) if acc is None else acc
-  # Rows and pairs that need more than 32 bits (JumpReLU's 256 slots or AuxK's at F = 16384)
-  # keep the scatter per slot: sorting them in slot groups raised the 18-layer JumpReLU
-  # transcoder step's memory from 2.2x to 4.2x its pre-activations (not yet understood).
-  if b * c * src.shape[1] >= PIECES_MIN_PRODUCTS and _bits(num_rows) + _bits(b * c) <= 32:
-    return _piece_sums(indices, values, src, num_rows, out)
+  # Where row and pair numbers need more than 32 bits together (BatchTopK's 256 slots or
+  # JumpReLU's 384 at F = 16384, B = 4096), the slots go in groups that fit, one after another
+  # into the same sums: 3.4x faster than the scatter per slot at B=4096, C=256, N=16384, D=640.
+  # One loop over the groups, so the sums stay in one buffer (unrolled, XLA kept a copy of
+  # them per group: the 18-layer JumpReLU step's memory went from 2.2x to 4.2x).
+  group = (1 << max(32 - _bits(num_rows), 0)) // b
+  if b * c * src.shape[1] >= PIECES_MIN_PRODUCTS and group >= 1:
+    if c <= group:
+      return _piece_sums(indices, values, src, num_rows, out)
+    n_groups = -(-c // group)
+    pad = ((0, 0), (0, n_groups * group - c))  # padded slots add 0 x src[b] to row 0
+    indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
+
+    def per_group(g, acc):
+      part = lambda a: lax.dynamic_slice_in_dim(a, g * group, group, axis=1)
+      return _piece_sums(part(indices), part(values), src, num_rows, acc)
+
+    return lax.fori_loop(0, n_groups, per_group, out)
 
   def body(j, acc):
     return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")

@@ -83,7 +83,9 @@ def test_gather_dot_any_width(rng, d, dtype):
     (24, 7, 40, 12),  # packed (row, pair) sort keys, pieces of 4
     (300, 5, 7, 3),  # a few rows with many pieces of 16 each
     (16, 3, 1000, 5),  # more rows than pairs: most rows empty
-    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: the scatter per slot
+    (64, 128, 1 << 20, 2),  # rows and pairs need 33 bits: 2 groups of 64 slots
+    (64, 100, 1 << 20, 2),  # 2 groups of 64 slots, the last padded
+    (4096, 2, 1 << 21, 2),  # rows alone leave under 12 bits for pairs: the scatter per slot
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scatter_outer_by_sorted_pieces(rng, monkeypatch, b, c, n, d, dtype):
