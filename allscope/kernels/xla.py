@@ -174,8 +174,8 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   pairs of one row is summed in a fused gather-multiply-add, as in gather_decode; only those
   sums are scattered, about 16 times fewer rows. 2x faster at B=4096, C=64, N=16384, D=640, and
   the two scatters of a step (d w_dec, d w_enc) share the sort of their indices. Small
-  problems (PIECES_MIN_PRODUCTS) and row and pair numbers that do not fit in 32 bits together
-  keep the scatter per slot.
+  problems (PIECES_MIN_PRODUCTS), and rows too many to leave 32-bit keys room for one slot of
+  every token, keep the scatter per slot.
   """
   b, c = indices.shape
   shape = (num_rows, src.shape[1])
