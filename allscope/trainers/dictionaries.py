@@ -112,11 +112,6 @@ def aux_column_sizes(cfg: TrainConfig) -> tuple[int, ...]:
           + tuple(n for n in (2 * k_aux, 4 * k_aux) if n <= cfg.width // 2))
 
 
-def _silent_fit(cfg: TrainConfig, dead: jax.Array) -> jax.Array:
-  """No group has more silent latents than aux_k (every row's AuxK candidates: all of them)."""
-  return jnp.max(jnp.sum(dead, axis=-1)) <= min(cfg.aux_k, cfg.width)
-
-
 def shapes(cfg: TrainConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
   """Parameter shapes; d_in/d_out are the per-layer site widths."""
   g, f = cfg.n_groups, cfg.width
@@ -236,7 +231,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   ranked = aux_regimes(cfg, dead)[0] if k_aux else None
   # A CLT ranks per row only where a group has more silent latents than aux_k (otherwise its
   # slots hold all of them); other kinds leave that case to losses' columns regime.
-  all_fit = _silent_fit(cfg, dead) if k_aux and cfg.kind == "clt" else None
+  all_fit = jnp.max(jnp.sum(dead, axis=-1)) <= k_aux if k_aux and cfg.kind == "clt" else None
   dense_aux = bool(k_aux) and aux_dense(cfg)
   width = params["b_enc"].shape[-1]
   if dead is None:

@@ -151,7 +151,7 @@ def loss_and_grads(p, cfg, x, y, dead, scale):
     metrics["l0"] = np.mean(np.sum(mask, axis=-1))
   else:
     metrics["l0"] = np.mean(np.sum(mask, axis=-1))
-    if np.any(dead) and cfg.aux_k > 0 and cfg.aux_coef > 0:
+    if np.any(dead) and cfg.auxk:
       e = y - y_hat
       k_aux = min(cfg.aux_k, pre.shape[-1])
       masked = np.where(dead[:, None, :], pre, -np.inf)
