@@ -11,6 +11,8 @@ the contiguous rows w_dec[f, off(s) : off(s) + L - s], gathered or scattered as 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,18 @@ def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> ja
   return lax.fori_loop(0, c // u, body, jnp.zeros((b, table.shape[1]), _F32))
 
 
+def _halving_sum(p: jax.Array) -> jax.Array:
+  """[..., D] -> [...]: the row sums of p as a tree of column-half additions (see _row_dot)."""
+  rest = []
+  while p.shape[-1] > 8:
+    h = p.shape[-1] // 2
+    if p.shape[-1] % 2:
+      rest.append(p[..., 2 * h])
+    p = p[..., :h] + p[..., h:2 * h]
+  # the last few columns added as slices too: a jnp.sum would be a separate (YNNPACK) call
+  return sum(rest + [p[..., i] for i in range(1, p.shape[-1])], p[..., 0])
+
+
 def _row_dot(g: jax.Array, rows: jax.Array) -> jax.Array:
   """[..., D] x [..., D] -> [...]: sum(g * rows) as a tree of column-half additions.
 
@@ -68,14 +82,7 @@ def _row_dot(g: jax.Array, rows: jax.Array) -> jax.Array:
   needs the gathered rows written out first, and than jnp.sum(g * rows), whose fused row
   reduction runs 2.5x slower (and 6x under the trainers' one-group vmap).
   """
-  p, rest = g * rows, []
-  while p.shape[-1] > 8:
-    h = p.shape[-1] // 2
-    if p.shape[-1] % 2:
-      rest.append(p[..., 2 * h])
-    p = p[..., :h] + p[..., h:2 * h]
-  # the last few columns added as slices too: a jnp.sum would be a separate (YNNPACK) call
-  return sum(rest + [p[..., i] for i in range(1, p.shape[-1])], p[..., 0])
+  return _halving_sum(g * rows)
 
 
 def gather_dot(indices: jax.Array, g: jax.Array, table: jax.Array) -> jax.Array:
@@ -133,33 +140,77 @@ def _row_pieces(indices: jax.Array, num_rows: int, piece: int,
 PIECES_MIN_PRODUCTS = 1 << 23
 
 
-def _piece_sums(indices, values, src, num_rows: int, acc: jax.Array) -> jax.Array:
-  """acc + scatter_outer(indices, values, src) by sorted row pieces (see scatter_outer)."""
-  b, c = indices.shape
+def _add_sorted_rows(acc: jax.Array, rows: jax.Array, sums: jax.Array) -> jax.Array:
+  return acc.at[rows].add(sums, mode="drop", indices_are_sorted=True)
+
+
+def _piece_sums(indices, values, srcs, num_rows: int, acc: jax.Array, adds) -> jax.Array:
+  """The sorted-piece scatter of S slot sets (see _sorted_scatter) into acc.
+
+  indices, values [S, B, C]; set i's pieces sum rows of srcs[i] ([B, ...]) and go into acc by
+  adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one batched sort.
+  """
+  b, c = indices.shape[1:]
   n_pairs = b * c
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
-  pairs, piece_rows = _row_pieces(indices, num_rows, piece)
-  flat_values = values.reshape(-1).astype(_F32)
-  block = min(pairs.shape[0], b)  # [b, D] sums per step: no larger than a slot's products
-  n_blocks = -(-pairs.shape[0] // block)
-  pad = n_blocks * block - pairs.shape[0]
+  all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
+  block = min(all_pairs.shape[1], b)  # [b, ...] sums per step: no larger than a slot's products
+  n_blocks = -(-all_pairs.shape[1] // block)
+  pad = n_blocks * block - all_pairs.shape[1]
   if pad:
-    pairs = jnp.pad(pairs, ((0, pad), (0, 0)), constant_values=n_pairs)
-    piece_rows = jnp.pad(piece_rows, (0, pad), constant_values=num_rows)
+    all_pairs = jnp.pad(all_pairs, ((0, 0), (0, pad), (0, 0)), constant_values=n_pairs)
+    all_rows = jnp.pad(all_rows, ((0, 0), (0, pad)), constant_values=num_rows)
+  for pairs, piece_rows, flat_values, src, add_rows in zip(
+      all_pairs, all_rows, values.reshape(len(srcs), -1).astype(_F32), srcs, adds):
+    expand = (slice(None),) + (None,) * (src.ndim - 1)
 
-  def body(i, acc):
-    # weights and token rows looked up per block (fused into the sum): no table of each kept
-    blk = lax.dynamic_slice_in_dim(pairs, i * block, block)
-    w = jnp.take(flat_values, blk, mode="fill", fill_value=0)
-    t = blk // c
-    part = w[:, 0, None] * jnp.take(src, t[:, 0], axis=0, mode="clip")
-    for q in range(1, piece):
-      part = part + w[:, q, None] * jnp.take(src, t[:, q], axis=0, mode="clip")
-    rows = lax.dynamic_slice_in_dim(piece_rows, i * block, block)
-    return acc.at[rows].add(part, mode="drop", indices_are_sorted=True)
+    def body(i, acc, pairs=pairs, piece_rows=piece_rows, flat_values=flat_values, src=src,
+             add_rows=add_rows, expand=expand):
+      # weights and token rows looked up per block (fused into the sum): no table of each kept
+      blk = lax.dynamic_slice_in_dim(pairs, i * block, block)
+      w = jnp.take(flat_values, blk, mode="fill", fill_value=0)
+      t = blk // c
+      part = w[:, 0][expand] * jnp.take(src, t[:, 0], axis=0, mode="clip")
+      for q in range(1, piece):
+        part = part + w[:, q][expand] * jnp.take(src, t[:, q], axis=0, mode="clip")
+      return add_rows(acc, lax.dynamic_slice_in_dim(piece_rows, i * block, block), part)
 
-  return lax.fori_loop(0, n_blocks, body, acc)
+    acc = lax.fori_loop(0, n_blocks, body, acc)
+  return acc
+
+
+def _sorted_scatter(indices, values, srcs, num_rows: int, acc: jax.Array, adds):
+  """acc + the scatters of S slot sets by sorted row pieces, or None (then scatter per slot).
+
+  Set i ([B, C] of indices [S, B, C] and values) adds values[i, b, j] srcs[i][b] at row
+  indices[i, b, j] through adds[i]. The sets (a CLT's sources) are sorted together: sliced one
+  by one from a top_k's output, each set's indices would stop XLA:CPU from rewriting that
+  top_k's sort into its TopK call (a full-row sort, 4x the CLT step at 4 layers).
+
+  None where the scatter per slot is the better one: small problems (PIECES_MIN_PRODUCTS), and
+  rows too many to leave 32-bit keys room for one slot of every token. Where row and pair
+  numbers need more than 32 bits together (BatchTopK's 256 slots or JumpReLU's 384 at F = 16384,
+  B = 4096), the slots go in groups that fit, one after another into the same sums: 3.4x faster
+  than the scatter per slot at B=4096, C=256, N=16384, D=640. One loop over the groups, so the
+  sums stay in one buffer (unrolled, XLA kept a copy of them per group: the 18-layer JumpReLU
+  step's memory went from 2.2x to 4.2x).
+  """
+  b, c = indices.shape[1:]
+  group = (1 << max(32 - _bits(num_rows), 0)) // b
+  if sum(src.size for src in srcs) * c < PIECES_MIN_PRODUCTS or group < 1:
+    return None
+  if c <= group:
+    return _piece_sums(indices, values, srcs, num_rows, acc, adds)
+  n_groups = -(-c // group)
+  pad = ((0, 0), (0, 0), (0, n_groups * group - c))  # padded slots add 0 x src[b] to row 0
+  indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
+
+  def per_group(g, acc):
+    part = lambda a: lax.dynamic_slice_in_dim(a, g * group, group, axis=2)
+    return _piece_sums(part(indices), part(values), srcs, num_rows, acc, adds)
+
+  return lax.fori_loop(0, n_groups, per_group, acc)
 
 
 def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_rows: int,
@@ -172,10 +223,9 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   Not a scatter-add per slot (XLA:CPU writes each slot's [B, D] products out for the scatter,
   which cannot fuse them): the pairs are sorted by row (_row_pieces) and each piece of up to 16
   pairs of one row is summed in a fused gather-multiply-add, as in gather_decode; only those
-  sums are scattered, about 16 times fewer rows. 2x faster at B=4096, C=64, N=16384, D=640, and
-  the two scatters of a step (d w_dec, d w_enc) share the sort of their indices. Small
-  problems (PIECES_MIN_PRODUCTS), and rows too many to leave 32-bit keys room for one slot of
-  every token, keep the scatter per slot.
+  sums are scattered, about 16 times fewer rows (_sorted_scatter). 2x faster at B=4096, C=64,
+  N=16384, D=640, and the two scatters of a step (d w_dec, d w_enc) share the sort of their
+  indices.
   """
   b, c = indices.shape
   shape = (num_rows, src.shape[1])
@@ -183,24 +233,10 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
     check_acc(acc, shape)
   src = src.astype(_F32)
   out = zeros_after(shape, values, src) if acc is None else acc
-  # Where row and pair numbers need more than 32 bits together (BatchTopK's 256 slots or
-  # JumpReLU's 384 at F = 16384, B = 4096), the slots go in groups that fit, one after another
-  # into the same sums: 3.4x faster than the scatter per slot at B=4096, C=256, N=16384, D=640.
-  # One loop over the groups, so the sums stay in one buffer (unrolled, XLA kept a copy of
-  # them per group: the 18-layer JumpReLU step's memory went from 2.2x to 4.2x).
-  group = (1 << max(32 - _bits(num_rows), 0)) // b
-  if b * c * src.shape[1] >= PIECES_MIN_PRODUCTS and group >= 1:
-    if c <= group:
-      return _piece_sums(indices, values, src, num_rows, out)
-    n_groups = -(-c // group)
-    pad = ((0, 0), (0, n_groups * group - c))  # padded slots add 0 x src[b] to row 0
-    indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
-
-    def per_group(g, acc):
-      part = lambda a: lax.dynamic_slice_in_dim(a, g * group, group, axis=1)
-      return _piece_sums(part(indices), part(values), src, num_rows, acc)
-
-    return lax.fori_loop(0, n_groups, per_group, out)
+  sums = _sorted_scatter(indices[None], values[None], [src], num_rows, out,
+                         [_add_sorted_rows])
+  if sums is not None:
+    return sums
 
   def body(j, acc):
     return acc.at[indices[:, j]].add(values[:, j, None].astype(_F32) * src, mode="drop")
@@ -322,12 +358,13 @@ def _clt_rows(w_dec: jax.Array, rows: jax.Array, source: int, n_layers: int) -> 
                     mode=lax.GatherScatterMode.CLIP).astype(_F32)
 
 
-def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int,
-                  n_layers: int) -> jax.Array:
+def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int, n_layers: int,
+                  indices_are_sorted: bool = False) -> jax.Array:
   """acc[rows[b], off(s):off(s) + L - s] += upd[b] ([B, L - s, d]), duplicates accumulating."""
   dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(0,),
                                       scatter_dims_to_operand_dims=(0, 1))
   return lax.scatter_add(acc, _window_starts(rows, source, n_layers), upd, dnums,
+                         indices_are_sorted=indices_are_sorted,
                          mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
@@ -366,22 +403,26 @@ def clt_decode(indices: jax.Array, values: jax.Array, w_dec: jax.Array) -> jax.A
 
 
 def clt_gather_dot(indices: jax.Array, g: jax.Array, w_dec: jax.Array) -> jax.Array:
-  """out[s, b, j] = sum_{t >= s} g[b, t] . w_dec[indices[s, b, j], p(s, t)] -> [L, B, C]."""
+  """out[s, b, j] = sum_{t >= s} g[b, t] . w_dec[indices[s, b, j], p(s, t)] -> [L, B, C].
+
+  Per slot, the window's products are summed over targets, then over d by column halvings
+  (_halving_sum): one fused pass over the gathered window, 1.8x faster than a dot over it.
+  """
   n_layers = _check_clt(indices, w_dec.shape[1])
   b, c = indices.shape[1:]
   g = g.astype(_F32)
   out = []
   for s in range(n_layers):
-    # Sliced once per source, not in the body: the dot cannot fuse a slice, so XLA copied
-    # g[:, s:] on every slot (a quarter of this primitive's time at 8 layers). Sliced after
-    # the previous source's loop, or XLA computes every source's slice at once (18 layers:
-    # 0.3x the step's [L, B, F] pre-activations more temporary memory).
+    # Sliced after the previous source's loop, or XLA computes every source's slice at once
+    # (18 layers: 0.3x the step's [L, B, F] pre-activations more temporary memory).
     gs = g[:, s:] + zeros_after((b, n_layers - s, g.shape[2]), *out[-1:], g)
 
     def body(j, acc, s=s, gs=gs):
       rows = _clt_rows(w_dec, indices[s, :, j], s, n_layers)
-      dot = jnp.einsum("btd,btd->b", gs, rows, precision=lax.Precision.HIGHEST)
-      return lax.dynamic_update_index_in_dim(acc, dot, j, 0)
+      p = gs[:, 0] * rows[:, 0]
+      for t in range(1, n_layers - s):
+        p = p + gs[:, t] * rows[:, t]
+      return lax.dynamic_update_index_in_dim(acc, _halving_sum(p), j, 0)
     out.append(lax.fori_loop(0, c, body, jnp.zeros((c, b), _F32)).T)
   return jnp.stack(out)
 
@@ -392,6 +433,8 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
 
   With `acc` (float32 [F, P, d]) the sums are added to it, in its buffer when the caller no
   longer needs it: two slot sets (a CLT's main and AuxK decodes) share one gradient buffer.
+  Each source's pairs go by sorted row pieces as in scatter_outer, each piece summing g's
+  [L - s, d] windows: 3.5x faster than the scatter per slot at L=8, B=1024, C=64, F=4096, d=640.
   """
   n_layers, _, c = indices.shape
   shape = (num_rows, clt_layout.n_pairs(n_layers), g.shape[2])
@@ -399,11 +442,15 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
     check_acc(acc, shape)
   g = g.astype(_F32)
   out = zeros_after(shape, g) if acc is None else acc
+  adds = [functools.partial(_clt_add_rows, source=s, n_layers=n_layers, indices_are_sorted=True)
+          for s in range(n_layers)]
+  sums = _sorted_scatter(indices, values, [g[:, s:] for s in range(n_layers)], num_rows, out,
+                         adds)
+  if sums is not None:
+    return sums
   for s in range(n_layers):
     def body(j, acc, s=s):
       upd = values[s, :, j, None, None].astype(_F32) * g[:, s:]
       return _clt_add_rows(acc, indices[s, :, j], upd, s, n_layers)
     out = lax.fori_loop(0, c, body, out)
   return out
-
-

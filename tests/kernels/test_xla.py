@@ -160,6 +160,40 @@ def test_clt_primitives_match_numpy_and_masked_dense(rng, n_layers):
     np.testing.assert_array_equal(clt_layout.to_dense(w, s), dense[s])
 
 
+def np_clt_scatter_outer(idx, v, g, f):
+  n_layers = idx.shape[0]
+  pi = clt_layout.pair_index(n_layers)
+  out = np.zeros((f, clt_layout.n_pairs(n_layers), g.shape[2]))
+  for s in range(n_layers):
+    for t in range(s, n_layers):
+      out[:, pi[s, t]] = np_scatter_outer(idx[s], v[s], g[:, t], f)
+  return out
+
+
+@pytest.mark.parametrize("b,c,f,n_layers", [
+    (24, 7, 16, 3),  # pieces of 8 (about the mean pairs per latent)
+    (300, 5, 7, 2),  # a few latents with many pieces each
+    (16, 3, 1000, 3),  # most latents empty
+    (64, 100, 1 << 20, 2),  # latents and pairs need 33 bits: 2 groups of 64 slots, padded
+])
+def test_clt_scatter_outer_by_sorted_pieces(rng, monkeypatch, b, c, f, n_layers):
+  """clt_scatter_outer sums each latent's pairs in pieces of g's [L - s, d] windows, per source,
+  as scatter_outer does: duplicates, empty slots, both slot-group cases; with `acc`."""
+  monkeypatch.setattr(xla, "PIECES_MIN_PRODUCTS", 0)
+  d = 3
+  idx = np.stack([sparse_indices(rng, b, c, f) for _ in range(n_layers)])
+  v = np.stack([ragged_values(rng, b, c) for _ in range(n_layers)])
+  g = rng.standard_normal((b, n_layers, d)).astype(np.float32)
+  got = jax.jit(xla.clt_scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, g)), f)
+  assert got.dtype == jnp.float32 and got.shape == (f, clt_layout.n_pairs(n_layers), d)
+  want = np_clt_scatter_outer(idx, v, g, f)
+  assert rel(got, want) <= TOL
+  acc = rng.standard_normal(want.shape).astype(np.float32)
+  got = jax.jit(xla.clt_scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, g)), f,
+                                                         jnp.asarray(acc))
+  assert rel(got, acc + want) <= TOL
+
+
 def test_clt_layout_pairs():
   n = 4
   pi = clt_layout.pair_index(n)
