@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from allscope.kernels import xla
 from allscope.kernels.dispatch import XLA, Ops
 
 
@@ -62,12 +63,9 @@ def _aux_bwd(ops, clt, res, cts):
   daux = jax.lax.cond(use_aux, lambda: gather_dot(aux_indices, g_aux, w_dec),
                       lambda: jnp.zeros(aux_values.shape, jnp.float32)).astype(aux_values.dtype)
   dw = scatter_outer(indices, values, g, w_dec.shape[0])
-  # The AuxK pairs are added into the main gradient's buffer: a loop of 0 or 1 trips, which XLA
-  # runs in place on its carry (a cond's untaken branch would zero-fill a second decoder-sized
-  # array and a sum would read both).
-  dw = jax.lax.fori_loop(0, use_aux.astype(jnp.int32),
-                         lambda _, acc: scatter_outer(aux_indices, aux_values, g_aux,
-                                                      w_dec.shape[0], acc), dw)
+  # The AuxK pairs are added into the main gradient's buffer
+  dw = xla.only_where(use_aux, lambda acc, idx: scatter_outer(idx, aux_values, g_aux,
+                                                              w_dec.shape[0], acc), dw, aux_indices)
   return None, dvalues, None, daux, dw.astype(w_dec.dtype), None
 
 

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from allscope.kernels import xla
 from allscope.kernels.dispatch import XLA, Ops
 
 
@@ -56,17 +57,17 @@ def _aux_bwd(ops, res, cts):
   x, w_enc, b_enc, indices, aux_indices, use_aux = res
   g, g_aux = cts
   width = w_enc.shape[1]
-  trips = use_aux.astype(jnp.int32)  # AuxK's scatters: a loop of 0 or 1 trips, in place
-  dw = jax.lax.fori_loop(0, trips, lambda _, acc: ops.scatter_outer(aux_indices, g_aux, x, width,
-                                                                    acc),
-                         ops.scatter_outer(indices, g, x, width))
   segments = lambda v, i: jax.ops.segment_sum(v.reshape(-1).astype(jnp.float32), i.reshape(-1),
                                                num_segments=width)
-  db = jax.lax.fori_loop(0, trips, lambda _, acc: acc + segments(g_aux, aux_indices),
-                         segments(g, indices))
-  dx = jax.lax.fori_loop(0, trips, lambda _, acc: acc + ops.gather_decode(aux_indices, g_aux,
-                                                                          w_enc.T),
-                         ops.gather_decode(indices, g, w_enc.T))
+  # AuxK's scatters added into the main slots' gradients, only where use_aux
+  dw, db, dx = xla.only_where(
+      use_aux,
+      lambda acc, idx: (ops.scatter_outer(idx, g_aux, x, width, acc[0]),
+                        acc[1] + segments(g_aux, idx),
+                        acc[2] + ops.gather_decode(idx, g_aux, w_enc.T)),
+      (ops.scatter_outer(indices, g, x, width), segments(g, indices),
+       ops.gather_decode(indices, g, w_enc.T)),
+      aux_indices)
   return (dx.astype(x.dtype), dw.T.astype(w_enc.dtype), db.astype(b_enc.dtype), None,
           jnp.zeros(g.shape, g.dtype), None, jnp.zeros(g_aux.shape, g_aux.dtype), None)
 

@@ -47,6 +47,19 @@ def zeros_after(shape: tuple[int, ...], *xs: jax.Array) -> jax.Array:
   return jnp.full(shape, ok.astype(_F32) * 0.0, _F32)
 
 
+def only_where(use: jax.Array, update, acc, indices: jax.Array):
+  """update(acc, indices) where the scalar `use` is True, else acc, in acc's buffers.
+
+  A loop of 0 or 1 trips, which XLA runs in place on its carry (a cond's untaken branch would
+  fill a second acc and a sum would read both). `indices` (valid rows, >= 0) reach `update`
+  through the loop counter, unchanged: XLA hoists loop-invariant work out of a loop, so the
+  update's gathers and sorts would otherwise run every step, taken or not (AuxK's 256-slot
+  encoder gather_decode: 38 ms a layer at B=4096, d=640, with no latent dead).
+  """
+  return lax.fori_loop(0, use.astype(jnp.int32),
+                       lambda i, acc: update(acc, jnp.maximum(indices, -1 - i)), acc)
+
+
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
   """out[b] = sum_j values[b, j] * table[indices[b, j]]: [B, C], [B, C], [N, D] -> [B, D]."""
   b, c = indices.shape
