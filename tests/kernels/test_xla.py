@@ -131,7 +131,7 @@ def test_scatter_outer_many_duplicates(rng):
 
 
 @pytest.mark.parametrize("n_layers", [1, 3, 5])
-def test_clt_primitives_match_numpy_and_masked_dense(rng, n_layers):
+def test_clt_primitives_match_numpy_and_masked_dense(rng, monkeypatch, n_layers):
   f, d = 16, 6
   p = clt_layout.n_pairs(n_layers)
   idx = np.stack([sparse_indices(rng, B, C, f) for _ in range(n_layers)])
@@ -153,6 +153,8 @@ def test_clt_primitives_match_numpy_and_masked_dense(rng, n_layers):
     np.add.at(want_dw_dense[s], idx[s].reshape(-1),
               (v[s][:, :, None, None] * g[:, None]).reshape(-1, n_layers, d))
   want_dw = np.concatenate([want_dw_dense[s][:, s:] for s in range(n_layers)], axis=1)
+  assert rel(xla.clt_gather_dot(ji, jg, jw), want_dv) <= TOL
+  monkeypatch.setattr(xla, "CLT_DOT_TOKENS", 8)  # the gather-dot in 3 blocks of 8 tokens
   assert rel(xla.clt_gather_dot(ji, jg, jw), want_dv) <= TOL
   assert rel(xla.clt_scatter_outer(ji, jv, jg, f), want_dw) <= TOL
   np.testing.assert_array_equal(clt_layout.from_dense(dense), w)
@@ -248,6 +250,14 @@ def test_chunk_max_top_k_reads_its_input_once():
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   temp = f.lower(shape(2, b, n), shape(2, n)).compile().memory_analysis().temp_size_in_bytes
   assert temp < b * n * 4, temp
+
+
+def test_top_k_stays_a_top_k_under_a_static_slice_of_its_indices():
+  """A caller slicing the indices statically (a CLT's indices[s]) still gets XLA:CPU's TopK
+  call, not a sort of whole rows."""
+  f = jax.jit(lambda x: xla.top_k(x, 8)[1][1] * 2)
+  hlo = f.lower(jax.ShapeDtypeStruct((4, 64, 256), jnp.float32)).compile().as_text()
+  assert 'custom_call_target="TopK"' in hlo and " sort(" not in hlo
 
 
 def test_chunk_max_top_k_needs_k_chunks():
