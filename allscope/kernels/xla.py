@@ -167,7 +167,10 @@ def _piece_sums(indices, values, srcs, num_rows: int, acc: jax.Array, adds) -> j
   n_pairs = b * c
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
-  all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
+  if len(srcs) == 1:  # as scatter_outer's callers vmap it: a CLT's sort and its encoder's are one
+    all_pairs, all_rows = (a[None] for a in _row_pieces(indices[0], num_rows, piece))
+  else:
+    all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
   block = min(all_pairs.shape[1], b)  # [b, ...] sums per step: no larger than a slot's products
   n_blocks = -(-all_pairs.shape[1] // block)
   pad = n_blocks * block - all_pairs.shape[1]
