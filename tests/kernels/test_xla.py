@@ -260,6 +260,19 @@ def test_top_k_stays_a_top_k_under_a_static_slice_of_its_indices():
   assert 'custom_call_target="TopK"' in hlo and " sort(" not in hlo
 
 
+def test_only_where_updates_only_where_asked_and_keeps_the_update_in_its_loop(rng):
+  """only_where(use, update, acc, idx) is update(acc, idx) or acc; XLA does not hoist the
+  update's work on idx (here a sort) out of its loop, where it would run when use is False."""
+  idx = jnp.asarray(sparse_indices(rng, 64, 32, 1000))
+  acc = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  update = lambda a, i: a + jnp.sort(i, axis=-1).astype(jnp.float32)
+  f = jax.jit(lambda use, a, i: xla.only_where(use, update, a, i))
+  np.testing.assert_array_equal(f(True, acc, idx), update(acc, idx))
+  np.testing.assert_array_equal(f(False, acc, idx), acc)
+  hlo = f.lower(True, acc, idx).compile().as_text()
+  assert " sort(" in hlo and " sort(" not in hlo[hlo.index("\nENTRY"):]
+
+
 def test_chunk_max_top_k_needs_k_chunks():
   with pytest.raises(ValueError, match="exceeds"):
     xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
