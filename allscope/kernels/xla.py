@@ -157,17 +157,17 @@ def _add_sorted_rows(acc: jax.Array, rows: jax.Array, sums: jax.Array) -> jax.Ar
   return acc.at[rows].add(sums, mode="drop", indices_are_sorted=True)
 
 
-def _piece_sums(indices, values, srcs, num_rows: int, acc: jax.Array, adds) -> jax.Array:
+def _piece_sums(indices, values, takes, num_rows: int, acc: jax.Array, adds) -> jax.Array:
   """The sorted-piece scatter of S slot sets (see _sorted_scatter) into acc.
 
-  indices, values [S, B, C]; set i's pieces sum rows of srcs[i] ([B, ...]) and go into acc by
-  adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one batched sort.
+  indices, values [S, B, C]; set i's pieces sum the token rows takes[i](tokens) ([n] -> [n, ...])
+  and go into acc by adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one batched sort.
   """
   b, c = indices.shape[1:]
   n_pairs = b * c
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
-  if len(srcs) == 1:  # as scatter_outer's callers vmap it: a CLT's sort and its encoder's are one
+  if len(takes) == 1:  # as scatter_outer's callers vmap it: a CLT's sort and its encoder's are one
     all_pairs, all_rows = (a[None] for a in _row_pieces(indices[0], num_rows, piece))
   else:
     all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
@@ -177,30 +177,31 @@ def _piece_sums(indices, values, srcs, num_rows: int, acc: jax.Array, adds) -> j
   if pad:
     all_pairs = jnp.pad(all_pairs, ((0, 0), (0, pad), (0, 0)), constant_values=n_pairs)
     all_rows = jnp.pad(all_rows, ((0, 0), (0, pad)), constant_values=num_rows)
-  for pairs, piece_rows, flat_values, src, add_rows in zip(
-      all_pairs, all_rows, values.reshape(len(srcs), -1).astype(_F32), srcs, adds):
-    expand = (slice(None),) + (None,) * (src.ndim - 1)
+  for pairs, piece_rows, flat_values, take, add_rows in zip(
+      all_pairs, all_rows, values.reshape(len(takes), -1).astype(_F32), takes, adds):
 
-    def body(i, acc, pairs=pairs, piece_rows=piece_rows, flat_values=flat_values, src=src,
-             add_rows=add_rows, expand=expand):
+    def body(i, acc, pairs=pairs, piece_rows=piece_rows, flat_values=flat_values, take=take,
+             add_rows=add_rows):
       # weights and token rows looked up per block (fused into the sum): no table of each kept
       blk = lax.dynamic_slice_in_dim(pairs, i * block, block)
       w = jnp.take(flat_values, blk, mode="fill", fill_value=0)
       t = blk // c
-      part = w[:, 0][expand] * jnp.take(src, t[:, 0], axis=0, mode="clip")
-      for q in range(1, piece):
-        part = part + w[:, q][expand] * jnp.take(src, t[:, q], axis=0, mode="clip")
+      part = 0.0
+      for q in range(piece):
+        rows = take(t[:, q])
+        part = part + w[:, q].reshape((-1,) + (1,) * (rows.ndim - 1)) * rows
       return add_rows(acc, lax.dynamic_slice_in_dim(piece_rows, i * block, block), part)
 
     acc = lax.fori_loop(0, n_blocks, body, acc)
   return acc
 
 
-def _sorted_scatter(indices, values, srcs, num_rows: int, acc: jax.Array, adds):
+def _sorted_scatter(indices, values, takes, row_size: int, num_rows: int, acc: jax.Array,
+                    adds):
   """acc + the scatters of S slot sets by sorted row pieces, or None (then scatter per slot).
 
-  Set i ([B, C] of indices [S, B, C] and values) adds values[i, b, j] srcs[i][b] at row
-  indices[i, b, j] through adds[i]. The sets (a CLT's sources) are sorted together: sliced one
+  Set i ([B, C] of indices [S, B, C] and values) adds values[i, b, j] takes[i](b) at row
+  indices[i, b, j] through adds[i]; row_size is the elements of all S sets' token rows together. The sets (a CLT's sources) are sorted together: sliced one
   by one from a top_k's output, each set's indices would stop XLA:CPU from rewriting that
   top_k's sort into its TopK call (a full-row sort, 4x the CLT step at 4 layers).
 
@@ -214,17 +215,17 @@ def _sorted_scatter(indices, values, srcs, num_rows: int, acc: jax.Array, adds):
   """
   b, c = indices.shape[1:]
   group = (1 << max(32 - _bits(num_rows), 0)) // b
-  if sum(src.size for src in srcs) * c < PIECES_MIN_PRODUCTS or group < 1:
+  if b * c * row_size < PIECES_MIN_PRODUCTS or group < 1:
     return None
   if c <= group:
-    return _piece_sums(indices, values, srcs, num_rows, acc, adds)
+    return _piece_sums(indices, values, takes, num_rows, acc, adds)
   n_groups = -(-c // group)
   pad = ((0, 0), (0, 0), (0, n_groups * group - c))  # padded slots add 0 x src[b] to row 0
   indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
 
   def per_group(g, acc):
     part = lambda a: lax.dynamic_slice_in_dim(a, g * group, group, axis=2)
-    return _piece_sums(part(indices), part(values), srcs, num_rows, acc, adds)
+    return _piece_sums(part(indices), part(values), takes, num_rows, acc, adds)
 
   return lax.fori_loop(0, n_groups, per_group, acc)
 
@@ -249,7 +250,8 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
     check_acc(acc, shape)
   src = src.astype(_F32)
   out = zeros_after(shape, values, src) if acc is None else acc
-  sums = _sorted_scatter(indices[None], values[None], [src], num_rows, out,
+  take = lambda t: jnp.take(src, t, axis=0, mode="clip")
+  sums = _sorted_scatter(indices[None], values[None], [take], src.shape[1], num_rows, out,
                          [_add_sorted_rows])
   if sums is not None:
     return sums
@@ -360,21 +362,23 @@ def two_stage_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   return values, indices.astype(jnp.int32)
 
 
-def _window_starts(rows: jax.Array, source: int, n_layers: int) -> jax.Array:
-  off = clt_layout.offset(source, n_layers)
-  return jnp.stack([rows, jnp.full_like(rows, off)], axis=1)  # [B, 2]: (latent, first pair)
+def _window_starts(rows: jax.Array, start: int) -> jax.Array:
+  return jnp.stack([rows, jnp.full_like(rows, start)], axis=1)  # [n, 2]: (row, first column)
+
+
+def _windows(a: jax.Array, rows: jax.Array, start: int, size: int) -> jax.Array:
+  """a [N, P, d], rows [n] -> a[rows, start:start + size] [n, size, d] in float32: one gather of
+  contiguous (size, d) blocks."""
+  dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,),
+                                     start_index_map=(0, 1))
+  return lax.gather(a, _window_starts(rows, start), dnums, slice_sizes=(1, size, a.shape[2]),
+                    mode=lax.GatherScatterMode.CLIP).astype(_F32)
 
 
 def _clt_rows(w_dec: jax.Array, rows: jax.Array, source: int, n_layers: int) -> jax.Array:
-  """[B] latent rows -> [B, L - s, d]: each latent's window of target rows for source s.
-
-  One gather of contiguous (L - s, d) blocks (w_dec[f, off(s):off(s) + L - s] is contiguous).
-  """
-  dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,),
-                                     start_index_map=(0, 1))
-  return lax.gather(w_dec, _window_starts(rows, source, n_layers), dnums,
-                    slice_sizes=(1, n_layers - source, w_dec.shape[2]),
-                    mode=lax.GatherScatterMode.CLIP).astype(_F32)
+  """[B] latent rows -> [B, L - s, d]: each latent's window of target rows for source s
+  (w_dec[f, off(s):off(s) + L - s] is contiguous)."""
+  return _windows(w_dec, rows, clt_layout.offset(source, n_layers), n_layers - source)
 
 
 def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int, n_layers: int,
@@ -382,8 +386,8 @@ def _clt_add_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array, source: int, 
   """acc[rows[b], off(s):off(s) + L - s] += upd[b] ([B, L - s, d]), duplicates accumulating."""
   dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(0,),
                                       scatter_dims_to_operand_dims=(0, 1))
-  return lax.scatter_add(acc, _window_starts(rows, source, n_layers), upd, dnums,
-                         indices_are_sorted=indices_are_sorted,
+  return lax.scatter_add(acc, _window_starts(rows, clt_layout.offset(source, n_layers)), upd,
+                         dnums, indices_are_sorted=indices_are_sorted,
                          mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
@@ -476,8 +480,10 @@ def clt_scatter_outer(indices: jax.Array, values: jax.Array, g: jax.Array, num_r
   out = zeros_after(shape, g) if acc is None else acc
   adds = [functools.partial(_clt_add_rows, source=s, n_layers=n_layers, indices_are_sorted=True)
           for s in range(n_layers)]
-  sums = _sorted_scatter(indices, values, [g[:, s:] for s in range(n_layers)], num_rows, out,
-                         adds)
+  # g's windows gathered per piece, not sliced per source (XLA would keep every slice alive)
+  takes = [functools.partial(_windows, g, start=s, size=n_layers - s) for s in range(n_layers)]
+  sums = _sorted_scatter(indices, values, takes, clt_layout.n_pairs(n_layers) * g.shape[2],
+                         num_rows, out, adds)
   if sums is not None:
     return sums
   for s in range(n_layers):
