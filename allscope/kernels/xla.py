@@ -161,13 +161,16 @@ def _piece_sums(indices, values, takes, num_rows: int, acc: jax.Array, adds) -> 
   """The sorted-piece scatter of S slot sets (see _sorted_scatter) into acc.
 
   indices, values [S, B, C]; set i's pieces sum the token rows takes[i](tokens) ([n] -> [n, ...])
-  and go into acc by adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one batched sort.
+  and go into acc by adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one
+  batched sort.
   """
   b, c = indices.shape[1:]
   n_pairs = b * c
   # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
   piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
-  if len(takes) == 1:  # as scatter_outer's callers vmap it: a CLT's sort and its encoder's are one
+  # One set unbatched: under the trainers' vmap over layers, the encoder's sort is then the same
+  # HLO as a CLT decoder's batched one over its sources, and XLA computes it once.
+  if len(takes) == 1:
     all_pairs, all_rows = (a[None] for a in _row_pieces(indices[0], num_rows, piece))
   else:
     all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
@@ -201,9 +204,7 @@ def _sorted_scatter(indices, values, takes, row_size: int, num_rows: int, acc: j
   """acc + the scatters of S slot sets by sorted row pieces, or None (then scatter per slot).
 
   Set i ([B, C] of indices [S, B, C] and values) adds values[i, b, j] takes[i](b) at row
-  indices[i, b, j] through adds[i]; row_size is the elements of all S sets' token rows together. The sets (a CLT's sources) are sorted together: sliced one
-  by one from a top_k's output, each set's indices would stop XLA:CPU from rewriting that
-  top_k's sort into its TopK call (a full-row sort, 4x the CLT step at 4 layers).
+  indices[i, b, j] through adds[i]; row_size is the elements of all S sets' token rows together.
 
   None where the scatter per slot is the better one: small problems (PIECES_MIN_PRODUCTS), and
   rows too many to leave 32-bit keys room for one slot of every token. Where row and pair
@@ -220,7 +221,7 @@ def _sorted_scatter(indices, values, takes, row_size: int, num_rows: int, acc: j
   if c <= group:
     return _piece_sums(indices, values, takes, num_rows, acc, adds)
   n_groups = -(-c // group)
-  pad = ((0, 0), (0, 0), (0, n_groups * group - c))  # padded slots add 0 x src[b] to row 0
+  pad = ((0, 0), (0, 0), (0, n_groups * group - c))  # padded slots add 0 x a row to row 0
   indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
 
   def per_group(g, acc):
