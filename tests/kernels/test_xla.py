@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from allscope.kernels import clt_layout, xla
+from tests.kernels import _pallas_refs as ref
 from tests.kernels.conftest import ragged_values, rel, sparse_indices
 
 B, C, N, D = 24, 7, 40, 12
@@ -162,16 +163,6 @@ def test_clt_primitives_match_numpy_and_masked_dense(rng, monkeypatch, n_layers)
     np.testing.assert_array_equal(clt_layout.to_dense(w, s), dense[s])
 
 
-def np_clt_scatter_outer(idx, v, g, f):
-  n_layers = idx.shape[0]
-  pi = clt_layout.pair_index(n_layers)
-  out = np.zeros((f, clt_layout.n_pairs(n_layers), g.shape[2]))
-  for s in range(n_layers):
-    for t in range(s, n_layers):
-      out[:, pi[s, t]] = np_scatter_outer(idx[s], v[s], g[:, t], f)
-  return out
-
-
 @pytest.mark.parametrize("b,c,f,n_layers", [
     (24, 7, 16, 3),  # pieces of 8 (about the mean pairs per latent)
     (300, 5, 7, 2),  # a few latents with many pieces each
@@ -188,7 +179,7 @@ def test_clt_scatter_outer_by_sorted_pieces(rng, monkeypatch, b, c, f, n_layers)
   g = rng.standard_normal((b, n_layers, d)).astype(np.float32)
   got = jax.jit(xla.clt_scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, g)), f)
   assert got.dtype == jnp.float32 and got.shape == (f, clt_layout.n_pairs(n_layers), d)
-  want = np_clt_scatter_outer(idx, v, g, f)
+  want = ref.clt_scatter_outer(idx, v, g, f)
   assert rel(got, want) <= TOL
   acc = rng.standard_normal(want.shape).astype(np.float32)
   got = jax.jit(xla.clt_scatter_outer, static_argnums=3)(*map(jnp.asarray, (idx, v, g)), f,
