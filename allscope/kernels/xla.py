@@ -189,10 +189,11 @@ def _piece_sums(indices, values, takes, num_rows: int, acc: jax.Array, adds) -> 
       blk = lax.dynamic_slice_in_dim(pairs, i * block, block)
       w = jnp.take(flat_values, blk, mode="fill", fill_value=0)
       t = blk // c
-      part = 0.0
+      part = None
       for q in range(piece):
         rows = take(t[:, q])
-        part = part + w[:, q].reshape((-1,) + (1,) * (rows.ndim - 1)) * rows
+        term = w[:, q].reshape((-1,) + (1,) * (rows.ndim - 1)) * rows
+        part = term if part is None else part + term
       return add_rows(acc, lax.dynamic_slice_in_dim(piece_rows, i * block, block), part)
 
     acc = lax.fori_loop(0, n_blocks, body, acc)
