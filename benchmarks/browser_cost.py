@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from allscope.launch import host_memory
+
 
 def corpus_tokens(tokenizer, n: int) -> np.ndarray:
   """The first n tokens of the built-in corpus (CPython's English documentation)."""
@@ -78,6 +80,7 @@ def write_release(root: Path, layers: int, d: int, width: int, seed: int = 1) ->
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--tokens", type=int, default=16384)
   ap.add_argument("--layers", type=int, default=2)

@@ -28,6 +28,7 @@ import jax, jax.numpy as jnp
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.step import compile_step
+from allscope.launch import host_memory
 
 d, width, tokens, k = (int(a) for a in sys.argv[1:5])
 dead = float(sys.argv[5])
@@ -64,6 +65,7 @@ for line in sys.stdin:
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("trees", nargs="+", help="checkouts (repository roots) to compare")
   ap.add_argument("--rounds", type=int, default=6)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allscope.kernels import clt_layout, dispatch, xla as xla_kernels
+from allscope.launch import host_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,7 @@ def cases(sh: Shapes, dtype):
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
   ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from allscope import models
+from allscope.launch import host_memory
 
 
 def _time(fn, iters: int) -> float:
@@ -27,6 +28,7 @@ def _time(fn, iters: int) -> float:
 
 
 def main():
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="gemma3-270m")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

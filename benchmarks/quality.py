@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from allscope.launch import host_memory
 from quality_data import Split
 
 
@@ -145,6 +146,7 @@ def delta_lm(dicts, n_sequences: int, seq_len: int) -> list[dict]:
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--store", default="outputs/bench/quality_store")
   ap.add_argument("--layers", default="3,9,15")

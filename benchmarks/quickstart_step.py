@@ -41,6 +41,7 @@ import optax
 from allscope import kernels
 from allscope.trainers import dictionaries, losses, mesh as mesh_lib, state as state_lib
 from allscope.trainers.step import compile_step
+from allscope.launch import host_memory
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
 D = 640  # Gemma 3 270M's mlp_in / mlp_out width
@@ -67,6 +68,7 @@ def _best(runners: dict, rounds: int) -> dict[str, float]:
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--aux-sweep", default="", help="comma-separated aux_k values")

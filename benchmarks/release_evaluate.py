@@ -27,6 +27,7 @@ from flax import nnx
 
 from allscope import models
 from allscope.release import Dictionary
+from allscope.launch import host_memory
 
 ev = importlib.import_module("allscope.release.evaluate")  # the module, not the function
 
@@ -71,6 +72,7 @@ def timed(fn, repeat=1):
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="gemma3-270m")
   parser.add_argument("--batch", type=int, default=1)

@@ -30,6 +30,7 @@ import tempfile
 
 import jax
 
+from allscope.launch import host_memory
 from train_step import _interleaved_best, allscope_runner, floor_runner
 
 WAIT = "ThunkExecutor::Execute (wait for completion)"
@@ -78,6 +79,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--d", type=int, default=640)
   ap.add_argument("--width", type=int, default=16384)

@@ -33,6 +33,7 @@ import numpy as np
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.step import compile_step
+from allscope.launch import host_memory
 
 SHAPES = ((640, 16384), (2304, 65536))
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
@@ -123,6 +124,7 @@ def sparsify_runner(d: int, width: int, tokens: int, k: int, auxk: bool):
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true",
                   help="d=640, F=16384, TopK only, AuxK off")

@@ -6,9 +6,13 @@ import os
 
 import pytest
 
+from allscope.launch import host_memory
+
 # The suite never touches the network: Hugging Face clients read only local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLI's allocator settings (each worker process applies them before JAX starts)
+host_memory.keep_freed_memory()
 
 
 @pytest.fixture(scope="session")

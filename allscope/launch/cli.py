@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from allscope.launch import config as config_lib
-from allscope.launch import distributed
+from allscope.launch import distributed, host_memory
 
 
 def sample(cfg: config_lib.RunConfig, args: argparse.Namespace) -> None:
@@ -282,6 +282,7 @@ def _fix(message: str, names: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   flags = [a for a in extra if a.startswith("-")]
