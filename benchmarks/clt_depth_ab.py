@@ -22,13 +22,19 @@ import statistics
 import subprocess
 import sys
 
+from allscope.launch import host_memory
+
 WORKER = r"""
-import json, resource, sys, time
+import importlib.util, json, resource, sys, time
+# this checkout's host_memory (older ones have none), so every worker allocates alike
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[7])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.step import compile_step
-from allscope.launch import host_memory
 
 d, width, tokens, k = (int(a) for a in sys.argv[1:5])
 dead = float(sys.argv[5])
@@ -65,7 +71,6 @@ for line in sys.stdin:
 
 
 def main() -> None:
-  host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("trees", nargs="+", help="checkouts (repository roots) to compare")
   ap.add_argument("--rounds", type=int, default=6)
@@ -86,7 +91,7 @@ def main() -> None:
   workers = []
   for tree in trees:
     argv = [sys.executable, "-c", WORKER, str(args.d), str(args.width), str(args.tokens),
-            str(args.k), str(args.dead), ",".join(map(str, depths))]
+            str(args.k), str(args.dead), ",".join(map(str, depths)), host_memory.__file__]
     p = subprocess.Popen(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if p.stdout.readline().strip() != "ready":
