@@ -290,6 +290,9 @@ def order_key(x: jax.Array) -> jax.Array:
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: flip the magnitude bits
 
 
+_LOWEST_KEY = np.iinfo(np.int32).min  # the order key below every other (a negative NaN)
+
+
 def from_order_key(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
 
@@ -316,6 +319,11 @@ def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   elements beat e and it is not among the winners. Ties: the chosen chunks are put back in
   ascending order, so candidate positions follow the original indices and the second
   lax.top_k (lower position wins) prefers the lower index. Padding is -inf at the row's end.
+
+  float32 rows first drop, as the lowest value, what k known elements beat: chunks whose maximum
+  is below the least maximum of k disjoint chunk groups, and candidates below the k-th chunk
+  maximum. XLA's TopK heap then takes few replacements: 97 to 60 ms for both calls at B=4096,
+  N=16384, k=64.
   """
   lead, n = x.shape[:-1], x.shape[-1]
   n_chunks = -(-n // chunk)
@@ -325,17 +333,27 @@ def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   if pad:
     x = jnp.concatenate([x, jnp.full(lead + (pad,), -jnp.inf, x.dtype)], axis=-1)
   blocks = x.reshape(lead + (n_chunks, chunk))
-  # The chunk maxima as a reduce over int32 keys in lax.top_k's total order (order_key), not
-  # jnp.max: XLA:CPU hands a float max-reduce to YNNPACK, which first writes x out whole (the
-  # trainers' `product + b_enc`, a [B, F] pass), while it fuses x's producer into this one.
-  if x.dtype == jnp.float32:
-    maxima = from_order_key(jnp.max(order_key(blocks), axis=-1))
+  exact = lambda a: lax.optimization_barrier(lax.top_k(a, k))  # see top_k
+  if x.dtype != jnp.float32:
+    _, best = exact(jnp.max(blocks, axis=-1))
+    best = jnp.sort(best, axis=-1)
+    cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(lead + (k * chunk,))
+    values, pos = exact(cand)
   else:
-    maxima = jnp.max(blocks, axis=-1)
-  _, best = lax.top_k(maxima, k)
-  best = jnp.sort(best, axis=-1)
-  cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(lead + (k * chunk,))
-  values, pos = lax.top_k(cand, k)
+    # The chunk maxima as a reduce over int32 order keys (lax.top_k's total order), not jnp.max:
+    # XLA:CPU hands a float max-reduce to YNNPACK, which first writes x out whole (the trainers'
+    # `product + b_enc`, a [B, F] pass), while it fuses x's producer into this one.
+    keys = jnp.max(order_key(blocks), axis=-1)
+    groups = -(-n_chunks // k)  # group j: chunks j, j + k, ...; each holds one at least
+    spread = jnp.pad(keys, [(0, 0)] * len(lead) + [(0, groups * k - n_chunks)],
+                     constant_values=_LOWEST_KEY).reshape(lead + (groups, k))
+    floor = jnp.min(jnp.max(spread, axis=-2), axis=-1, keepdims=True)
+    top, best = exact(from_order_key(jnp.where(keys >= floor, keys, _LOWEST_KEY)))
+    best = jnp.sort(best, axis=-1)
+    cand = order_key(jnp.take_along_axis(blocks, best[..., None], axis=-2)).reshape(
+        lead + (k * chunk,))
+    values, pos = exact(from_order_key(
+        jnp.where(cand >= order_key(top[..., -1:]), cand, _LOWEST_KEY)))
   indices = jnp.take_along_axis(best, pos // chunk, axis=-1) * chunk + pos % chunk
   return values, indices.astype(jnp.int32)
 
