@@ -290,7 +290,7 @@ def order_key(x: jax.Array) -> jax.Array:
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: flip the magnitude bits
 
 
-_LOWEST_KEY = np.iinfo(np.int32).min  # the order key below every other (a negative NaN)
+LOWEST_KEY = np.iinfo(np.int32).min  # the order key below every other (a negative NaN)
 
 
 def from_order_key(key: jax.Array) -> jax.Array:
@@ -346,14 +346,14 @@ def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
     keys = jnp.max(order_key(blocks), axis=-1)
     groups = -(-n_chunks // k)  # group j: chunks j, j + k, ...; each holds one at least
     spread = jnp.pad(keys, [(0, 0)] * len(lead) + [(0, groups * k - n_chunks)],
-                     constant_values=_LOWEST_KEY).reshape(lead + (groups, k))
+                     constant_values=LOWEST_KEY).reshape(lead + (groups, k))
     floor = jnp.min(jnp.max(spread, axis=-2), axis=-1, keepdims=True)
-    top, best = exact(from_order_key(jnp.where(keys >= floor, keys, _LOWEST_KEY)))
+    top, best = exact(from_order_key(jnp.where(keys >= floor, keys, LOWEST_KEY)))
     best = jnp.sort(best, axis=-1)
     cand = order_key(jnp.take_along_axis(blocks, best[..., None], axis=-2)).reshape(
         lead + (k * chunk,))
     values, pos = exact(from_order_key(
-        jnp.where(cand >= order_key(top[..., -1:]), cand, _LOWEST_KEY)))
+        jnp.where(cand >= order_key(top[..., -1:]), cand, LOWEST_KEY)))
   indices = jnp.take_along_axis(best, pos // chunk, axis=-1) * chunk + pos % chunk
   return values, indices.astype(jnp.int32)
 

@@ -76,3 +76,32 @@ def test_row_count_in_chunks_matches_a_dense_count(rng):
                                   (np.asarray(x) > 0.5).sum(-1))
     np.testing.assert_array_equal(kernels.row_count(x, lambda v: v > 0, off, chunk=chunk),
                                   (np.asarray(x) + np.asarray(off) > 0).sum(-1))
+
+
+def _plain_batchtopk(pre, k, capacity):
+  """BatchTopK's candidates without the CPU floor: each row's top `capacity`, the n-th largest."""
+  top, idx = jax.lax.top_k(jnp.maximum(pre, 0.0), capacity)
+  n = min(k * pre.shape[0], top.size)
+  thr = jnp.sort(top.reshape(-1))[top.size - n]
+  return np.asarray(idx), np.asarray((top >= thr) & (top > 0)), float(thr)
+
+
+def test_batchtopk_floor_on_cpu_changes_nothing(rng):
+  """The floor that spares XLA:CPU's TopK the low entries gives the plain form's threshold and
+  selection: on random rows, on tied rows, and where a few rows hold the batch's top entries
+  beyond their capacity (there the floor is above the capped threshold and the plain form runs)."""
+  b, f = 64, 512
+  normal = rng.standard_normal((b, f))
+  tied = rng.integers(-2, 3, (b, f)).astype(np.float64)
+  loud = normal + np.where(np.arange(b)[:, None] < 4, 50.0, 0.0)  # 4 rows far above the rest
+  for x, k, capacity in ((normal, 8, 32), (tied, 8, 32), (normal, 8, 8), (loud, 8, 16),
+                         (loud, 4, 4)):
+    pre = jnp.asarray(x, jnp.float32)
+    sel, thr = kernels.batchtopk(pre, k, capacity)
+    idx, used, want_thr = _plain_batchtopk(pre, k, capacity)
+    assert float(thr) == want_thr
+    np.testing.assert_array_equal(np.asarray(sel.active), used)
+    np.testing.assert_array_equal(np.where(used, np.asarray(sel.indices), -1),
+                                  np.where(used, idx, -1))
+    np.testing.assert_array_equal(np.asarray(sel.values)[used],
+                                  np.take_along_axis(np.asarray(pre), idx, axis=1)[used])
