@@ -144,8 +144,12 @@ def main() -> None:
   print("-" * len(header))
   for d, width in shapes:
     for auxk in (False,) if args.quick else (False, True):
+      peer = step = runners = None  # the last rows' arrays: one process runs every row
+      host_memory.release_freed_memory()
       peer = sparsify_runner(d, width, args.tokens, args.k, auxk)
       for activation in activations if not auxk else ACTIVATIONS[:1]:
+        step = runners = None
+        host_memory.release_freed_memory()
         step, kernels = allscope_runner(d, width, args.tokens, activation, args.k, auxk)
         runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
         if peer is not None and activation == "topk":

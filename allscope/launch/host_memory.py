@@ -15,6 +15,7 @@ set ALLSCOPE_SYSTEM_MALLOC=1 to keep glibc's defaults.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 from typing import Mapping
@@ -24,21 +25,38 @@ OPT_OUT = "ALLSCOPE_SYSTEM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def _glibc():
+  """The process's C library where it is glibc, else None."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version  # glibc's: other C libraries' mallopt differ
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
 def keep_freed_memory(env: Mapping[str, str] = os.environ) -> bool:
   """Sets glibc's malloc to keep and reuse freed memory; returns whether it did.
 
   False, changing nothing, off Linux, without glibc, or where OPT_OUT is set. Call it before JAX
   starts: each thread keeps the arena of its first allocation.
   """
-  if env.get(OPT_OUT) or not sys.platform.startswith("linux"):
+  libc = None if env.get(OPT_OUT) else _glibc()
+  if libc is None:
     return False
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # glibc's: other C libraries' mallopt differ
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
+  mallopt = libc.mallopt
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # trim threshold -1: SIZE_MAX, never give the heap's top back
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all([mallopt(param, value) == 1 for param, value in settings])
+
+
+def release_freed_memory() -> None:
+  """Gives the heap's free pages back to the system (glibc's malloc_trim), between workloads:
+  what one kept is not held through the next, whose arrays differ in size."""
+  gc.collect()  # arrays that only a reference cycle holds
+  libc = _glibc()
+  if libc is not None:
+    libc.malloc_trim(0)

@@ -54,3 +54,24 @@ def test_freed_arrays_are_reused_without_page_faults_and_the_opt_out_keeps_glibc
 
 def test_the_opt_out_changes_nothing():
   assert not host_memory.keep_freed_memory({host_memory.OPT_OUT: "1"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_release_gives_kept_memory_back():
+  """Freed memory stays resident once kept, until release_freed_memory (between workloads)."""
+  script = textwrap.dedent("""
+      import json, os
+      from allscope.launch import host_memory
+      host_memory.keep_freed_memory()
+      import numpy as np
+      rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+      a = np.ones(1 << 27, np.uint8)  # 128 MiB, touched
+      del a
+      kept = rss()
+      host_memory.release_freed_memory()
+      print(json.dumps({"kept": kept, "released": rss()}))
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       timeout=60)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["kept"] - got["released"] > 100 << 20, got
