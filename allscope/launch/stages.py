@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from allscope import files, models, pipelines, release, trainers
-from allscope.launch import config as config_lib, distributed
+from allscope.launch import config as config_lib, distributed, host_memory
 from allscope.launch.config import RunConfig
 
 
@@ -299,12 +299,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   stamps = {}
   manifest = harvest(cfg)
   stamps["harvest"] = time.perf_counter() - start
+  host_memory.release_freed_memory()  # each stage's arrays differ: what one kept, the next frees
   result = train(cfg)
   stamps["train"] = time.perf_counter() - start - sum(stamps.values())
+  host_memory.release_freed_memory()
   dictionaries = trained_dictionaries(cfg, result)
   model = ModelOnce(cfg)  # one load serves evaluate and the browser
   evaluations = evaluate(cfg, dictionaries, model=model) or []
   stamps["evaluate"] = time.perf_counter() - start - sum(stamps.values())
+  host_memory.release_freed_memory()
   root = release_stage(cfg, dictionaries, evaluations or None, model=model)
   stamps["release"] = time.perf_counter() - start - sum(stamps.values())
   return {"store": Paths(Path(cfg.output_dir)).store, "tokens": manifest.get("num_tokens"),
