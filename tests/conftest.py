@@ -6,13 +6,11 @@ import os
 
 import pytest
 
-from allscope.launch import host_memory
-
 # The suite never touches the network: Hugging Face clients read only local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# The CLI's allocator settings (each worker process applies them before JAX starts)
-host_memory.keep_freed_memory()
+# Workers keep glibc's allocator defaults: host_memory's settings suit one workload per process
+# (the `allscope` command), while a worker runs hundreds; kept memory grew one to 15 GB.
 
 
 @pytest.fixture(scope="session")

@@ -282,7 +282,6 @@ def _fix(message: str, names: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  host_memory.keep_freed_memory()  # before JAX starts its threads
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   flags = [a for a in extra if a.startswith("-")]
@@ -315,5 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   return EXIT_OK
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+  """The `allscope` command: one workload per process, so freed host memory is kept for reuse
+  (host_memory). `main` leaves the allocator alone: a caller's process may run many workloads."""
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry_point()
