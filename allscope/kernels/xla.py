@@ -157,23 +157,30 @@ def _add_sorted_rows(acc: jax.Array, rows: jax.Array, sums: jax.Array) -> jax.Ar
   return acc.at[rows].add(sums, mode="drop", indices_are_sorted=True)
 
 
-def _piece_sums(indices, values, takes, num_rows: int, acc: jax.Array, adds) -> jax.Array:
+def _set_pieces(indices: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """_row_pieces of S slot sets [S, B, C]: pairs [S, V, piece], rows [S, V], in one batched sort."""
+  b, c = indices.shape[1:]
+  # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
+  piece = int(np.clip(2 ** round(np.log2(max(b * c / num_rows, 1.0))), 4, 16))
+  # One set unbatched: under the trainers' vmap over layers, the encoder's sort is then the same
+  # HLO as a CLT decoder's batched one over its sources, and XLA computes it once.
+  if indices.shape[0] == 1:
+    return tuple(a[None] for a in _row_pieces(indices[0], num_rows, piece))
+  return jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
+
+
+def _piece_sums(indices, values, takes, num_rows: int, acc: jax.Array, adds,
+                pieces=None) -> jax.Array:
   """The sorted-piece scatter of S slot sets (see _sorted_scatter) into acc.
 
   indices, values [S, B, C]; set i's pieces sum the token rows takes[i](tokens) ([n] -> [n, ...])
-  and go into acc by adds[i](acc, rows, sums), rows sorted. The S sets' pairs are sorted in one
-  batched sort.
+  and go into acc by adds[i](acc, rows, sums), rows sorted. `pieces`: _set_pieces(indices), if
+  the caller sorted them already.
   """
   b, c = indices.shape[1:]
   n_pairs = b * c
-  # pieces of about the mean pairs per row: fewer wasted slots where rows are sparse
-  piece = int(np.clip(2 ** round(np.log2(max(n_pairs / num_rows, 1.0))), 4, 16))
-  # One set unbatched: under the trainers' vmap over layers, the encoder's sort is then the same
-  # HLO as a CLT decoder's batched one over its sources, and XLA computes it once.
-  if len(takes) == 1:
-    all_pairs, all_rows = (a[None] for a in _row_pieces(indices[0], num_rows, piece))
-  else:
-    all_pairs, all_rows = jax.vmap(lambda i: _row_pieces(i, num_rows, piece))(indices)
+  all_pairs, all_rows = _set_pieces(indices, num_rows) if pieces is None else pieces
+  piece = all_pairs.shape[2]
   block = min(all_pairs.shape[1], b)  # [b, ...] sums per step: no larger than a slot's products
   n_blocks = -(-all_pairs.shape[1] // block)
   pad = n_blocks * block - all_pairs.shape[1]
@@ -224,10 +231,20 @@ def _sorted_scatter(indices, values, takes, row_size: int, num_rows: int, acc: j
   n_groups = -(-c // group)
   pad = ((0, 0), (0, 0), (0, n_groups * group - c))  # padded slots add 0 x a row to row 0
   indices, values = jnp.pad(indices, pad), jnp.pad(values, pad)
+  part = lambda a, g: lax.dynamic_slice_in_dim(a, g * group, group, axis=2)
+  pieces = None
+  if indices.shape[0] == 1:
+    # One slot set: every group's sort before the loop, so the two scatters of a step's slots
+    # (d w_dec, d w_enc) are the same sorts, which XLA computes once (inside two loops it cannot
+    # merge them). Several sets (a CLT's sources) have no such twin: their sorts stay in the
+    # loop, and only one group's pieces exist at a time.
+    split = jnp.moveaxis(indices.reshape(indices.shape[:2] + (n_groups, group)), 2, 0)
+    pieces = jax.vmap(lambda i: _set_pieces(i, num_rows))(split)
 
   def per_group(g, acc):
-    part = lambda a: lax.dynamic_slice_in_dim(a, g * group, group, axis=2)
-    return _piece_sums(part(indices), part(values), takes, num_rows, acc, adds)
+    at = lambda a: lax.dynamic_index_in_dim(a, g, keepdims=False)
+    return _piece_sums(part(indices, g), part(values, g), takes, num_rows, acc, adds,
+                       None if pieces is None else jax.tree.map(at, pieces))
 
   return lax.fori_loop(0, n_groups, per_group, acc)
 
