@@ -12,7 +12,7 @@ from allscope.launch import host_memory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Workers keep glibc's allocator defaults: host_memory's settings suit one workload per process
-# (the `allscope` command), while a worker runs hundreds; kept memory grew one to 15 GB.
+# (the `allscope` command), while a worker runs hundreds: under them one grew to 15 GB.
 
 
 @pytest.fixture(autouse=True, scope="module")
