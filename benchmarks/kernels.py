@@ -1,6 +1,8 @@
 """The kernel seam's primitives, Pallas against XLA against the hardware floor.
 
-For every primitive it times the Pallas kernel (GPU: Triton, TPU: Mosaic; elsewhere the column
+For every primitive it checks the Pallas kernel's output against the XLA version's (`err`: the
+largest relative error of its float outputs, or the fraction of indices that differ) and times
+the Pallas kernel (GPU: Triton, TPU: Mosaic; elsewhere the column
 is skipped) and the XLA version
 (`allscope.kernels.xla`), and prints the floor: the bytes the primitive must move divided by
 the measured memory bandwidth of this device (a large elementwise copy). The dense encoder
@@ -58,6 +60,19 @@ def _time(fn, args, n: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return float(np.median(times))
+
+
+def mismatch(out, ref) -> float:
+  """Largest relative error over float outputs; fraction of differing entries for integer ones."""
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    integer = jnp.issubdtype(b.dtype, jnp.integer)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if integer:
+      worst = max(worst, float(np.mean(a != b)))
+    else:
+      worst = max(worst, float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)))
+  return worst
 
 
 def bandwidth(n: int, mib: int) -> float:
@@ -134,7 +149,7 @@ def main() -> None:
   print(f"measured bandwidth {bw / 1e9:.0f} GB/s; encoder GEMM x @ w_enc "
         f"[{sh.batch}, {sh.dim}] x [{sh.dim}, {sh.rows}]: {1e3 * gemm:.3f} ms")
   head = (f"{'primitive':<18} {'shape':<28} {'GB':>6} {'floor ms':>9} {'xla ms':>9} "
-          f"{'pallas ms':>9} {'xla/floor':>9} {'pal/floor':>9} {'xla/pal':>7} {'xla/gemm':>8} "
+          f"{'pallas ms':>9} {'err':>8} {'xla/floor':>9} {'pal/floor':>9} {'xla/pal':>7} {'xla/gemm':>8} "
           f"{'pal/gemm':>8}")
   print(head)
   print("-" * len(head))
@@ -145,12 +160,17 @@ def main() -> None:
     t_xla = _time(jax.jit(lambda *a, f=xla[name], s=static: f(*a, **s)), inputs, args.iters)
     cells = [f"{1e3 * t_xla:>9.3f}"]
     if pallas is not None:
-      fn = getattr(pallas, name)
-      t_pal = _time(jax.jit(lambda *a, f=fn, s=static: f(*a, **s)), inputs, args.iters)
-      cells += [f"{1e3 * t_pal:>9.3f}", f"{t_xla / floor:>9.1f}", f"{t_pal / floor:>9.1f}",
+      fn = jax.jit(lambda *a, f=getattr(pallas, name), s=static: f(*a, **s))
+      try:
+        err = mismatch(fn(*inputs), jax.jit(lambda *a, f=xla[name], s=static: f(*a, **s))(*inputs))
+        t_pal = _time(fn, inputs, args.iters)
+      except Exception as e:  # one kernel's failure (on a new device) spares the rest
+        print(f"{name:<18} {label:<28} pallas failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      cells += [f"{1e3 * t_pal:>9.3f}", f"{err:>8.1e}", f"{t_xla / floor:>9.1f}", f"{t_pal / floor:>9.1f}",
                 f"{t_xla / t_pal:>7.2f}", f"{t_xla / gemm:>8.2f}", f"{t_pal / gemm:>8.2f}"]
     else:
-      cells += [f"{'-':>9}", f"{t_xla / floor:>9.1f}", f"{'-':>9}", f"{'-':>7}",
+      cells += [f"{'-':>9}", f"{'-':>8}", f"{t_xla / floor:>9.1f}", f"{'-':>9}", f"{'-':>7}",
                 f"{t_xla / gemm:>8.2f}", f"{'-':>8}"]
     print(f"{name:<18} {label:<28} {nbytes / 1e9:>6.2f} {1e3 * floor:>9.3f} " + " ".join(cells),
           flush=True)

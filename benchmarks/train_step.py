@@ -18,6 +18,7 @@ Each time is the best of --steps rounds that call floor, allscope and sparsify o
 
   python benchmarks/train_step.py --quick    # d=640, F=16384, TopK only, AuxK off
   python benchmarks/train_step.py            # d=640/F=16384 and d=2304/F=65536, all activations
+  python benchmarks/train_step.py --kernels pallas xla   # a row for each (GPU: Pallas vs XLA)
 Needs the `bench` extra (eai-sparsify) for the sparsify column; without it the column is blank.
 """
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
-from allscope.trainers.config import TrainConfig
+from allscope.trainers.config import KERNELS, TrainConfig
 from allscope.trainers.step import compile_step
 from allscope.launch import host_memory
 
@@ -65,12 +66,13 @@ def floor_runner(d: int, width: int, tokens: int):
   return (lambda: mm(x, w)), jax.block_until_ready
 
 
-def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool):
+def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool,
+                    kernels: str = "auto"):
   # AuxK (and revive) act on latents silent for aux_after_tokens: 1 token makes every step run
   # them (random data leaves many latents silent each step), 10**9 none.
   cfg = TrainConfig(kind="sae", activation=activation, layers=(0,), width=width, k=k,
                     target_l0=k, batch_size=tokens, steps=10**6, matmul_dtype=_dtype(),
-                    mesh_data=1, aux_after_tokens=1 if auxk else 10**9)
+                    mesh_data=1, aux_after_tokens=1 if auxk else 10**9, kernels=kernels)
   mesh = mesh_lib.make_mesh(cfg, jax.devices()[:1])
   params = dictionaries.init_params(cfg, d, d, jax.random.key(0))
   if "log_threshold" in params:  # pre ~ N(0, 1) on this data: fire about k latents per token
@@ -131,6 +133,8 @@ def main() -> None:
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--k", type=int, default=64)
   ap.add_argument("--steps", type=int, default=3, help="timed calls per row (best is kept)")
+  ap.add_argument("--kernels", nargs="+", default=["auto"], choices=KERNELS,
+                  help="train.kernels of allscope's rows: one row for each")
   args = ap.parse_args()
   shapes = SHAPES[:1] if args.quick else SHAPES
   activations = ACTIVATIONS[:1] if args.quick else ACTIVATIONS
@@ -148,19 +152,25 @@ def main() -> None:
       host_memory.release_freed_memory()
       peer = sparsify_runner(d, width, args.tokens, args.k, auxk)
       for activation in activations if not auxk else ACTIVATIONS[:1]:
-        step = runners = None
-        host_memory.release_freed_memory()
-        step, kernels = allscope_runner(d, width, args.tokens, activation, args.k, auxk)
-        runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
-        if peer is not None and activation == "topk":
-          runners["sparsify"] = peer
-        best = _interleaved_best(runners, args.steps)
-        floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
-        print(f"{d:>5} {width:>6} {activation:>10} {kernels:>8} {'on' if auxk else 'off':>5} "
-              f"{1e3 * floor:>9.1f} {1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
-              f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
-              f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
-
+        for choice in args.kernels:
+          step = runners = None
+          host_memory.release_freed_memory()
+          row = f"{d:>5} {width:>6} {activation:>10}"
+          try:
+            step, kernels = allscope_runner(d, width, args.tokens, activation, args.k, auxk,
+                                            choice)
+            runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
+            if peer is not None and activation == "topk":
+              runners["sparsify"] = peer
+            best = _interleaved_best(runners, args.steps)
+          except Exception as e:  # one row's failure (a kernel on a new device) spares the rest
+            print(f"{row} {choice:>8} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+          floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
+          print(f"{row} {kernels:>8} {'on' if auxk else 'off':>5} "
+                f"{1e3 * floor:>9.1f} {1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
+                f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
+                f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The kernel and step benchmarks on one GPU, most telling first, each under its own time limit so
+# that a failure or a slow part leaves the others' tables:
+#   1. kernels.py      every Pallas (Triton) primitive: error against XLA, time against the floor
+#   2. train_step.py   Pallas steps vs the bf16 floor and sparsify (its Triton decoder), both shapes
+#   3. clt_depth.py    t(2L)/t(L): L = 4 -> 8 (default shape), then 9 -> 18 at F = 8192, B = 4096
+#   4. step_memory.py  the compiled step's temporary memory, as the GPU compiler plans it
+#   5. train_step.py   the same rows with the sparse XLA paths (Pallas vs XLA on this GPU)
+# Usage: bash benchmarks/gpu_suite.sh LOG_DIR [SECONDS]   (SECONDS: the whole run's budget)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: gpu_suite.sh LOG_DIR [SECONDS]}
+end=$(( $(date +%s) + ${2:-420} ))
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6  # the rest for sparsify's torch
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs within both its limit and the budget
+  local name=$1 limit=$2 left=$(( end - $(date +%s) - 5 ))
+  shift 2
+  (( limit > left )) && limit=$left
+  if (( limit < 20 )); then echo "== $name: skipped (budget spent)"; return; fi
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" 2>&1 | grep -v -e "^WARNING: All log messages" -e "^I0000" \
+    | tee "$out/$name.log"
+  echo "== $name: rc ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import jax, jaxlib, torch, triton; print('jax', jax.__version__, jaxlib.__version__, \
+jax.devices(), '| torch', torch.__version__, '| triton', triton.__version__)"
+stage kernels 100 python3 benchmarks/kernels.py --iters 20
+stage train_step 200 python3 benchmarks/train_step.py --kernels pallas --steps 10
+stage clt_depth 80 python3 benchmarks/clt_depth.py --steps 10
+stage clt_depth_18 100 python3 benchmarks/clt_depth.py --layers 9 --width 8192 --tokens 4096 \
+  --steps 5
+stage step_memory 90 python3 benchmarks/step_memory.py
+stage train_step_xla 200 python3 benchmarks/train_step.py --kernels xla --steps 10
