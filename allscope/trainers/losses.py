@@ -15,6 +15,8 @@ through the step's pseudo-derivative. c ramps linearly over sparsity_warmup_step
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -140,10 +142,14 @@ def _auxk_columns(params, cfg: TrainConfig, x, dead, residual, columns) -> jax.A
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1).astype(compute)  # [G, B, d_in]
   ids = jax.lax.top_k(dead.astype(jnp.int32), sizes[-1])[1]  # [G, n]: the silent latents first
-  ok = jnp.take_along_axis(dead, ids, axis=1)[:, None, :]
-  cols = (jnp.take_along_axis(params["w_enc"], ids[:, None, :], axis=2),  # [G, d_in, n]
-          jnp.take_along_axis(params["b_enc"], ids, axis=1)[:, None, :],  # [G, 1, n]
-          jnp.take_along_axis(params["w_dec"], ids[:, :, None], axis=1))  # [G, n, d_out]
+  # Outside the regime every id is out of range: the gathers read nothing and their transposed
+  # scatters (into parameter-sized gradients, every step) write nothing.
+  ids = jnp.where(columns, ids, cfg.width)
+  take = functools.partial(jnp.take_along_axis, mode="fill", fill_value=0)
+  ok = take(dead, ids, axis=1)[:, None, :]
+  cols = (take(params["w_enc"], ids[:, None, :], axis=2),  # [G, d_in, n]
+          take(params["b_enc"], ids, axis=1)[:, None, :],  # [G, 1, n]
+          take(params["w_dec"], ids[:, :, None], axis=1))  # [G, n, d_out]
 
   def ratio(n: int, c) -> jax.Array:
     w_enc, b_enc, w_dec = c[0][..., :n], c[1][..., :n], c[2][:, :n]
