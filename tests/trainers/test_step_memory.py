@@ -1,4 +1,5 @@
-"""Compile-only: one train step at Gemma 3 270M all-layer sizes fits in 3x its pre-activations.
+"""Compile-only: one train step at Gemma 3 270M all-layer sizes fits in a small multiple of its
+[L, B, F] float32 pre-activations.
 
 Nothing is allocated: the step is lowered on abstract shapes and XLA's buffer assignment is read
 (`memory_analysis().temp_size_in_bytes`). Before the sparse kernels these steps needed 22-25x
@@ -24,8 +25,12 @@ def temp_ratio(cfg: TrainConfig) -> float:
 
 
 @pytest.mark.parametrize("kind,activation,width,n_layers,batch,bound", [
-    ("transcoder", "topk", 16384, 18, B, 3.0),
-    ("transcoder", "jumprelu", 16384, 18, B, 3.0),
+    # Each device encodes its dictionaries one at a time (dictionaries._per_group), so one
+    # layer's [B, F] buffers are alive at once: measured 1.05x, 0.94x, 1.23x (2.24x, 2.22x,
+    # 4.26x when all 18 were encoded together).
+    ("transcoder", "topk", 16384, 18, B, 1.3),
+    ("transcoder", "jumprelu", 16384, 18, B, 1.3),
+    ("transcoder", "batchtopk", 16384, 18, B, 1.5),
     # All 18 layers take about a minute to compile on 2 cores (benchmarks/step_memory.py has
     # them: TopK CLT 2.45x); 6 layers is the same code at a real width and batch (2.37x).
     ("clt", "topk", 8192, 6, B, 2.5),

@@ -14,11 +14,12 @@ import signal
 
 def config(mesh: tuple[int, int, int], steps: int, checkpoint_every: int):
   from allscope.trainers import TrainConfig
-  return TrainConfig(kind="sae", activation="jumprelu", layers=(0, 1), width=64, target_l0=4,
-                     batch_size=64, steps=steps, lr=3e-3, lr_warmup_steps=2, mesh_data=mesh[0],
-                     mesh_model=mesh[1], mesh_layer=mesh[2], checkpoint_every=checkpoint_every,
-                     keep_checkpoints=2, log_every=5, sparsity_warmup_steps=5,
-                     threshold_init=0.0)
+  # 4 dictionaries: a layer axis of 2 gives each device 2, which it encodes in a loop
+  return TrainConfig(kind="sae", activation="jumprelu", layers=(0, 1, 2, 3), width=64,
+                     target_l0=4, batch_size=64, steps=steps, lr=3e-3, lr_warmup_steps=2,
+                     mesh_data=mesh[0], mesh_model=mesh[1], mesh_layer=mesh[2],
+                     checkpoint_every=checkpoint_every, keep_checkpoints=2, log_every=5,
+                     sparsity_warmup_steps=5, threshold_init=0.0)
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
   import numpy as np
   from allscope.trainers import synthetic, train
 
-  src = synthetic.SyntheticSource(synthetic.SyntheticSpec(d=16, n_features=32, n_layers=2, l0=4,
+  src = synthetic.SyntheticSource(synthetic.SyntheticSpec(d=16, n_features=32, n_layers=4, l0=4,
                                                           scale=2.0), n_rows=4096)
   mesh = tuple(int(v) for v in args.mesh.split(","))
   cfg = config(mesh, args.steps, args.checkpoint_every)
