@@ -19,6 +19,7 @@ Each time is the best of --steps rounds that call floor, allscope and sparsify o
   python benchmarks/train_step.py --quick    # d=640, F=16384, TopK only, AuxK off
   python benchmarks/train_step.py            # d=640/F=16384 and d=2304/F=65536, all activations
   python benchmarks/train_step.py --kernels pallas xla   # a row for each (GPU: Pallas vs XLA)
+  python benchmarks/train_step.py --d 2304   # one shape
 Needs the `bench` extra (eai-sparsify) for the sparsify column; without it the column is blank.
 """
 
@@ -130,13 +131,14 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true",
                   help="d=640, F=16384, TopK only, AuxK off")
+  ap.add_argument("--d", type=int, choices=[d for d, _ in SHAPES], help="only this shape")
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--k", type=int, default=64)
   ap.add_argument("--steps", type=int, default=3, help="timed calls per row (best is kept)")
   ap.add_argument("--kernels", nargs="+", default=["auto"], choices=KERNELS,
                   help="train.kernels of allscope's rows: one row for each")
   args = ap.parse_args()
-  shapes = SHAPES[:1] if args.quick else SHAPES
+  shapes = SHAPES[:1] if args.quick else [s for s in SHAPES if args.d in (None, s[0])]
   activations = ACTIVATIONS[:1] if args.quick else ACTIVATIONS
   dev = jax.devices()[0]
   print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.tokens} tokens/step, "
