@@ -174,5 +174,6 @@ def main() -> None:
                 f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
                 f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
 
+
 if __name__ == "__main__":
   main()
