@@ -294,11 +294,21 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     # chunk ~ sqrt(n / k) balances the two lax.top_k calls (n / chunk and k * chunk wide)
     chunk = int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32))
     return chunk_max_top_k(x, k, chunk)
-  # Behind a barrier: XLA:CPU turns lax.top_k's sort into its TopK call only while every user
-  # slices the sort's first k columns, and a caller's static slice of the indices (a CLT's
-  # indices[s]) merges into that slice: then it sorts whole rows (the 4-layer CLT step 4x).
-  values, indices = lax.optimization_barrier(lax.top_k(x, k))
+  values, indices = _fenced_top_k(x, k)
   return values, indices.astype(jnp.int32)
+
+
+def _fenced_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k with each output behind its own barrier.
+
+  XLA:CPU turns lax.top_k's sort into its TopK call only while every user slices the sort's
+  first k columns, and a caller's static slice of the indices (a CLT's indices[s]) merges into
+  that slice: then it sorts whole rows (the 4-layer CLT step 4x). One barrier per array: XLA's
+  SPMD partitioner aborts on a barrier over the (values, indices) tuple of a top_k whose rows are
+  sharded (latents on `model`: "cannot be downcasted to HloGetTupleElementInstruction").
+  """
+  values, indices = lax.top_k(x, k)
+  return lax.optimization_barrier(values), lax.optimization_barrier(indices)
 
 
 def order_key(x: jax.Array) -> jax.Array:
@@ -350,7 +360,7 @@ def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
   if pad:
     x = jnp.concatenate([x, jnp.full(lead + (pad,), -jnp.inf, x.dtype)], axis=-1)
   blocks = x.reshape(lead + (n_chunks, chunk))
-  exact = lambda a: lax.optimization_barrier(lax.top_k(a, k))  # see top_k
+  exact = lambda a: _fenced_top_k(a, k)
   if x.dtype != jnp.float32:
     _, best = exact(jnp.max(blocks, axis=-1))
     best = jnp.sort(best, axis=-1)
