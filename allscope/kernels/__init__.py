@@ -10,11 +10,11 @@ from allscope.kernels import clt_layout
 from allscope.kernels.clt_decode import (causal_mask, causal_to_dense, clt_decode,
                                          clt_decode_with_aux, dense_clt_decode)
 from allscope.kernels.dispatch import CHOICES, XLA, Ops, resolve
-from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, row_count, topk
+from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, topk
 from allscope.kernels.sparse_decode import decode_with_aux, dense_decode, sparse_decode
 from allscope.kernels.sparse_encode import (dense_encode, encoder_grad, gather_pre, sparse_encode,
                                            sparse_encode_with_aux)
-from allscope.kernels.xla import nth_largest
+from allscope.kernels.xla import nth_largest, row_count
 
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",

@@ -20,26 +20,6 @@ from allscope.kernels import xla
 from allscope.kernels.dispatch import XLA, Ops
 
 
-def row_count(x: jax.Array, keep, offset: jax.Array | None = None, chunk: int = 1024) -> jax.Array:
-  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x + offset).
-
-  `offset` ([N], optional) is added chunk by chunk. Counted in a loop: XLA on CPU does not fuse a
-  mask into a long-row reduction, so a plain jnp.sum would materialize the whole [B, N] mask (and
-  x + offset).
-  """
-  n = x.shape[-1]
-  if n <= chunk or n % chunk:
-    return jnp.sum(keep(x if offset is None else x + offset), axis=-1, dtype=jnp.int32)
-
-  def body(i, acc):
-    part = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=-1)
-    if offset is not None:
-      part = part + jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
-    return acc + jnp.sum(keep(part), axis=-1, dtype=jnp.int32)
-
-  return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
-
-
 class Selection(NamedTuple):
   indices: jax.Array  # [B, C] int32
   values: jax.Array  # [B, C], pre-activation at each index, 0 where the slot is unused
@@ -59,7 +39,7 @@ def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> 
   scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
   top, indices = ops.top_k(scores, capacity)
   used = top > -jnp.inf
-  overflow = jnp.sum(jnp.maximum(row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
+  overflow = jnp.sum(jnp.maximum(ops.row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, indices, axis=-1), 0.0)
   return Selection(indices, values, overflow.astype(jnp.int32), used)
 
@@ -80,7 +60,8 @@ def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Se
   row_top, row_idx, threshold = _capped_candidates(jax.lax.stop_gradient(pre), capacity, n, ops)
   used = (row_top >= threshold) & (row_top > 0)
   # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
-  kept = row_count(jax.lax.stop_gradient(pre), lambda v: (v >= threshold) & (v > 0))
+  kept = ops.row_count(jax.lax.stop_gradient(pre), lambda v, t: (v >= t) & (v > 0),
+                       args=(threshold,))
   overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
   values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
   return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold

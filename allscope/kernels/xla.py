@@ -60,6 +60,28 @@ def only_where(use: jax.Array, update, acc, indices: jax.Array):
                        lambda i, acc: update(acc, jnp.maximum(indices, -1 - i)), acc)
 
 
+def row_count(x: jax.Array, keep, offset: jax.Array | None = None, args: tuple = (),
+              chunk: int = 1024) -> jax.Array:
+  """[..., N] -> [...] int32: how many entries of each row satisfy keep(x + offset, *args).
+
+  `offset` ([N], optional) is added chunk by chunk. keep takes traced values (a threshold) as
+  `args`, not from its closure, so a mesh's row_count can pass them on (trainers.mesh).
+  Counted in a loop: XLA on CPU does not fuse a mask into a long-row reduction, so a plain
+  jnp.sum would materialize the whole [B, N] mask (and x + offset).
+  """
+  n = x.shape[-1]
+  if n <= chunk or n % chunk:
+    return jnp.sum(keep(x if offset is None else x + offset, *args), axis=-1, dtype=jnp.int32)
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=-1)
+    if offset is not None:
+      part = part + jax.lax.dynamic_slice_in_dim(offset, i * chunk, chunk)
+    return acc + jnp.sum(keep(part, *args), axis=-1, dtype=jnp.int32)
+
+  return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
+
+
 def gather_decode(indices: jax.Array, values: jax.Array, table: jax.Array) -> jax.Array:
   """out[b] = sum_j values[b, j] * table[indices[b, j]]: [B, C], [B, C], [N, D] -> [B, D]."""
   b, c = indices.shape

@@ -30,7 +30,7 @@ from flax import nnx
 
 from allscope import kernels
 from allscope.kernels import clt_layout
-from allscope.trainers import activations
+from allscope.trainers import activations, mesh as mesh_lib
 from allscope.trainers.config import TrainConfig
 
 Params = dict[str, jax.Array]
@@ -226,10 +226,12 @@ def _per_group(cfg: TrainConfig, fn, args: tuple):
   """
   groups = args[0].shape[0]
   shards = cfg.mesh_layer if groups % cfg.mesh_layer == 0 else 1
+  # the vmapped axis is the one on `layer`: a shard_map inside (split_latents) maps it there
+  vmap = lambda f: jax.vmap(f, spmd_axis_name=mesh_lib.traced_axis("layer"))
   if cfg.kind == "clt" or groups == shards:
-    return jax.vmap(fn)(*args)
+    return vmap(fn)(*args)
   split = [a.reshape(shards, groups // shards, *a.shape[1:]) for a in args]
-  res = jax.vmap(lambda *a: jax.lax.map(lambda t: fn(*t), a))(*split)
+  res = vmap(lambda *a: jax.lax.map(lambda t: fn(*t), a))(*split)
   return jax.tree.map(lambda r: r.reshape(groups, *r.shape[2:]), res)
 
 
@@ -239,7 +241,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   With `dead` [G, F] (TopK/BatchTopK), also the AuxK candidates of the ranked regime
   (aux_regimes; lax.cond on one scalar, so the dense [B, F] scores exist once per group).
   """
-  ops = kernel_ops(cfg)
+  ops = mesh_lib.split_latents(kernel_ops(cfg))
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1)  # [G, B, d_in]
   threshold = (jnp.exp(params["log_threshold"]) if "log_threshold" in params
@@ -275,7 +277,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
       # The selection's overflow counts window entries too; only firing latents dropped
       # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
-      n_fired = kernels.row_count(product, lambda v: v > 0, offset=b - t)
+      n_fired = ops.row_count(product, lambda v: v > 0, offset=b - t)
       fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
       window_dropped = sel.overflow - fired_dropped
       sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),

@@ -147,7 +147,11 @@ def compile_step(cfg: TrainConfig, mesh: Mesh, state_sh: state_lib.TrainState) -
   """jit(train_step) with explicit shardings; the state argument is donated."""
   rep = mesh_lib.replicated(mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
-  fn = lambda st, x, y, ni, no: train_step(cfg, st, x, y, ni, no)
+
+  def fn(st, x, y, ni, no):
+    with mesh_lib.tracing(mesh):
+      return train_step(cfg, st, x, y, ni, no)
+
   return jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh, rep, rep),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
 
