@@ -30,7 +30,7 @@ from flax import nnx
 
 from allscope import kernels
 from allscope.kernels import clt_layout
-from allscope.trainers import activations, mesh as mesh_lib
+from allscope.trainers import activations, mesh as mesh_lib, sharded_ops
 from allscope.trainers.config import TrainConfig
 
 Params = dict[str, jax.Array]
@@ -63,8 +63,9 @@ class Encoding(NamedTuple):
 
 
 def kernel_ops(cfg: TrainConfig) -> kernels.Ops:
-  """The kernel seam implementation for `cfg.kernels` / `cfg.pallas_interpret`."""
-  return kernels.resolve(cfg.kernels, cfg.pallas_interpret)
+  """The kernel seam implementation for `cfg.kernels` / `cfg.pallas_interpret`, on the devices
+  of the mesh the step traces under (sharded_ops)."""
+  return sharded_ops.per_device(kernels.resolve(cfg.kernels, cfg.pallas_interpret))
 
 
 # AuxK's encode and decode run as dense [B, F] x [F, d] matmuls once its aux_k slots reach this
@@ -226,12 +227,10 @@ def _per_group(cfg: TrainConfig, fn, args: tuple):
   """
   groups = args[0].shape[0]
   shards = cfg.mesh_layer if groups % cfg.mesh_layer == 0 else 1
-  # the vmapped axis is the one on `layer`: a shard_map inside (split_latents) maps it there
-  vmap = lambda f: jax.vmap(f, spmd_axis_name=mesh_lib.traced_axis("layer"))
   if cfg.kind == "clt" or groups == shards:
-    return vmap(fn)(*args)
+    return mesh_lib.group_vmap(fn)(*args)
   split = [a.reshape(shards, groups // shards, *a.shape[1:]) for a in args]
-  res = vmap(lambda *a: jax.lax.map(lambda t: fn(*t), a))(*split)
+  res = mesh_lib.group_vmap(lambda *a: jax.lax.map(lambda t: fn(*t), a))(*split)
   return jax.tree.map(lambda r: r.reshape(groups, *r.shape[2:]), res)
 
 
@@ -241,7 +240,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
   With `dead` [G, F] (TopK/BatchTopK), also the AuxK candidates of the ranked regime
   (aux_regimes; lax.cond on one scalar, so the dense [B, F] scores exist once per group).
   """
-  ops = mesh_lib.split_latents(kernel_ops(cfg))
+  ops = kernel_ops(cfg)
   compute = jnp.bfloat16 if cfg.matmul_dtype == "bfloat16" else jnp.float32
   xg = jnp.swapaxes(x, 0, 1)  # [G, B, d_in]
   threshold = (jnp.exp(params["log_threshold"]) if "log_threshold" in params
@@ -358,7 +357,7 @@ def decode_latents(params: Params, cfg: TrainConfig, indices: jax.Array, acts: j
   ops = kernel_ops(cfg)
   if cfg.kind == "clt":
     return kernels.clt_decode(indices, acts, params["w_dec"], ops)
-  out = jax.vmap(lambda i, v, w: kernels.sparse_decode(i, v, w, ops))(
+  out = mesh_lib.group_vmap(lambda i, v, w: kernels.sparse_decode(i, v, w, ops))(
       indices, acts, params["w_dec"])  # [G, B, d_out]
   return jnp.swapaxes(out, 0, 1)
 

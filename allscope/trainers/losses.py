@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from allscope import kernels
-from allscope.trainers import dictionaries
+from allscope.trainers import dictionaries, mesh as mesh_lib
 from allscope.trainers.config import TrainConfig
 
 
@@ -186,7 +186,7 @@ def _decode_with_aux(params, cfg: TrainConfig, x, enc: dictionaries.Encoding,
     y_lat, e_hat = kernels.clt_decode_with_aux(enc.indices, enc.acts, enc.aux_indices, acts,
                                                params["w_dec"], use_aux, ops)
   else:
-    y_lat, e_hat = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), jax.vmap(
+    y_lat, e_hat = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), mesh_lib.group_vmap(
         lambda i, v, ai, av, w: kernels.decode_with_aux(i, v, ai, av, w, use_aux, ops))(
             enc.indices, enc.acts, enc.aux_indices, acts, params["w_dec"]))
   return dictionaries.add_bias_and_skip(params, x, y_lat), e_hat

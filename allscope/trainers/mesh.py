@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from allscope import kernels
 from allscope.trainers.config import TrainConfig
 
 AXES = ("data", "model", "layer")
@@ -63,7 +59,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def tracing(mesh: Mesh):
   """Context for tracing a step on `mesh`: what traces under it can read the mesh (traced_axis,
-  split_latents)."""
+  group_vmap, sharded_ops)."""
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
@@ -73,43 +69,7 @@ def traced_axis(name: str) -> str | None:
   return name if not mesh.empty and name in mesh.axis_names else None
 
 
-def split_latents(ops: kernels.Ops) -> kernels.Ops:
-  """`ops`, with a top_k and a row_count that keep each device's latents local where the traced
-  mesh splits them on `model`.
-
-  top_k: each device takes the top k of its own columns, the k M candidates of the M devices
-  are gathered, and their top k is the row's: exactly top_k over whole rows (a winner is among
-  its device's k; candidates lie in device order, each device's by value then index, so ties
-  still go to the lower latent). row_count: each device counts its columns, then a psum. Left to
-  XLA's partitioner, both gathered every device's [B, F] pre-activations in whole (4096 x 16384
-  floats for one layer at d=640) and ran on all of them on each device (row_count's chunk loop
-  slices columns); here only [B, k M] and [B] move, and a Pallas top_k sees its own block.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.shape.get("model", 1) == 1:
-    return ops
-  local_top_k = ops.top_k
-
-  def local(x, k):
-    v, i = local_top_k(x, min(k, x.shape[-1]))
-    i = i + lax.axis_index("model") * x.shape[-1]
-    v = lax.all_gather(v, "model", axis=x.ndim - 1, tiled=True)
-    i = lax.all_gather(i, "model", axis=x.ndim - 1, tiled=True)
-    v, at = kernels.XLA.top_k(v, k)
-    return v, jnp.take_along_axis(i, at, axis=-1)
-
-  rows = lambda x: (None,) * (x.ndim - 2) + ("data",)  # [..., B, F]: rows on `data`
-  split = lambda f, in_specs, out_specs: jax.shard_map(f, mesh=mesh, in_specs=in_specs,
-                                                        out_specs=out_specs, check_vma=False)
-
-  def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    return split(lambda a: local(a, k), P(*rows(x), "model"), P(*rows(x), None))(x)
-
-  def row_count(x: jax.Array, keep, offset: jax.Array | None = None, args: tuple = (),
-                chunk: int = 1024):
-    count = lambda a, o, *c: lax.psum(ops.row_count(a, keep, o, c, chunk), "model")
-    specs = (P(*rows(x), "model"), None if offset is None else P("model")) + (P(),) * len(args)
-    return split(count, specs, P(*rows(x)))(x, offset, *args)
-
-  return dataclasses.replace(ops, name=f"{ops.name}/latents-split", top_k=top_k,
-                             row_count=row_count)
+def group_vmap(fn):
+  """jax.vmap over the dictionaries (axis 0), which lie on `layer`: a shard_map inside
+  (sharded_ops) then keeps each device's own."""
+  return jax.vmap(fn, spmd_axis_name=traced_axis("layer"))

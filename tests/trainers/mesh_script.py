@@ -1,4 +1,4 @@
-"""Checks split_latents on a 4-device CPU mesh (data 1, model 2, layer 2) in a fresh process and
+"""Checks sharded_ops.per_device on a 4-device CPU mesh (data 1, model 2, layer 2) in a fresh process and
 prints the results as JSON (tests/trainers/test_mesh.py).
 
 usage: python -m tests.trainers.mesh_script
@@ -19,7 +19,7 @@ def main() -> None:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from allscope import kernels
-  from allscope.trainers import TrainConfig, mesh as mesh_lib, step as step_lib
+  from allscope.trainers import TrainConfig, mesh as mesh_lib, sharded_ops, step as step_lib
 
   cfg = TrainConfig(kind="sae", layers=(0, 1), width=2048, mesh_data=1, mesh_model=2,
                     mesh_layer=2)
@@ -35,7 +35,7 @@ def main() -> None:
 
   def split(x, offset, k):
     def one(row):
-      ops = mesh_lib.split_latents(kernels.XLA)
+      ops = sharded_ops.per_device(kernels.XLA)
       names.append(ops.name)
       return ops.top_k(row, k), ops.row_count(row, lambda v: v > 0.5, offset)
     with mesh_lib.tracing(mesh):
@@ -51,6 +51,47 @@ def main() -> None:
                        "values": bool(np.array_equal(values, want_v)),
                        "counts": bool(np.array_equal(counts, want_c)), "ops": names[-1]}
 
+  # Every primitive on a data 2 x model 2 mesh against the same primitive off the mesh: the
+  # psums over `model` (decodes, dots) and over `data` (scatters, with and without acc).
+  grid = mesh_lib.make_mesh(TrainConfig(kind="sae", layers=(0,), mesh_data=2, mesh_model=2))
+  b, c, f, d, n_layers = 32, 6, 64, 16, 3
+  idx = rng.integers(0, f, (b, c)).astype(np.int32)
+  idx[:, 1] = idx[:, 0]  # duplicates within rows, and across them (f << b c)
+  vals = rng.standard_normal((b, c)).astype(np.float32)
+  vals[:, 2] = 0.0
+  src, table = (rng.standard_normal(s).astype(np.float32) for s in ((b, d), (f, d)))
+  acc = rng.standard_normal((f, d)).astype(np.float32)
+  cidx = rng.integers(0, f, (n_layers, b, c)).astype(np.int32)
+  cvals = rng.standard_normal((n_layers, b, c)).astype(np.float32)
+  g = rng.standard_normal((b, n_layers, d)).astype(np.float32)
+  w = rng.standard_normal((f, n_layers * (n_layers + 1) // 2, d)).astype(np.float32)
+  cacc = rng.standard_normal(w.shape).astype(np.float32)
+  idx, vals, src, table, acc, cidx, cvals, g, w, cacc = map(
+      jnp.asarray, (idx, vals, src, table, acc, cidx, cvals, g, w, cacc))
+  calls = {  # name: (call, its array arguments)
+      "gather_decode": (lambda o, *a: o.gather_decode(*a), (idx, vals, table)),
+      "gather_dot": (lambda o, *a: o.gather_dot(*a), (idx, src, table)),
+      "scatter_outer": (lambda o, *a: o.scatter_outer(*a, f), (idx, vals, src)),
+      "scatter_outer+acc": (lambda o, *a: o.scatter_outer(*a[:3], f, a[3]), (idx, vals, src, acc)),
+      "clt_decode": (lambda o, *a: o.clt_decode(*a), (cidx, cvals, w)),
+      "clt_gather_dot": (lambda o, *a: o.clt_gather_dot(*a), (cidx, g, w)),
+      "clt_scatter_outer": (lambda o, *a: o.clt_scatter_outer(*a, f), (cidx, cvals, g)),
+      "clt_scatter_outer+acc": (lambda o, *a: o.clt_scatter_outer(*a[:3], f, a[3]),
+                                (cidx, cvals, g, cacc)),
+  }
+  errors = {}
+  for base in (kernels.XLA, kernels.resolve("pallas", interpret=True)):
+    for name, (call, args) in calls.items():
+      want = np.asarray(jax.jit(lambda *a: call(base, *a))(*args))
+
+      def on_grid(*a, call=call):
+        with mesh_lib.tracing(grid):
+          ops = sharded_ops.per_device(base)
+          names.append(ops.name)
+          return call(ops, *a)
+      got = np.asarray(jax.jit(on_grid)(*jax.device_put(args, NamedSharding(grid, P()))))
+      errors[f"{names[-1]}:{name}"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
   # The step moves no [B, F] pre-activations between devices.
   gathered = {}
   for activation in ("topk", "batchtopk", "jumprelu"):
@@ -60,7 +101,8 @@ def main() -> None:
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
              for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather", hlo)]
     gathered[activation] = max(sizes, default=0)
-  print(json.dumps({"top_k": results, "largest_all_gather": gathered}))
+  print(json.dumps({"top_k": results, "primitive_errors": errors,
+                    "largest_all_gather": gathered}))
 
 
 if __name__ == "__main__":

@@ -73,13 +73,17 @@ def test_sharded_training_matches_single_device(tmp_path):
     np.testing.assert_allclose(sharded[k], single[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
-def test_latents_sharded_on_model_at_selection_widths_match_single_device(tmp_path, activation):
+@pytest.mark.parametrize("kind, activation, mesh", [
+    ("sae", "topk", "1,2,1"), ("sae", "jumprelu", "1,2,1"),
+    ("transcoder", "topk", "2,2,1"), ("clt", "topk", "2,2,1")])
+def test_latents_sharded_on_model_at_selection_widths_match_single_device(tmp_path, kind,
+                                                                          activation, mesh):
   # 1024 latents per dictionary, 512 per device: the two-stage top_k of long rows (width 64
-  # takes another path), whose barriers the SPMD partitioner must accept.
-  proc = _run(str(tmp_path / "run"), "--devices", "2", "--mesh", "1,2,1", "--steps", "6",
+  # takes another path). Transcoder and CLT run AuxK every step, over data x model.
+  devices = str(np.prod([int(v) for v in mesh.split(",")]))
+  proc = _run(str(tmp_path / "run"), "--devices", devices, "--mesh", mesh, "--steps", "6",
               "--checkpoint-every", "6", "--activation", activation, "--width", "1024",
-              "--params", str(tmp_path / "sharded.npz"),
+              "--kind", kind, "--params", str(tmp_path / "sharded.npz"),
               "--single-device-params", str(tmp_path / "single.npz"))
   assert _info(proc)["shardings"]["w_enc"] == ["layer", None, "model"]
   sharded, single = _load(tmp_path / "sharded.npz"), _load(tmp_path / "single.npz")

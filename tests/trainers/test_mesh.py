@@ -1,4 +1,5 @@
-"""The trainer's mesh: latents split on `model` are selected and counted on their own devices."""
+"""The kernel seam on a mesh (trainers.sharded_ops): every primitive on its devices' rows and
+latents gives what it gives off the mesh, and no device gathers the [B, F] pre-activations."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_split_latents_select_exactly_as_whole_rows_and_never_gather_them():
+def test_primitives_on_a_mesh_match_them_off_it_and_never_gather_the_latents():
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-m", "tests.trainers.mesh_script"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -21,7 +22,13 @@ def test_split_latents_select_exactly_as_whole_rows_and_never_gather_them():
     # indices and values as lax.top_k over whole rows (ties to the lower latent), counts as a
     # dense count, from the split path
     assert r == {"indices": True, "values": True, "counts": True,
-                 "ops": "xla/latents-split"}, (k, r)
+                 "ops": "xla/per-device"}, (k, r)
+  # each primitive on a data 2 x model 2 mesh, XLA and Pallas (interpret), as off the mesh
+  errors = out["primitive_errors"]
+  assert len(errors) == 16 and {k.split(":")[0] for k in errors} == {
+      "xla/per-device", "pallas-interpret/per-device"}
+  for name, err in errors.items():
+    assert err <= 1e-5, (name, err)
   # B = 256 rows of F = 4096 latents: nothing near [B, F] is gathered (XLA alone gathered all of
   # it for BatchTopK and JumpReLU, and [B, F / 8] for TopK)
   for activation, elements in out["largest_all_gather"].items():

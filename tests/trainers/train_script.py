@@ -2,7 +2,7 @@
 
 usage: python -m tests.trainers.train_script OUT_DIR --devices N --mesh D,M,L --steps S
          [--checkpoint-every C] [--kill-at K] [--params PATH] [--single-device-params PATH]
-         [--activation A] [--width F]
+         [--activation A] [--width F] [--kind K]
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import signal
 
 
 def config(mesh: tuple[int, int, int], steps: int, checkpoint_every: int,
-           activation: str = "jumprelu", width: int = 64):
+           activation: str = "jumprelu", width: int = 64, kind: str = "sae"):
   from allscope.trainers import TrainConfig
-  # 4 dictionaries: a layer axis of 2 gives each device 2, which it encodes in a loop
-  return TrainConfig(kind="sae", activation=activation, layers=(0, 1, 2, 3), width=width,
-                     k=4, target_l0=4, batch_size=64, steps=steps, lr=3e-3, lr_warmup_steps=2,
+  # 4 dictionaries: a layer axis of 2 gives each device 2, which it encodes in a loop. Other
+  # kinds than the SAE run AuxK (and its shared gradient buffers) on every step.
+  return TrainConfig(kind=kind, activation=activation, layers=(0, 1, 2, 3), width=width,
+                     k=4, target_l0=4, batch_size=64,
+                     aux_after_tokens=64 if kind != "sae" else 5000, steps=steps, lr=3e-3,
+                     lr_warmup_steps=2,
                      mesh_data=mesh[0], mesh_model=mesh[1], mesh_layer=mesh[2],
                      checkpoint_every=checkpoint_every, keep_checkpoints=2, log_every=5,
                      sparsity_warmup_steps=5, threshold_init=0.0)
@@ -36,6 +39,7 @@ def main() -> None:
   ap.add_argument("--single-device-params", default="")
   ap.add_argument("--activation", default="jumprelu")
   ap.add_argument("--width", type=int, default=64)
+  ap.add_argument("--kind", default="sae")
   args = ap.parse_args()
 
   import jax
@@ -43,10 +47,13 @@ def main() -> None:
   import numpy as np
   from allscope.trainers import synthetic, train
 
-  src = synthetic.SyntheticSource(synthetic.SyntheticSpec(d=16, n_features=32, n_layers=4, l0=4,
-                                                          scale=2.0), n_rows=4096)
   mesh = tuple(int(v) for v in args.mesh.split(","))
-  cfg = config(mesh, args.steps, args.checkpoint_every, args.activation, args.width)
+  cfg = config(mesh, args.steps, args.checkpoint_every, args.activation, args.width, args.kind)
+  site_in, site_out = cfg.sites
+  mode = {"sae": "same", "clt": "clt"}.get(cfg.kind, "map")
+  src = synthetic.SyntheticSource(synthetic.SyntheticSpec(
+      d=16, n_features=32, n_layers=4, l0=4, scale=2.0, site_in=site_in, site_out=site_out,
+      mode=mode), n_rows=4096)
 
   def hook(step, ctx):
     if step == args.checkpoint_every:
