@@ -126,8 +126,16 @@ def main() -> None:
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
              for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather", hlo)]
     gathered[activation] = max(sizes, default=0)
+  # A device's temporary memory, latents on 1 device and split over 4 (B=1024, F=16384, d=64)
+  temp = {}
+  for m in (1, 4):
+    mem_cfg = TrainConfig(kind="transcoder", activation="topk", layers=(0,), width=16384, k=16,
+                          batch_size=1024, mesh_data=1, mesh_model=m)
+    mem_mesh = mesh_lib.make_mesh(mem_cfg, jax.devices()[:m])
+    temp[m] = step_lib.lower_step(mem_cfg, 64, 64, mem_mesh).compile().memory_analysis(
+    ).temp_size_in_bytes
   print(json.dumps({"top_k": results, "primitive_errors": errors, "cuda": cuda,
-                    "largest_all_gather": gathered}))
+                    "largest_all_gather": gathered, "temp_4_over_1": temp[4] / temp[1]}))
 
 
 if __name__ == "__main__":
