@@ -65,7 +65,7 @@ def row_count(x: jax.Array, keep, offset: jax.Array | None = None, args: tuple =
   """[..., N] -> [...] int32: how many entries of each row satisfy keep(x + offset, *args).
 
   `offset` ([N], optional) is added chunk by chunk. keep takes traced values (a threshold) as
-  `args`, not from its closure, so a mesh's row_count can pass them on (trainers.mesh).
+  `args`, not from its closure, so a mesh's row_count can pass them on (trainers.sharded_ops).
   Counted in a loop: XLA on CPU does not fuse a mask into a long-row reduction, so a plain
   jnp.sum would materialize the whole [B, N] mask (and x + offset).
   """

@@ -31,9 +31,9 @@ from allscope import kernels
 
 
 def per_device(ops: kernels.Ops) -> kernels.Ops:
-  """`ops` on the traced mesh's devices (see the module); `ops` itself off a mesh."""
+  """`ops` on the traced mesh's devices (see the module); `ops` itself off a trainer's mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if mesh.empty or mesh.size == 1 or not {"data", "model"} <= set(mesh.axis_names):
     return ops
   n_data = mesh.shape["data"]
 

@@ -1,5 +1,5 @@
-"""Checks sharded_ops.per_device on a 4-device CPU mesh (data 1, model 2, layer 2) in a fresh process and
-prints the results as JSON (tests/trainers/test_mesh.py).
+"""Checks sharded_ops.per_device on 4 CPU devices in a fresh process and prints the results as
+JSON (tests/trainers/test_mesh.py).
 
 usage: python -m tests.trainers.mesh_script
 """
