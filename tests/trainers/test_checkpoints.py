@@ -74,12 +74,13 @@ def test_sharded_training_matches_single_device(tmp_path):
 
 
 @pytest.mark.parametrize("kind, activation, mesh", [
-    ("sae", "topk", "1,2,1"), ("sae", "jumprelu", "1,2,1"),
-    ("transcoder", "topk", "2,2,1"), ("clt", "topk", "2,2,1")])
+    ("sae", "topk", "1,2,1"), ("sae", "jumprelu", "1,2,1"), ("sae", "batchtopk", "1,2,2"),
+    ("transcoder", "topk", "2,2,1"), ("clt", "topk", "2,2,1"), ("clt", "jumprelu", "1,2,2"),
+    ("crosscoder", "topk", "2,2,1")])
 def test_latents_sharded_on_model_at_selection_widths_match_single_device(tmp_path, kind,
                                                                           activation, mesh):
   # 1024 latents per dictionary, 512 per device: the two-stage top_k of long rows (width 64
-  # takes another path). Transcoder and CLT run AuxK every step, over data x model.
+  # takes another path). Kinds but the SAE run AuxK every step.
   devices = str(np.prod([int(v) for v in mesh.split(",")]))
   proc = _run(str(tmp_path / "run"), "--devices", devices, "--mesh", mesh, "--steps", "6",
               "--checkpoint-every", "6", "--activation", activation, "--width", "1024",

@@ -50,7 +50,7 @@ def main() -> None:
   mesh = tuple(int(v) for v in args.mesh.split(","))
   cfg = config(mesh, args.steps, args.checkpoint_every, args.activation, args.width, args.kind)
   site_in, site_out = cfg.sites
-  mode = {"sae": "same", "clt": "clt"}.get(cfg.kind, "map")
+  mode = {"sae": "same", "crosscoder": "same", "clt": "clt"}.get(cfg.kind, "map")
   src = synthetic.SyntheticSource(synthetic.SyntheticSpec(
       d=16, n_features=32, n_layers=4, l0=4, scale=2.0, site_in=site_in, site_out=site_out,
       mode=mode), n_rows=4096)
