@@ -39,7 +39,8 @@ def test_the_loop_logs_the_kernel_path(tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger="allscope.trainers.loop"):
     train(dataclasses.replace(CFG, kernels="auto"), synthetic.loader(SRC, 64), _norm(), tmp_path,
           progress=False)
-  assert "train: sparse kernels xla (train.kernels=auto, backend cpu)" in caplog.text
+  assert ("train: sparse kernels xla (train.kernels=auto, backend cpu, mesh data 1 x model 1 x "
+          "layer 1)") in caplog.text
 
 
 @pytest.mark.parametrize("kind,activation", [
