@@ -34,11 +34,11 @@ FULL = (("sae", "topk"), ("sae", "jumprelu"), ("transcoder", "topk"), ("transcod
         ("crosscoder", "topk"), ("crosscoder", "jumprelu"))
 
 
-def measure(kind: str, activation: str, kernels: str, args) -> tuple[TrainConfig, object, float]:
+def measure(kind: str, activation: str, args) -> tuple[TrainConfig, object, float]:
   width = args.width or (8192 if kind == "clt" else 16384)
   cfg = TrainConfig(kind=kind, activation=activation, layers=tuple(range(args.layers)),
                     width=width, k=64, target_l0=64, batch_size=B, mesh_data=1,
-                    mesh_model=args.model, kernels=kernels)
+                    mesh_model=args.model, kernels=args.kernels)
   mesh = mesh_lib.make_mesh(cfg, jax.devices()[:args.model])
   t = time.perf_counter()
   mem = step.lower_step(cfg, args.d, args.d, mesh).compile().memory_analysis()
@@ -63,7 +63,7 @@ def main() -> None:
   print("-" * len(header))
   gib = float(1 << 30)
   for kind, activation in (QUICK if args.quick else FULL):
-    cfg, mem, secs = measure(kind, activation, args.kernels, args)
+    cfg, mem, secs = measure(kind, activation, args)
     pre = cfg.n_groups * cfg.batch_size * cfg.width * 4 // args.model
     print(f"{kind:>15} {activation:>10} {cfg.width:>6} {cfg.slots:>8} {pre / gib:>13.2f} "
           f"{mem.temp_size_in_bytes / gib:>9.2f} {mem.temp_size_in_bytes / pre:>8.2f} "
