@@ -176,7 +176,6 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
   Raises preemption.Preempted after checkpointing on SIGTERM/SIGINT.
   """
   cfg.validate()
-  dictionaries.kernel_ops(cfg)  # fails here, before compiling, on Pallas without a kernel
   log = logging.getLogger(__name__)
   log.info("train: learning rate %.3g (%s)", cfg.learning_rate,
            "train.lr" if cfg.lr is not None else "default_lr: train.lr unset")
@@ -186,7 +185,8 @@ def train(cfg: TrainConfig, source: Batches, norm_scale: Mapping[str, Any],
                      f"{cfg.batch_size}; build it with the same batch size")
   mesh = mesh_lib.make_mesh(cfg, devices)
   with mesh_lib.tracing(mesh):
-    ops = dictionaries.kernel_ops(cfg)  # "/per-device" on a mesh of several devices
+    # fails here, before compiling, on Pallas without a kernel; "/per-device" on several devices
+    ops = dictionaries.kernel_ops(cfg)
   log.info("train: sparse kernels %s (train.kernels=%s, backend %s, mesh %s)", ops.name,
            cfg.kernels, jax.default_backend(),
            " x ".join(f"{name} {size}" for name, size in mesh.shape.items()))
