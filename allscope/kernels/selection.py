@@ -27,11 +27,18 @@ class Selection(NamedTuple):
   active: jax.Array  # [B, C] bool, False in unused slots
 
 
-def topk(pre: jax.Array, k: int, ops: Ops = XLA) -> Selection:
-  """The k largest pre-activations per row (values may be negative; the caller applies ReLU)."""
-  _, indices = ops.top_k(jax.lax.stop_gradient(pre), k)
-  return Selection(indices, jnp.take_along_axis(pre, indices, axis=-1), jnp.zeros((), jnp.int32),
-                   jnp.ones(indices.shape, bool))
+def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None) -> Selection:
+  """The k largest pre-activations per row (values may be negative; the caller applies ReLU).
+
+  With `offset` [N] (-inf allowed), of `pre + offset`, which the seam's top_k adds as it reads
+  pre (a bias, or a mask of columns); values are `pre + offset` at the chosen indices.
+  """
+  _, indices = ops.top_k(jax.lax.stop_gradient(pre), k,
+                         None if offset is None else jax.lax.stop_gradient(offset))
+  values = jnp.take_along_axis(pre, indices, axis=-1)
+  if offset is not None:
+    values = values + offset[indices]
+  return Selection(indices, values, jnp.zeros((), jnp.int32), jnp.ones(indices.shape, bool))
 
 
 def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> Selection:

@@ -303,11 +303,14 @@ def scatter_outer(indices: jax.Array, values: jax.Array, src: jax.Array, num_row
   return lax.fori_loop(0, c, body, out)
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """Exactly `lax.top_k(x, k)` (ties to the lower index), indices int32.
+def top_k(x: jax.Array, k: int, offset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Exactly `lax.top_k(x, k)` (ties to the lower index), indices int32; with `offset` [..., N]
+  (one row per [B, N] matrix of x, -inf allowed), of `x + offset[..., None, :]`.
 
   Long rows take an exact two-stage form: off CPU two_stage_top_k, on CPU chunk_max_top_k.
   """
+  if offset is not None:  # fused by XLA into the passes that read it
+    x = x + jnp.expand_dims(offset, -2)
   n = x.shape[-1]
   if jax.default_backend() != "cpu":
     if n >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4:

@@ -265,7 +265,7 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     batch_thr = jnp.zeros((), jnp.float32)
     window_dropped = jnp.zeros((), jnp.int32)
     if cfg.activation == "topk":
-      sel = kernels.topk(dense, cfg.k, ops)
+      sel = kernels.topk(product, cfg.k, ops, offset=b)
     elif cfg.activation == "batchtopk":
       sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots, ops)
     elif cfg.activation == "jumprelu":
@@ -310,10 +310,10 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
               jnp.broadcast_to(ids, slots))
 
     def rank(_):
-      scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
-      if not dense_aux:
-        aux = kernels.topk(scores, k_aux, ops)
+      if not dense_aux:  # the dead latents' scores, masked as top_k reads them
+        aux = kernels.topk(product, k_aux, ops, offset=jnp.where(dead_g, b, -jnp.inf))
         return aux.values, dead_g[aux.indices], aux.indices
+      scores = jnp.where(dead_g[None, :], product + b, -jnp.inf)
       # Every dead latent at or above the row's aux_k-th dead value (a tie at that value keeps
       # every tied latent); only that value is needed, not the indices.
       ok = dead_g[None, :] & (scores >= kernels.nth_largest(scores, k_aux)[:, None])

@@ -52,15 +52,16 @@ def per_device(ops: kernels.Ops) -> kernels.Ops:
     own = (indices >= first) & (indices < first + n_local)
     return jnp.where(own, indices - first, 0), own
 
-  def top_k(x, k):
-    def local(a):
-      v, i = ops.top_k(a, min(k, a.shape[-1]))
+  def top_k(x, k, offset=None):
+    def local(a, o):
+      v, i = ops.top_k(a, min(k, a.shape[-1]), o)
       i = i + lax.axis_index("model") * a.shape[-1]
       v, i = (lax.all_gather(t, "model", axis=a.ndim - 1, tiled=True) for t in (v, i))
       v, at = kernels.XLA.top_k(v, k)
       return v, jnp.take_along_axis(i, at, axis=-1)
     spec = slots(x)
-    return on_mesh(local, P(*spec[:-1], "model"), spec)(x)
+    in_specs = (P(*spec[:-1], "model"), None if offset is None else P(*spec[:-2], "model"))
+    return on_mesh(local, in_specs, spec)(x, offset)
 
   def row_count(x, keep, offset=None, args=(), chunk=1024):
     count = lambda a, o, *c: lax.psum(ops.row_count(a, keep, o, c, chunk), "model")

@@ -14,7 +14,7 @@ from jax import lax
 
 from allscope.kernels import clt_layout, pallas
 from allscope.kernels.pallas.clt_decode import pair
-from allscope.kernels.pallas.top_k import candidates_per_chunk, two_stage
+from allscope.kernels.pallas.top_k import candidates_per_chunk, gpu_blocks, two_stage
 from tests.kernels import _pallas_refs as ref
 
 # bf16 inputs are compared against a reference on the same rounded values: products of bf16
@@ -230,6 +230,34 @@ def test_top_k_under_vmap_folds_the_mapped_axis_into_rows(rng):
   np.testing.assert_array_equal(values, want_v)
   jaxpr = str(jax.make_jaxpr(fn)(x))
   assert "cond[" in jaxpr and jaxpr.count("pallas_call") == 1
+
+
+def test_top_k_adds_the_offset_row_as_it_reads(rng):
+  """`offset` (a bias per latent, -inf where masked out) is added inside the kernel: exactly
+  lax.top_k(x + offset), for one offset row per matrix, under vmap (mapped or shared offset),
+  and where a group's rows do not fill whole row blocks (added before the kernel)."""
+  x = rng.normal(size=(3, B, NX)).astype(np.float32)
+  offset = rng.normal(size=(3, NX)).astype(np.float32)
+  offset[:, rng.random(NX) < 0.5] = -np.inf  # AuxK: only the dead latents' scores
+  want_v, want_i = lax.top_k(x + offset[:, None, :], K)
+  for fn in (lambda a, o: pallas.top_k(a, K, o, interpret=True, **TOPK_SMALL),
+             jax.vmap(lambda a, o: pallas.top_k(a, K, o, interpret=True, **TOPK_SMALL))):
+    values, indices = fn(x, offset)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_array_equal(values, want_v)
+  shared = jax.vmap(lambda a: pallas.top_k(a, K, offset[0], interpret=True, **TOPK_SMALL))(x)
+  np.testing.assert_array_equal(shared[1], lax.top_k(x + offset[0], K)[1])
+  ragged = pallas.top_k(x[:, :6], K, offset, interpret=True, **TOPK_SMALL)  # 6 rows, blocks of 4
+  np.testing.assert_array_equal(ragged[1], lax.top_k(x[:, :6] + offset[:, None, :], K)[1])
+  with pytest.raises(ValueError, match="offset"):
+    pallas.top_k(x, K, offset[0], interpret=True)
+
+
+def test_top_k_gpu_blocks_hold_1024_elements_per_warp():
+  """512-wide chunks unless they need more candidates per chunk than 256-wide ones."""
+  assert gpu_blocks(4096, 16384, 64) == (512, 2)
+  assert gpu_blocks(4096, 65536, 64) == (256, 4)  # 512 would need m = 16 instead of 8
+  assert gpu_blocks(4096, 65536, 256) == (512, 2)
 
 
 def test_top_k_masked_rows_with_fewer_than_k_finite(rng):

@@ -36,6 +36,9 @@ CASES = {
                           (S((B, 4 * C), I32), S((B, 4 * C)), S((B, D)), S((F, D), jnp.float32)),
                           {}),
     "top_k": (pallas.top_k, (S((B, F)),), {"k": K}),
+    # the trainers' form: f32 encoder product + the bias row, added in the kernel
+    "top_k_offset": (lambda x, o, **kw: pallas.top_k(x, K, o, **kw),
+                     (S((B, F), jnp.float32), S((F,), jnp.float32)), {}),
     "clt_decode": (pallas.clt_decode, (S((L, B, C), I32), S((L, B, C)), S((FC, P, DC))), {}),
     "clt_gather_dot": (pallas.clt_gather_dot,
                        (S((L, B, C), I32), S((B, L, DC)), S((FC, P, DC))), {}),

@@ -15,11 +15,14 @@ so that this happens with probability < 1e-3 per call when the top k sit at rand
 -inf is the exception (masked selectors fill short rows with -inf ties, all in the first
 chunk): -inf slots are refilled exactly from the row's first 2k columns (`_fill_neg_inf`).
 
-Cost at B=4096, N=65536, k=64 (S=256, m=8): stage 1 reads x once (1.07 GB f32: 0.32 ms at
-3.35 TB/s; bf16 half that) and does 6 m = 48 simple ops per element (1.3e10: 0.4 ms at the
-H100's 33 T fp32 lane-ops/s, up to twice that where the int32 compare/selects run at half
-rate), against 1.6 ms for the bf16 encoder product; stage 2 top-k's a [4096, 2048] array
-(1/32 of x). NaN is not supported (lax.top_k ranks NaN first).
+An `offset` row (the encoder bias, or AuxK's -inf mask of live latents) is added as the kernel
+reads x, so `x + offset` is never written: a [B, F] f32 write and read less (0.5 ms at
+B=4096, F=65536 on an H200).
+
+Cost at B=4096, N=65536, k=64 (S=256, m=8): stage 1 reads x once (1.07 GB f32: 0.25 ms at
+4.3 TB/s) and does 6 m = 48 simple ops per element (1.3e10); the whole top_k took 1.38 ms on an
+H200 (`gpu_blocks`), against 1.5 ms for the bf16 encoder product; stage 2 top-k's a
+[4096, 2048] array (1/32 of x). NaN is not supported (lax.top_k ranks NaN first).
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def candidates_per_chunk(batch: int, n: int, k: int, chunk: int, miss: float = 1
   return m
 
 
-def _kernel(x_ref, val_ref, idx_ref, *, chunk: int, m: int, n: int):
+def _kernel(x_ref, *refs, chunk: int, m: int, n: int):
+  *off_ref, val_ref, idx_ref = refs
   c = pl.program_id(1)
   x = x_ref[...].astype(jnp.float32)  # [R, S]
+  if off_ref:  # the rows' shared offset [1, S] (a bias): x + offset is never written out
+    x = x + off_ref[0][pl.ds(0, 1), :].astype(jnp.float32)
   col = c * chunk + lax.broadcasted_iota(jnp.int32, x.shape, 1)  # 2-D iota: Mosaic needs it
   vals = jnp.where(col < n, x, -jnp.inf)
   slot = lax.broadcasted_iota(jnp.int32, (x.shape[0], m), 1)
@@ -72,45 +78,76 @@ def _kernel(x_ref, val_ref, idx_ref, *, chunk: int, m: int, n: int):
   idx_ref[...] = out_i
 
 
-def top_k(x: jax.Array, k: int, *, interpret: bool = False, chunk: int = 256, rows: int = 8,
+def top_k(x: jax.Array, k: int, offset: jax.Array | None = None, *, interpret: bool = False,
+          chunk: int | None = None, rows: int | None = None, num_warps: int = 1,
           backend: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """x [B, N] -> (values [B, k] in x's dtype, indices [B, k] int32), as `lax.top_k`.
+  """x [..., B, N] -> (values [..., B, k], indices [..., B, k] int32), as `lax.top_k`.
 
-  GPU: Triton; TPU: Mosaic (the same kernel body; blocks of at least (16, 256), which the (8, 128)
-  tiling and bf16's (16, 128) packing both accept). `backend` overrides jax.default_backend().
+  With `offset` [..., N] (one row per [B, N] matrix; -inf allowed), the top k of
+  `x + offset[..., None, :]`, added inside the kernel (values in the sum's dtype): a bias add
+  over [B, F], or a mask of columns (-inf), costs no pass of its own.
+  GPU: Triton, blocks from `gpu_blocks` unless `chunk`/`rows` are given; TPU: Mosaic (the same
+  kernel body; blocks of at least (16, 256), which the (8, 128) tiling and bf16's (16, 128)
+  packing both accept). `backend` overrides jax.default_backend().
   """
   if not 0 < k <= x.shape[-1]:
     raise ValueError(f"top_k: k={k} must be in [1, N={x.shape[-1]}]")
-  return _rows_top_k(k, interpret, chunk, rows, backend)(x)
+  fn = _rows_top_k(k, interpret, chunk, rows, num_warps, backend)
+  if offset is None:
+    lead = x.shape[:-1]
+    values, indices = fn(x.reshape(-1, x.shape[-1]), None)
+  else:
+    if offset.shape != x.shape[:-2] + x.shape[-1:]:
+      raise ValueError(f"top_k: offset {offset.shape} must be x's {x.shape} without its rows")
+    lead = x.shape[:-1]
+    values, indices = fn(x.reshape(-1, x.shape[-1]), offset.reshape(-1, 1, x.shape[-1]))
+  return values.reshape(lead + (k,)), indices.reshape(lead + (k,))
 
 
 @functools.cache
-def _rows_top_k(k: int, interpret: bool, chunk: int, rows: int, backend: str | None):
-  """The jitted [B, N] top-k, batched by folding any vmapped axes into the rows.
+def _rows_top_k(k: int, interpret: bool, chunk: int | None, rows: int | None, num_warps: int,
+                backend: str | None):
+  """The jitted top-k of x [R, N] with offsets [G, 1, N] (row r takes offset r // (R / G)),
+  batched by folding any vmapped axes into the rows (and groups).
 
   Under a plain vmap, the fallback's `lax.cond` on a batched predicate would become a select
-  that always runs the full `lax.top_k`; folding the vmapped axes into B keeps one scalar
+  that always runs the full `lax.top_k`; folding the vmapped axes into R keeps one scalar
   predicate, so the fallback still costs only when taken.
   """
 
   @jax.custom_batching.custom_vmap
   @jax.jit
-  def rows_top_k(x):
-    staged = two_stage(x, k, interpret=interpret, chunk=chunk, rows=rows, backend=backend)
+  def rows_top_k(x, offset):
+    staged = two_stage(x, k, offset, interpret=interpret, chunk=chunk, rows=rows,
+                       num_warps=num_warps, backend=backend)
     if staged is None:
-      return tuple(lax.top_k(x, k))  # too small to split
+      return tuple(lax.top_k(_offset_rows(x, offset), k))  # too small to split
     values, indices, overflow = staged
-    return lax.cond(overflow, lambda: _blockwise_top_k(x, k), lambda: (values, indices))
+    return lax.cond(overflow, lambda: _blockwise_top_k(_offset_rows(x, offset), k),
+                    lambda: (values, indices))
 
   @rows_top_k.def_vmap
-  def _fold(axis_size, in_batched, x):
-    if not in_batched[0]:
-      return rows_top_k(x), (False, False)
-    values, indices = rows_top_k(x.reshape(-1, x.shape[-1]))
+  def _fold(axis_size, in_batched, x, offset):
+    x_batched, off_batched = in_batched[0], offset is not None and in_batched[1]
+    if not (x_batched or off_batched):
+      return rows_top_k(x, offset), (False, False)
+    x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    if offset is not None:  # one offset group per mapped matrix
+      offset = offset if off_batched else jnp.broadcast_to(offset, (axis_size,) + offset.shape)
+      offset = offset.reshape(-1, *offset.shape[2:])
+    values, indices = rows_top_k(x.reshape(-1, x.shape[-1]), offset)
     shape = (axis_size,) + x.shape[1:-1] + (k,)
     return (values.reshape(shape), indices.reshape(shape)), (True, True)
 
   return rows_top_k
+
+
+def _offset_rows(x: jax.Array, offset: jax.Array | None) -> jax.Array:
+  """x [R, N] + its groups' offsets [G, 1, N], materialized (fallbacks only)."""
+  if offset is None:
+    return x
+  g = offset.shape[0]
+  return (x.reshape(g, -1, x.shape[-1]) + offset).reshape(x.shape)
 
 
 def _blockwise_top_k(x: jax.Array, k: int, rows: int = 256) -> tuple[jax.Array, jax.Array]:
@@ -123,37 +160,68 @@ def _blockwise_top_k(x: jax.Array, k: int, rows: int = 256) -> tuple[jax.Array, 
   return values, indices.astype(jnp.int32)
 
 
-def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
-              backend: str | None = None):
-  """(values, indices, overflow) from the candidates, or None when x is too small to split.
+def gpu_blocks(batch: int, n: int, k: int) -> tuple[int, int]:
+  """(chunk, rows) of a Triton program, which runs as one warp (num_warps=1).
 
-  The result is exact wherever `overflow` is False.
+  A program holds 1024 elements, 32 per thread, so each round's max and min reduce within the
+  warp, with no shared-memory barrier; the chunk is 512 unless that needs more candidates per
+  chunk than 256 does (fewer, longer chunks shrink stage 2). Swept on an H200
+  (benchmarks/top_k_blocks.py): B=4096, k=64 at N=16384 (512, 2) 0.65 ms and at N=65536 (256, 4)
+  1.38 ms, AuxK's k=256 at N=65536 (512, 2) 2.35 ms, each with an offset row, against
+  1.6 / 2.9 / 5.8 ms for (256, 8) over 4 warps, whose reductions cross warps.
+  """
+  chunk = 512 if candidates_per_chunk(batch, n, k, 512) <= candidates_per_chunk(
+      batch, n, k, 256) else 256
+  return chunk, 1024 // chunk
+
+
+def two_stage(x: jax.Array, k: int, offset: jax.Array | None = None, *, interpret: bool,
+              chunk: int | None = None, rows: int | None = None, num_warps: int = 1,
+              backend: str | None = None):
+  """(values, indices, overflow) of x [R, N] (+ offsets [G, 1, N]) from the candidates, or None
+  when x is too small to split. The result is exact wherever `overflow` is False.
   """
   batch, n = x.shape
   where = _common.target(interpret, backend)
   if where == "tpu":  # Mosaic tiles: rows a multiple of 16 (bf16 packing), columns of 128
-    rows, chunk = max(rows, 16), max(chunk, 256)
+    rows, chunk = max(rows or 16, 16), max(chunk or 256, 256)
+  elif chunk is None or rows is None:
+    auto_chunk, auto_rows = gpu_blocks(batch, n, k)
+    chunk, rows = chunk or auto_chunk, rows or auto_rows
   chunk = min(chunk, 1 << (n - 1).bit_length())
   m = candidates_per_chunk(batch, n, k, chunk)
   num_chunks = -(-n // chunk)
   if num_chunks * m < k or num_chunks == 1:
     return None
   r = rows if where == "tpu" else _common.row_block(batch, rows)
+  groups = 1 if offset is None else offset.shape[0]
+  per_group = batch // groups
+  if groups > 1 and per_group % r:  # a row block would straddle two groups: add the offsets
+    x, offset, groups = _offset_rows(x, offset), None, 1
   xp = _common.pad_to(_common.pad_to(x, 1, chunk), 0, r)
   padded = xp.shape[0]
+  operands, in_specs = [xp], [pl.BlockSpec((r, chunk), lambda i, c: (i, c))]
+  if offset is not None:
+    blocks_per_group = -(-per_group // r)
+    tile = 8 if where == "tpu" else 1  # Mosaic blocks: second-minor dim a multiple of 8
+    operands.append(jnp.broadcast_to(_common.pad_to(offset, 2, chunk),
+                                     (groups, tile, xp.shape[1])))
+    in_specs.append(pl.BlockSpec((None, tile, chunk),
+                                 lambda i, c: (lax.div(i, blocks_per_group), 0, c)))
+  dtype = x.dtype if offset is None else jnp.result_type(x.dtype, offset.dtype)
   cand_v, cand_i = pl.pallas_call(
       functools.partial(_kernel, chunk=chunk, m=m, n=n),
       name="top_k",
-      out_shape=(jax.ShapeDtypeStruct((num_chunks, padded, m), x.dtype),
+      out_shape=(jax.ShapeDtypeStruct((num_chunks, padded, m), dtype),
                  jax.ShapeDtypeStruct((num_chunks, padded, m), jnp.int32)),
       grid=(padded // r, num_chunks),
-      in_specs=[pl.BlockSpec((r, chunk), lambda i, c: (i, c))],
+      in_specs=in_specs,
       out_specs=(pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0)),
                  pl.BlockSpec((None, r, m), lambda i, c: (c, i, 0))),
       compiler_params=(_common.tpu_params(2) if where == "tpu"
-                       else _common.compiler_params(interpret)),
+                       else _common.compiler_params(interpret, num_warps=num_warps)),
       interpret=_common.interpret_mode(interpret, where),
-  )(xp)
+  )(*operands)
   # [B, num_chunks * m], chunk-major: candidate order among equal values is index order.
   cand_v = jnp.swapaxes(cand_v[:, :batch], 0, 1).reshape(batch, -1)
   cand_i = jnp.swapaxes(cand_i[:, :batch], 0, 1).reshape(batch, -1)
@@ -166,7 +234,9 @@ def two_stage(x: jax.Array, k: int, *, interpret: bool, chunk: int, rows: int,
   # only finite overflows count, and -inf slots are refilled from the row's first 2k columns.
   finite = values > -jnp.inf
   overflow = jnp.asarray(False) if m >= k else jnp.any(finite & (pos % m == m - 1))
-  return values, _fill_neg_inf(x, k, indices, jnp.sum(finite, axis=1)), overflow
+  window = min(n, 2 * k)
+  head = x[:, :window] if offset is None else _offset_rows(x[:, :window], offset[..., :window])
+  return values, _fill_neg_inf(head, k, indices, jnp.sum(finite, axis=1)), overflow
 
 
 def _fill_neg_inf(x: jax.Array, k: int, indices: jax.Array, num_finite: jax.Array):
@@ -177,7 +247,7 @@ def _fill_neg_inf(x: jax.Array, k: int, indices: jax.Array, num_finite: jax.Arra
   """
   window = min(x.shape[1], 2 * k)
   col = lax.broadcasted_iota(jnp.int32, (x.shape[0], window), 1)
-  is_inf = x[:, :window] == -jnp.inf
+  is_inf = x[:, :window] == -jnp.inf  # (the caller may pass only these columns)
   first, _ = lax.top_k(jnp.where(is_inf, -col, -window), k)  # -inf positions, ascending, negated
   slot = lax.broadcasted_iota(jnp.int32, indices.shape, 1)
   need = slot - num_finite[:, None]
