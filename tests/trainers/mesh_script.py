@@ -30,26 +30,34 @@ def main() -> None:
   x[:, :8] = -np.inf  # rows with fewer finite entries than k
   x[:, :8, 1022:1026] = 1.0  # on both devices
   offset = rng.standard_normal(2048).astype(np.float32)
+  # top_k's offset row per layer (a bias; -inf: AuxK's mask of live latents), split on `model`
+  rows = np.round(rng.standard_normal((2, 2048)), 1).astype(np.float32)
+  rows[:, rng.random(2048) < 0.5] = -np.inf
 
   names = []
 
-  def split(x, offset, k):
-    def one(row):
+  def split(x, offset, rows, k):
+    def one(row, add):
       ops = sharded_ops.per_device(kernels.XLA)
       names.append(ops.name)
-      return ops.top_k(row, k), ops.row_count(row, lambda v: v > 0.5, offset)
+      return (ops.top_k(row, k), ops.row_count(row, lambda v: v > 0.5, offset),
+              ops.top_k(row, k, add))
     with mesh_lib.tracing(mesh):
-      return jax.vmap(one, spmd_axis_name="layer")(x)
+      return jax.vmap(one, spmd_axis_name="layer")(x, rows)
 
   sh = NamedSharding(mesh, P("layer", "data", "model"))
   results = {}
   for k in (8, 64, 1500):  # 1500: more than a device's 1024 columns
-    (values, indices), counts = jax.jit(lambda x, o: split(x, o, k))(jax.device_put(x, sh), offset)
+    (values, indices), counts, (off_v, off_i) = jax.jit(
+        lambda x, o, r: split(x, o, r, k))(jax.device_put(x, sh), offset, rows)
     want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
     want_c = np.sum(x + offset > 0.5, axis=-1)
+    want_ov, want_oi = jax.lax.top_k(jnp.asarray(x + rows[:, None, :]), k)
     results[str(k)] = {"indices": bool(np.array_equal(indices, want_i)),
                        "values": bool(np.array_equal(values, want_v)),
-                       "counts": bool(np.array_equal(counts, want_c)), "ops": names[-1]}
+                       "counts": bool(np.array_equal(counts, want_c)),
+                       "offset": bool(np.array_equal(off_i, want_oi)
+                                      and np.array_equal(off_v, want_ov)), "ops": names[-1]}
 
   # Every primitive on a data 2 x model 2 mesh against the same primitive off the mesh: the
   # psums over `model` (decodes, dots) and over `data` (scatters, with and without acc).

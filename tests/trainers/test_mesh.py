@@ -19,9 +19,9 @@ def test_primitives_on_a_mesh_match_them_off_it_and_never_gather_the_latents():
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   for k, r in out["top_k"].items():
-    # indices and values as lax.top_k over whole rows (ties to the lower latent), counts as a
-    # dense count, from the split path
-    assert r == {"indices": True, "values": True, "counts": True,
+    # indices and values as lax.top_k over whole rows (ties to the lower latent), with and
+    # without an offset row, counts as a dense count, from the split path
+    assert r == {"indices": True, "values": True, "counts": True, "offset": True,
                  "ops": "xla/per-device"}, (k, r)
   # each primitive on a data 2 x model 2 mesh, XLA and Pallas (interpret), as off the mesh
   errors = out["primitive_errors"]
