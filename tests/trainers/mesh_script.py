@@ -107,23 +107,24 @@ def main() -> None:
   pairs = n_layers * (n_layers + 1) // 2
   on_cuda = kernels.resolve("pallas", backend="cuda")
 
-  def every_primitive(idx, vals, table, src, pre, cidx, cvals, g, w):
+  def every_primitive(idx, vals, table, src, pre, bias, cidx, cvals, g, w):
     with mesh_lib.tracing(grid):
       ops = sharded_ops.per_device(on_cuda)
       return (ops.gather_decode(idx, vals, table), ops.gather_dot(idx, src, table),
-              ops.scatter_outer(idx, vals, src, f), ops.top_k(pre, 64),
+              ops.scatter_outer(idx, vals, src, f), ops.top_k(pre, 64, bias),
               ops.clt_decode(cidx, cvals, w), ops.clt_gather_dot(cidx, g, w),
               ops.clt_scatter_outer(cidx, cvals, g, fc))
   bf16, i32 = jnp.bfloat16, jnp.int32
-  args = (S((b, c), i32), S((b, c), bf16), S((f, d), bf16), S((b, d), bf16), S((b, f), bf16),
-          S((n_layers, b, c), i32), S((n_layers, b, c), bf16), S((b, n_layers, dc), bf16),
-          S((fc, pairs, dc), bf16))
-  specs = (P("data"), P("data"), P("model"), P("data"), P("data", "model"), P(None, "data"),
-           P(None, "data"), P("data"), P("model"))
+  # top_k as the trainers call it: the f32 encoder product and the bias row
+  args = (S((b, c), i32), S((b, c), bf16), S((f, d), bf16), S((b, d), bf16),
+          S((b, f), jnp.float32), S((f,), jnp.float32), S((n_layers, b, c), i32),
+          S((n_layers, b, c), bf16), S((b, n_layers, dc), bf16), S((fc, pairs, dc), bf16))
+  specs = (P("data"), P("data"), P("model"), P("data"), P("data", "model"), P("model"),
+           P(None, "data"), P(None, "data"), P("data"), P("model"))
   hlo = jax.jit(every_primitive, in_shardings=[NamedSharding(grid, s) for s in specs]).trace(
       *args).lower(lowering_platforms=("cuda",)).as_text()
   cuda = {"triton_calls": hlo.count("__gpu$xla.gpu.triton"),
-          "top_k_block": f"tensor<{b // 2}x{f // 2}xbf16>" in hlo}
+          "top_k_block": f"tensor<{b // 2}x{f // 2}xf32>" in hlo}
 
   # The step moves no [B, F] pre-activations between devices.
   gathered = {}
