@@ -92,16 +92,12 @@ def top_k(x: jax.Array, k: int, offset: jax.Array | None = None, *, interpret: b
   """
   if not 0 < k <= x.shape[-1]:
     raise ValueError(f"top_k: k={k} must be in [1, N={x.shape[-1]}]")
-  fn = _rows_top_k(k, interpret, chunk, rows, num_warps, backend)
-  if offset is None:
-    lead = x.shape[:-1]
-    values, indices = fn(x.reshape(-1, x.shape[-1]), None)
-  else:
-    if offset.shape != x.shape[:-2] + x.shape[-1:]:
-      raise ValueError(f"top_k: offset {offset.shape} must be x's {x.shape} without its rows")
-    lead = x.shape[:-1]
-    values, indices = fn(x.reshape(-1, x.shape[-1]), offset.reshape(-1, 1, x.shape[-1]))
-  return values.reshape(lead + (k,)), indices.reshape(lead + (k,))
+  if offset is not None and offset.shape != x.shape[:-2] + x.shape[-1:]:
+    raise ValueError(f"top_k: offset {offset.shape} must be x's {x.shape} without its rows")
+  n = x.shape[-1]
+  values, indices = _rows_top_k(k, interpret, chunk, rows, num_warps, backend)(
+      x.reshape(-1, n), None if offset is None else offset.reshape(-1, 1, n))
+  return values.reshape(x.shape[:-1] + (k,)), indices.reshape(x.shape[:-1] + (k,))
 
 
 @functools.cache
@@ -247,7 +243,7 @@ def _fill_neg_inf(x: jax.Array, k: int, indices: jax.Array, num_finite: jax.Arra
   """
   window = min(x.shape[1], 2 * k)
   col = lax.broadcasted_iota(jnp.int32, (x.shape[0], window), 1)
-  is_inf = x[:, :window] == -jnp.inf  # (the caller may pass only these columns)
+  is_inf = x[:, :window] == -jnp.inf
   first, _ = lax.top_k(jnp.where(is_inf, -col, -window), k)  # -inf positions, ascending, negated
   slot = lax.broadcasted_iota(jnp.int32, indices.shape, 1)
   need = slot - num_finite[:, None]
