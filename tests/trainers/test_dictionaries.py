@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from allscope import kernels
 from allscope.kernels import clt_layout
 from allscope.trainers import dictionaries
 from allscope.trainers.config import KINDS, TrainConfig
@@ -132,3 +133,23 @@ def test_training_starts_from_data_init_when_asked():
   np.testing.assert_allclose(np.max(cos, axis=0), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(st.params["b_enc"][0]), -x[:, 0].mean(0) @ w,
                              rtol=1e-4, atol=1e-6)
+
+
+def test_topk_and_auxk_hand_top_k_the_encoder_product_and_the_bias_row(monkeypatch):
+  """The seam's top_k adds the bias (AuxK: the bias at silent latents, -inf elsewhere) as it reads
+  the product: no [B, F] score array is written for either selection (a Pallas kernel reads its
+  operands from memory; on an H200 each such array cost 0.5 ms at B=4096, F=65536)."""
+  calls = []
+
+  def top_k(x, k, offset=None):
+    calls.append((k, x.shape, None if offset is None else offset.shape))
+    return kernels.XLA.top_k(x, k, offset)
+
+  recording = dataclasses.replace(kernels.XLA, name="recording", top_k=top_k)
+  monkeypatch.setattr(dictionaries, "kernel_ops", lambda cfg: recording)
+  cfg = TrainConfig(kind="sae", activation="topk", layers=(0,), width=1024, k=4, aux_k=8)
+  params = dictionaries.init_params(cfg, 16, 16, jax.random.key(0))
+  dead = jnp.arange(1024)[None, :] % 2 == 0  # more silent latents than the columns regime takes
+  x = jax.random.normal(jax.random.key(1), (32, 1, 16))
+  jax.make_jaxpr(lambda p, x: dictionaries.encode(p, cfg, x, dead))(params, x)
+  assert sorted(calls) == [(4, (32, 1024), (1024,)), (8, (32, 1024), (1024,))]
