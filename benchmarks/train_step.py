@@ -20,6 +20,7 @@ Each time is the best of --steps rounds that call floor, allscope and sparsify o
   python benchmarks/train_step.py            # d=640/F=16384 and d=2304/F=65536, all activations
   python benchmarks/train_step.py --kernels pallas xla   # a row for each (GPU: Pallas vs XLA)
   python benchmarks/train_step.py --d 2304   # one shape
+  python benchmarks/train_step.py --activations topk   # the rows sparsify also runs
 Needs the `bench` extra (eai-sparsify) for the sparsify column; without it the column is blank.
 """
 
@@ -132,6 +133,8 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true",
                   help="d=640, F=16384, TopK only, AuxK off")
   ap.add_argument("--d", type=int, choices=[d for d, _ in SHAPES], help="only this shape")
+  ap.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS),
+                  help="the AuxK-off rows' activations (AuxK-on rows are TopK)")
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--k", type=int, default=64)
   ap.add_argument("--steps", type=int, default=3, help="timed calls per row (best is kept)")
@@ -139,7 +142,7 @@ def main() -> None:
                   help="train.kernels of allscope's rows: one row for each")
   args = ap.parse_args()
   shapes = SHAPES[:1] if args.quick else [s for s in SHAPES if args.d in (None, s[0])]
-  activations = ACTIVATIONS[:1] if args.quick else ACTIVATIONS
+  activations = ACTIVATIONS[:1] if args.quick else args.activations
   dev = jax.devices()[0]
   print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.tokens} tokens/step, "
         f"k={args.k}, floor = x @ w_enc in {_dtype()}")
