@@ -164,7 +164,7 @@ def gpu_blocks(batch: int, n: int, k: int) -> tuple[int, int]:
   chunk than 256 does (fewer, longer chunks shrink stage 2). Swept on an H200
   (benchmarks/top_k_blocks.py): B=4096, k=64 at N=16384 (512, 2) 0.65 ms and at N=65536 (256, 4)
   1.38 ms, AuxK's k=256 at N=65536 (512, 2) 2.35 ms, each with an offset row, against
-  1.6 / 2.9 / 5.8 ms for (256, 8) over 4 warps, whose reductions cross warps.
+  1.6 / 2.9 / 5.8 ms for (256, 8) over 4 warps.
   """
   chunk = 512 if candidates_per_chunk(batch, n, k, 512) <= candidates_per_chunk(
       batch, n, k, 256) else 256
