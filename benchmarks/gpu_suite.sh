@@ -3,10 +3,11 @@
 # that a failure or a slow part leaves the others' tables:
 #   1. kernels.py      every Pallas (Triton) primitive: error against XLA, time against the floor
 #   2. train_step.py   Pallas steps vs the bf16 floor and sparsify (its Triton decoder), both shapes
-#   3. top_k_blocks.py the top_k's Triton blocks: the sweep behind `gpu_blocks`, on this GPU
-#   4. clt_depth.py    t(2L)/t(L): L = 4 -> 8 (default shape), then 9 -> 18 at F = 8192, B = 4096
-#   5. step_memory.py  the compiled step's temporary memory, as the GPU compiler plans it
-#   6. train_step.py   the same rows with the sparse XLA paths (Pallas vs XLA on this GPU)
+#   3. gpu_step_profile.py  the d=640 TopK step's kernels, idle gaps and host waits
+#   4. top_k_blocks.py the top_k's Triton blocks: the sweep behind `gpu_blocks`, on this GPU
+#   5. clt_depth.py    t(2L)/t(L): L = 4 -> 8 (default shape), then 9 -> 18 at F = 8192, B = 4096
+#   6. step_memory.py  the compiled step's temporary memory, as the GPU compiler plans it
+#   7. train_step.py   the same rows with the sparse XLA paths (Pallas vs XLA on this GPU)
 # Usage: bash benchmarks/gpu_suite.sh LOG_DIR [SECONDS]   (SECONDS: the whole run's budget)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ python3 -c "import jax, jaxlib, torch, triton; print('jax', jax.__version__, jax
 jax.devices(), '| torch', torch.__version__, '| triton', triton.__version__)"
 stage kernels 100 python3 benchmarks/kernels.py --iters 20
 stage train_step 280 python3 benchmarks/train_step.py --kernels pallas --steps 10
+stage step_profile 150 python3 benchmarks/gpu_step_profile.py
 stage top_k_blocks 100 python3 benchmarks/top_k_blocks.py --seconds 25
 stage clt_depth 80 python3 benchmarks/clt_depth.py --steps 10
 stage clt_depth_18 100 python3 benchmarks/clt_depth.py --layers 9 --width 8192 --tokens 4096 \
