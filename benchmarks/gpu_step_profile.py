@@ -9,6 +9,8 @@ Under the profiler every launch is slower: compare the step's time outside it (p
 
   python benchmarks/gpu_step_profile.py                    # d=640, F=16384, B=4096, k=64, TopK
   python benchmarks/gpu_step_profile.py --d 2304 --width 65536 --auxk
+  # a second step compiled with XLA options, timed in the same rounds, profiled after the first
+  python benchmarks/gpu_step_profile.py --xla xla_gpu_enable_command_buffer=
 """
 
 from __future__ import annotations
@@ -115,6 +117,13 @@ def trace_steps(run, sync, n: int = 3) -> list[dict]:
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
+def _option_value(text: str) -> bool | int | str:
+  """An XLA option's value as XLA takes it: a bool, an int, or the text (lists, enums)."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  return int(text) if text.lstrip("-").isdigit() else text
+
+
 def main() -> None:
   host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,10 +136,16 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=10, help="timed rounds outside the profiler")
   ap.add_argument("--gap-us", type=float, default=8.0)
   ap.add_argument("--top", type=int, default=20)
+  ap.add_argument("--xla", nargs="+", default=[], metavar="OPTION=VALUE",
+                  help="also a step compiled with these XLA options ('allscope+xla')")
   args = ap.parse_args()
+  options = {key: _option_value(value) for key, value in (kv.split("=", 1) for kv in args.xla)}
   t = time.perf_counter()
-  runners = {"allscope": allscope_runner(args.d, args.width, args.tokens, args.activation,
-                                         args.k, args.auxk)[0]}
+  step = lambda opts=None: allscope_runner(args.d, args.width, args.tokens, args.activation,
+                                           args.k, args.auxk, compiler_options=opts)[0]
+  runners = {"allscope": step()}
+  if options:
+    runners["allscope+xla"] = step(options)
   if args.activation == "topk" and (peer := sparsify_runner(args.d, args.width, args.tokens,
                                                             args.k, args.auxk)):
     runners["sparsify"] = peer
@@ -139,7 +154,9 @@ def main() -> None:
         f"{args.activation} auxk={args.auxk} (ready in {time.perf_counter() - t:.0f} s); best of "
         f"{args.steps}: " + ", ".join(f"{name} {1e3 * s:.3f} ms" for name, s in best.items()),
         flush=True)
-  report(trace_steps(*runners["allscope"]), args.gap_us, args.top)
+  for name in ("allscope", "allscope+xla")[:1 + bool(options)]:
+    print(f"== {name}" + (f" {options}" if name != "allscope" else ""))
+    report(trace_steps(*runners[name]), args.gap_us, args.top)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def floor_runner(d: int, width: int, tokens: int):
 
 
 def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool,
-                    kernels: str = "auto"):
+                    kernels: str = "auto", compiler_options: dict[str, str] | None = None):
   # AuxK (and revive) act on latents silent for aux_after_tokens: 1 token makes every step run
   # them (random data leaves many latents silent each step), 10**9 none.
   cfg = TrainConfig(kind="sae", activation=activation, layers=(0,), width=width, k=k,
@@ -83,18 +83,18 @@ def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, au
   abstract = jax.eval_shape(lambda p: state_lib.init_state(cfg, p, jax.random.key(0)), params)
   shardings = state_lib.shardings(cfg, abstract, mesh)
   st = jax.device_put(state_lib.init_state(cfg, params, jax.random.key(0)), shardings)
-  step = compile_step(cfg, mesh, shardings)
   batch_sh = mesh_lib.batch_sharding(mesh)
   x = jax.device_put(jax.random.normal(jax.random.key(1), (tokens, 1, d), jnp.bfloat16), batch_sh)
   ones = jax.device_put(jnp.ones((1,)), mesh_lib.replicated(mesh))
+  # compiled ahead, with any XLA options (gpu_step_profile.py --xla)
+  step = compile_step(cfg, mesh, shardings).lower(st, x, x, ones, ones).compile(compiler_options)
   holder = {"st": st}
 
   def run():
     holder["st"], metrics = step(holder["st"], x, x, ones, ones)
     return holder["st"].step, metrics
 
-  # the optimized HLO, for step_profile.py to name what it times
-  run.hlo_text = lambda: step.lower(holder["st"], x, x, ones, ones).compile().as_text()
+  run.hlo_text = step.as_text  # the optimized HLO, for step_profile.py to name what it times
   return (run, jax.block_until_ready), dictionaries.kernel_ops(cfg).name
 
 

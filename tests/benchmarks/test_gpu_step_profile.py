@@ -39,3 +39,12 @@ def test_the_last_step_has_its_kernels_gaps_and_host_waits():
 
 def test_a_trace_without_gpu_events_has_no_step():
   assert gpu_step_profile.last_step([_event(2, "cond.1", 0, 5)], gap_us=8.0) is None
+
+
+def test_xla_options_take_xla_types():
+  """--xla OPTION=VALUE: bools and ints typed (XLA refuses the text 'false'), lists as text."""
+  assert gpu_step_profile._option_value("false") is False
+  assert gpu_step_profile._option_value("True") is True
+  assert gpu_step_profile._option_value("-1") == -1
+  assert gpu_step_profile._option_value("FUSION,CUBLAS") == "FUSION,CUBLAS"
+  assert gpu_step_profile._option_value("") == ""
