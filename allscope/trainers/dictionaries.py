@@ -290,14 +290,14 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
         if cfg.activation == "jumprelu":
           # In log-threshold units: how far the threshold lies above the latent's best
           # pre-activation in the batch (0 where that is not positive: no threshold reaches it).
-          best = jnp.max(product + b, axis=0)
+          best = kernels.column_max(product, b)
           gap = jnp.log(jax.lax.stop_gradient(thr)) - jnp.log(jnp.maximum(best, 1e-30))
           return jnp.where(best > 0, jnp.maximum(gap, 0.0), 0.0)
         if cfg.activation == "topk":
           cut = jnp.maximum(jnp.min(jnp.where(sel.active, sel.values, jnp.inf), axis=-1), 0.0)
         else:
           cut = jnp.full((x_g.shape[0],), jnp.maximum(batch_thr, 0.0))
-        return jnp.maximum(-jnp.max(product + b - cut[:, None], axis=0), 0.0)
+        return jnp.maximum(-kernels.column_max(product, b, cut), 0.0)
       lifted = (jax.lax.cond(any_dead, lift, lambda _: jnp.zeros((width,), jnp.float32), None),)
     encode_main = lambda: kernels.sparse_encode(x_g, w_enc, b_enc, sel.indices, sel.values, ops)
     if not k_aux:

@@ -271,6 +271,26 @@ def test_chunk_max_top_k_needs_k_chunks():
     xla.chunk_max_top_k(jnp.zeros((2, 64)), 9, 8)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 24, 64])
+@pytest.mark.parametrize("columns", [(3, 40), (xla.COLUMN_FOLD_MIN_WIDTH,)])
+def test_column_max_is_the_max_over_rows_of_the_shifted_entries(rng, rows, columns):
+  """Bitwise (x + offset - shift[:, None]).max(axis=0) in float32, summed in that order (a row's
+  own cut-off gives exactly 0), folded (wide rows) or not, for row counts the fold does and does
+  not divide, with -inf and ties, over one or more column axes; bfloat16 without a shift."""
+  x = rng.standard_normal((rows,) + columns).astype(np.float32)
+  x[rng.random(x.shape) < 0.2] = -np.inf
+  x[:, :5] = 1.5  # a tie in every row
+  offset = rng.standard_normal(columns).astype(np.float32)
+  shift = (x + offset).reshape(rows, -1)[:, 2]  # an entry of its own row: 0 there
+  want = (x + offset - shift.reshape((rows,) + (1,) * len(columns))).max(axis=0)
+  f = jax.jit(xla.column_max)
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), jnp.asarray(offset),
+                                             jnp.asarray(shift))), want)
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(f(x16), np.float32),
+                                np.asarray(x16, np.float32).max(axis=0))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_nth_largest_is_the_sorted_rows_entry(rng, dtype):
   """Equal to jnp.sort(x)[..., -n] on random and tied rows (infinities, signed zeros), any n."""
