@@ -28,7 +28,8 @@ from typing import NamedTuple
 import jax
 
 from allscope.launch import host_memory
-from train_step import _interleaved_best, allscope_runner, sparsify_runner
+from train_step import (_interleaved_best, add_step_args, allscope_runner,
+                        sparsify_runner)
 
 STEP_PAUSE_S = 0.02  # device idle between profiled steps, so each step's events form one cluster
 SPLIT_US = 5000  # a device idle gap this long ends a step (a quarter of the pause)
@@ -127,12 +128,7 @@ def _option_value(text: str) -> bool | int | str:
 def main() -> None:
   host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--d", type=int, default=640)
-  ap.add_argument("--width", type=int, default=16384)
-  ap.add_argument("--tokens", type=int, default=4096)
-  ap.add_argument("--k", type=int, default=64)
-  ap.add_argument("--activation", default="topk")
-  ap.add_argument("--auxk", action="store_true", help="every step runs AuxK (train_step.py)")
+  add_step_args(ap)
   ap.add_argument("--steps", type=int, default=10, help="timed rounds outside the profiler")
   ap.add_argument("--gap-us", type=float, default=8.0)
   ap.add_argument("--top", type=int, default=20)

@@ -31,7 +31,7 @@ import tempfile
 import jax
 
 from allscope.launch import host_memory
-from train_step import _interleaved_best, allscope_runner, floor_runner
+from train_step import _interleaved_best, add_step_args, allscope_runner, floor_runner
 
 WAIT = "ThunkExecutor::Execute (wait for completion)"
 CONTROL = re.compile(r"(while|cond|conditional|call)(\.\d+)?$")
@@ -81,13 +81,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def main() -> None:
   host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--d", type=int, default=640)
-  ap.add_argument("--width", type=int, default=16384)
-  ap.add_argument("--tokens", type=int, default=4096)
-  ap.add_argument("--k", type=int, default=64)
-  ap.add_argument("--activation", default="topk")
-  ap.add_argument("--auxk", action="store_true", help="every step runs AuxK and revive "
-                  "(train_step.py's AuxK-on rows); default: none, the steady state")
+  add_step_args(ap)
   ap.add_argument("--min-ms", type=float, default=1.0, help="hide ops below this (per step)")
   args = ap.parse_args()
   (run, sync), _ = allscope_runner(args.d, args.width, args.tokens, args.activation, args.k,

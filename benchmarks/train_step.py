@@ -98,6 +98,17 @@ def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, au
   return (run, jax.block_until_ready), dictionaries.kernel_ops(cfg).name
 
 
+def add_step_args(ap: argparse.ArgumentParser) -> None:
+  """One step's shape flags, for the profilers (step_profile.py, gpu_step_profile.py)."""
+  ap.add_argument("--d", type=int, default=640)
+  ap.add_argument("--width", type=int, default=16384)
+  ap.add_argument("--tokens", type=int, default=4096)
+  ap.add_argument("--k", type=int, default=64)
+  ap.add_argument("--activation", default="topk")
+  ap.add_argument("--auxk", action="store_true", help="every step runs AuxK and revive "
+                  "(train_step.py's AuxK-on rows); default: none, the steady state")
+
+
 def sparsify_runner(d: int, width: int, tokens: int, k: int, auxk: bool):
   try:
     import torch
