@@ -69,7 +69,7 @@ def floor_runner(d: int, width: int, tokens: int):
 
 
 def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool,
-                    kernels: str = "auto", compiler_options: dict[str, str] | None = None):
+                    kernels: str = "auto", compiler_options: dict | None = None):
   # AuxK (and revive) act on latents silent for aux_after_tokens: 1 token makes every step run
   # them (random data leaves many latents silent each step), 10**9 none.
   cfg = TrainConfig(kind="sae", activation=activation, layers=(0,), width=width, k=k,

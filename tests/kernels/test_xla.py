@@ -279,9 +279,9 @@ def test_column_max_is_the_max_over_rows_of_the_shifted_entries(rng, rows, colum
   not divide, with -inf and ties, over one or more column axes; bfloat16 without a shift."""
   x = rng.standard_normal((rows,) + columns).astype(np.float32)
   x[rng.random(x.shape) < 0.2] = -np.inf
-  x[:, :5] = 1.5  # a tie in every row
+  x.reshape(rows, -1)[:, :5] = 1.5  # a tie in every row
   offset = rng.standard_normal(columns).astype(np.float32)
-  shift = (x + offset).reshape(rows, -1)[:, 2]  # an entry of its own row: 0 there
+  shift = (x + offset).reshape(rows, -1)[:, 2]  # a (finite) entry of its own row: 0 there
   want = (x + offset - shift.reshape((rows,) + (1,) * len(columns))).max(axis=0)
   f = jax.jit(xla.column_max)
   np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), jnp.asarray(offset),
