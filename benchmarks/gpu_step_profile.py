@@ -135,6 +135,8 @@ def main() -> None:
   ap.add_argument("--xla", nargs="+", default=[], metavar="OPTION=VALUE",
                   help="also a step compiled with these XLA options ('allscope+xla')")
   args = ap.parse_args()
+  if bad := [kv for kv in args.xla if "=" not in kv]:
+    ap.error(f"--xla {' '.join(bad)}: give each option as OPTION=VALUE (an empty VALUE is allowed)")
   options = {key: _option_value(value) for key, value in (kv.split("=", 1) for kv in args.xla)}
   t = time.perf_counter()
   step = lambda opts=None: allscope_runner(args.d, args.width, args.tokens, args.activation,
@@ -150,8 +152,8 @@ def main() -> None:
         f"{args.activation} auxk={args.auxk} (ready in {time.perf_counter() - t:.0f} s); best of "
         f"{args.steps}: " + ", ".join(f"{name} {1e3 * s:.3f} ms" for name, s in best.items()),
         flush=True)
-  for name in ("allscope", "allscope+xla")[:1 + bool(options)]:
-    print(f"== {name}" + (f" {options}" if name != "allscope" else ""))
+  for name in [name for name in runners if name.startswith("allscope")]:
+    print(f"== {name}" + (f" {options}" if name == "allscope+xla" else ""))
     report(trace_steps(*runners[name]), args.gap_us, args.top)
 
 
