@@ -1,7 +1,9 @@
 """Selection: which latents of each row are active, as (indices, values) with a fixed capacity.
 
-Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow, active)` and is
-built on the seam's `top_k` (exactly lax.top_k: ties to the lower index). `values` hold the
+Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow, active)`. TopK
+and BatchTopK rank with the seam's `top_k` (exactly lax.top_k: ties to the lower index); the
+threshold selectors (JumpReLU, ReLU) compact their kept entries (xla.compact) and rank only when
+a row overflows. Used slots come first in every row. `values` hold the
 pre-activations at the chosen indices and 0 in unused slots, `active` marks the used slots,
 `overflow` counts active latents that did not fit in the capacity (0 for TopK). Indices carry
 no gradient; values carry the gradient of a gather. The trainers pass a pre without gradient
@@ -41,14 +43,34 @@ def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None
   return Selection(indices, values, jnp.zeros((), jnp.int32), jnp.ones(indices.shape, bool))
 
 
-def _masked_select(pre: jax.Array, keep: jax.Array, capacity: int, ops: Ops) -> Selection:
-  """The `capacity` largest kept entries per row; unused slots get value 0."""
-  scores = jnp.where(keep, jax.lax.stop_gradient(pre), -jnp.inf)
-  top, indices = ops.top_k(scores, capacity)
-  used = top > -jnp.inf
-  overflow = jnp.sum(jnp.maximum(ops.row_count(scores, lambda v: v > -jnp.inf) - capacity, 0))
-  values = jnp.where(used, jnp.take_along_axis(pre, indices, axis=-1), 0.0)
-  return Selection(indices, values, overflow.astype(jnp.int32), used)
+def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
+                   offset: jax.Array | None) -> Selection:
+  """The entries of `pre + offset` where keep(pre + offset), in ascending latent order
+  (xla.compact); where some row keeps more than `capacity`, the `capacity` largest kept entries
+  of every row, by the seam's top_k (then unused slots come last). Unused slots get value 0.
+
+  pre + offset is recomputed by each pass that reads it (XLA fuses it), never written out. The
+  top_k runs in a loop of 0 or 1 trips whose scores take a -inf from the loop counter (maximum
+  with it changes nothing), else XLA would hoist the ranking, or pre + offset and the mask as
+  [B, N] arrays, out of the loop.
+  """
+  shifted = lambda: jax.lax.stop_gradient(pre if offset is None else pre + offset)
+  indices, counts = xla.compact(keep(shifted()), capacity)
+  used = jnp.arange(capacity) < counts[:, None]
+  overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
+
+  def ranked(i, _):
+    lowest = -jnp.inf * (i + 1).astype(pre.dtype)
+    scores = jax.lax.stop_gradient(
+        jnp.maximum(pre, lowest) if offset is None else pre + jnp.maximum(offset, lowest))
+    top, idx = ops.top_k(jnp.where(keep(scores), scores, lowest), capacity)
+    return idx, top > -jnp.inf
+
+  indices, used = jax.lax.fori_loop(0, (overflow > 0).astype(jnp.int32), ranked, (indices, used))
+  values = jnp.take_along_axis(pre, indices, axis=-1)
+  if offset is not None:
+    values = values + offset[indices]
+  return Selection(indices, jnp.where(used, values, 0.0), overflow.astype(jnp.int32), used)
 
 
 def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Selection, jax.Array]:
@@ -109,16 +131,17 @@ def _capped_candidates(pre: jax.Array, capacity: int, n: int,
 
 
 def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float = 0.0,
-             ops: Ops = XLA) -> Selection:
-  """Latents with pre > threshold - window/2, the largest `capacity` per row.
+             ops: Ops = XLA, offset: jax.Array | None = None) -> Selection:
+  """Latents with pre > threshold - window/2, the largest `capacity` per row; with `offset` [N],
+  of pre + offset (values too), which each pass adds as it reads pre.
 
   With `window` = the JumpReLU bandwidth, the selection also holds the latents just below their
   threshold, whose pseudo-derivative is non-zero, so the threshold gradient stays sparse.
   """
-  keep = jax.lax.stop_gradient(pre) > threshold - 0.5 * window
-  return _masked_select(pre, keep, capacity, ops)
+  return _masked_select(pre, lambda v: v > threshold - 0.5 * window, capacity, ops, offset)
 
 
-def relu(pre: jax.Array, capacity: int, ops: Ops = XLA) -> Selection:
-  """Positive pre-activations, the largest `capacity` per row."""
-  return _masked_select(pre, jax.lax.stop_gradient(pre) > 0, capacity, ops)
+def relu(pre: jax.Array, capacity: int, ops: Ops = XLA,
+         offset: jax.Array | None = None) -> Selection:
+  """Positive pre-activations (of pre + offset, with `offset`), the largest `capacity` per row."""
+  return _masked_select(pre, lambda v: v > 0, capacity, ops, offset)

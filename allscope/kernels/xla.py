@@ -83,6 +83,59 @@ def row_count(x: jax.Array, keep, offset: jax.Array | None = None, args: tuple =
   return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros(x.shape[:-1], jnp.int32))
 
 
+# compact: entries per bitmask word, and words per group of its first search
+COMPACT_WORD = 16
+COMPACT_GROUP = 32
+
+
+def compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """[B, N] bool -> (indices [B, capacity] int32, counts [B] int32): each row's True positions
+  in ascending order, the first `capacity` of them; slot j >= counts[b] holds j (unused).
+
+  No sort and no top_k: keep is read once into int32 bitmasks of COMPACT_WORD entries, whose
+  popcounts' running sum gives each word its first slot. Slot j then finds its word by counting
+  the group ends (every COMPACT_GROUP-th word) at or below j, then the word ends in its group,
+  and takes the word's set bit of rank j - (the word's first slot). At B=4096, N=16384 and 384
+  slots: 43 ms on 2 CPU cores, where the top 384 of the masked rows took 200 ms.
+  """
+  b, n = keep.shape
+  words = -(-n // COMPACT_WORD)
+  groups = -(-words // COMPACT_GROUP)
+  pad = words * COMPACT_WORD - n
+  keep = jnp.pad(keep, ((0, 0), (0, pad))) if pad else keep
+  weights = jnp.left_shift(1, jnp.arange(COMPACT_WORD, dtype=jnp.int32))
+  bits = jnp.sum(jnp.where(keep.reshape(b, words, COMPACT_WORD), weights, 0), axis=-1,
+                 dtype=jnp.int32)
+  bits = jnp.pad(bits, ((0, 0), (0, groups * COMPACT_GROUP - words)))
+  ends = jnp.cumsum(lax.population_count(bits), axis=-1, dtype=jnp.int32)  # slots through word w
+  slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, capacity]
+  group_ends = ends[:, COMPACT_GROUP - 1::COMPACT_GROUP]  # [B, groups]
+  group = jnp.minimum(jnp.sum(group_ends[:, None, :] <= slot[..., None], axis=-1,
+                              dtype=jnp.int32), groups - 1)  # [B, capacity]
+  in_group = jnp.take_along_axis(ends.reshape(b, groups, COMPACT_GROUP), group[..., None], axis=1)
+  word = group * COMPACT_GROUP + jnp.sum(in_group <= slot[..., None], axis=-1, dtype=jnp.int32)
+  word = jnp.minimum(word, groups * COMPACT_GROUP - 1)
+  mask = jnp.take_along_axis(bits, word, axis=1)
+  rank = slot - (jnp.take_along_axis(ends, word, axis=1) - lax.population_count(mask))
+  counts = ends[:, -1]
+  used = slot < counts[:, None]
+  return jnp.where(used, word * COMPACT_WORD + _set_bit(mask, rank), slot), counts
+
+
+def _set_bit(mask: jax.Array, rank: jax.Array) -> jax.Array:
+  """The position of the set bit of `rank` (0 = the lowest) in each COMPACT_WORD-bit mask."""
+  pos = jnp.zeros_like(mask)
+  half = COMPACT_WORD // 2
+  while half:
+    low = mask & ((1 << half) - 1)
+    n_low = lax.population_count(low)
+    up = rank >= n_low  # the bit lies in the upper half
+    pos, rank = jnp.where(up, pos + half, pos), jnp.where(up, rank - n_low, rank)
+    mask = jnp.where(up, mask >> half, low)
+    half //= 2
+  return pos
+
+
 # column_max on CPU: rows of at least COLUMN_FOLD_MIN_WIDTH entries fold COLUMN_FOLD at a time
 COLUMN_FOLD = 16
 COLUMN_FOLD_MIN_WIDTH = 32768

@@ -273,16 +273,22 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
       # first, then the window entries nearest their thresholds (a large pre of a latent with a
       # high threshold must not displace a firing one).
       t = jax.lax.stop_gradient(thr)
-      sel = kernels.jumprelu(dense - t, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops)
+      sel = kernels.jumprelu(product, jnp.zeros((), jnp.float32), cfg.slots, cfg.bandwidth, ops,
+                             offset=b - t)
       # The selection's overflow counts window entries too; only firing latents dropped
-      # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask).
-      n_fired = ops.row_count(product, lambda v: v > 0, offset=b - t)
-      fired_dropped = jnp.sum(jnp.maximum(n_fired - cfg.slots, 0)).astype(jnp.int32)
+      # change the code (and its L0), so they are counted apart (chunked: no [B, F] mask), and
+      # only where some row overflowed: firing latents are kept ones. A loop of 0 or 1 trips
+      # whose offset takes a -inf from the counter, so XLA does not hoist the count out of it.
+      count_fired = lambda i, _: jnp.sum(jnp.maximum(ops.row_count(
+          product, lambda v: v > 0, offset=jnp.maximum(b - t, -jnp.inf * (i + 1.0))) - cfg.slots,
+          0))
+      fired_dropped = jax.lax.fori_loop(0, (sel.overflow > 0).astype(jnp.int32), count_fired,
+                                        jnp.zeros((), jnp.int32)).astype(jnp.int32)
       window_dropped = sel.overflow - fired_dropped
       sel = sel._replace(values=jnp.where(sel.active, sel.values + t[sel.indices], 0.0),
                          overflow=fired_dropped)
     else:
-      sel = kernels.relu(dense, cfg.slots, ops)
+      sel = kernels.relu(product, cfg.slots, ops, offset=b)
     main = lambda pre: (sel.indices, pre, sel.active, sel.overflow, batch_thr, window_dropped)
     lifted = ()
     if revive:

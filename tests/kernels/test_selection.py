@@ -35,12 +35,33 @@ def test_jumprelu_selection_keeps_window_and_counts_overflow(rng):
   keep = np.asarray(pre) > np.asarray(thr) - window / 2
   sel = kernels.jumprelu(pre, thr, F, window)
   got = np.zeros((B, F), bool)
-  rows = np.arange(B)[:, None]
-  got[rows, np.asarray(sel.indices)] |= np.asarray(sel.active)
+  rows = np.broadcast_to(np.arange(B)[:, None], sel.indices.shape)
+  np.logical_or.at(got, (rows, np.asarray(sel.indices)), np.asarray(sel.active))
   assert np.array_equal(got, keep) and int(sel.overflow) == 0
   assert np.all(np.asarray(sel.values)[~np.asarray(sel.active)] == 0)
   small = kernels.jumprelu(pre, thr, 2, window)
   assert int(small.overflow) == int(np.maximum(keep.sum(1) - 2, 0).sum()) > 0
+
+
+def test_threshold_selection_over_capacity_ranks_every_row_and_only_then(rng):
+  """Rows within capacity keep their entries in latent order; where any row keeps more, every
+  row's `capacity` largest kept entries, as lax.top_k ranks them. The ranking (a top_k in a loop
+  of 0 or 1 trips) stays in its loop: XLA does not hoist it to run every step."""
+  pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
+  thr = jnp.asarray(rng.uniform(0.5, 1.5, F), jnp.float32)
+  keep = pre > thr
+  over = int(np.asarray(keep).sum(1).max()) - 1
+  sel = jax.jit(lambda p: kernels.jumprelu(p, thr, over))(pre)
+  top, idx = jax.lax.top_k(jnp.where(keep, pre, -jnp.inf), over)
+  np.testing.assert_array_equal(sel.active, top > -jnp.inf)
+  np.testing.assert_array_equal(np.where(sel.active, sel.indices, -1), np.where(sel.active, idx, -1))
+  np.testing.assert_array_equal(sel.values, np.where(sel.active, top, 0))
+  fits = kernels.jumprelu(pre, thr, over + 1)
+  for row, i, a in zip(np.asarray(keep), np.asarray(fits.indices), np.asarray(fits.active)):
+    np.testing.assert_array_equal(i[a], np.flatnonzero(row))
+  hlo = jax.jit(lambda p: kernels.jumprelu(p, thr, over)).lower(pre).compile().as_text()
+  entry = hlo[hlo.index("\nENTRY"):]
+  assert "TopK" in hlo and "TopK" not in entry and " sort(" not in entry
 
 
 def test_batchtopk_selection_matches_global_threshold(rng):
