@@ -29,6 +29,12 @@ class Selection(NamedTuple):
   active: jax.Array  # [B, C] bool, False in unused slots
 
 
+def _at(pre: jax.Array, offset: jax.Array | None, indices: jax.Array) -> jax.Array:
+  """(pre + offset)[b, indices[b, j]], gathered from pre (offset: None or [N])."""
+  values = jnp.take_along_axis(pre, indices, axis=-1)
+  return values if offset is None else values + offset[indices]
+
+
 def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None) -> Selection:
   """The k largest pre-activations per row (values may be negative; the caller applies ReLU).
 
@@ -37,10 +43,8 @@ def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None
   """
   _, indices = ops.top_k(jax.lax.stop_gradient(pre), k,
                          None if offset is None else jax.lax.stop_gradient(offset))
-  values = jnp.take_along_axis(pre, indices, axis=-1)
-  if offset is not None:
-    values = values + offset[indices]
-  return Selection(indices, values, jnp.zeros((), jnp.int32), jnp.ones(indices.shape, bool))
+  return Selection(indices, _at(pre, offset, indices), jnp.zeros((), jnp.int32),
+                   jnp.ones(indices.shape, bool))
 
 
 def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
@@ -67,67 +71,88 @@ def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
     return idx, top > -jnp.inf
 
   indices, used = jax.lax.fori_loop(0, (overflow > 0).astype(jnp.int32), ranked, (indices, used))
-  values = jnp.take_along_axis(pre, indices, axis=-1)
-  if offset is not None:
-    values = values + offset[indices]
-  return Selection(indices, jnp.where(used, values, 0.0), overflow.astype(jnp.int32), used)
+  return Selection(indices, jnp.where(used, _at(pre, offset, indices), 0.0),
+                   overflow.astype(jnp.int32), used)
 
 
-def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA) -> tuple[Selection, jax.Array]:
-  """The k*B largest positive pre-activations of the batch, at most `capacity` per row.
+def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA,
+              offset: jax.Array | None = None) -> tuple[Selection, jax.Array]:
+  """The k*B largest positive pre-activations of the batch, at most `capacity` per row; with
+  `offset` [N], of pre + offset (values too), which each pass adds as it reads pre.
 
   Returns the selection and the batch threshold (the smallest selected value), which the
-  trainer averages into the inference-time JumpReLU threshold. Candidates are first cut to the
-  top `capacity` of each row, so the global pass sorts B*C values, not B*F. The result is exact
+  trainer averages into the inference-time JumpReLU threshold. Candidates are first cut to at
+  most `capacity` per row, so the global pass sorts B*C values, not B*F. The result is exact
   when no row holds more than `capacity` of the batch's top k*B (overflow == 0); otherwise the
-  threshold comes from the capped candidates and the winners beyond a row's capacity are
+  threshold comes from each row's top `capacity` and the winners beyond a row's capacity are
   counted in `overflow`. The selection is then a mask of the row candidates (no second pass
   over [B, F]).
   """
   batch = pre.shape[0]
   n = min(k * batch, batch * capacity)
-  row_top, row_idx, threshold = _capped_candidates(jax.lax.stop_gradient(pre), capacity, n, ops)
+  row_top, row_idx, threshold, overflow = _capped_candidates(pre, offset, capacity, n, ops)
   used = (row_top >= threshold) & (row_top > 0)
-  # counted on pre (equal where positive), so relu(pre) is only the top_k operand, not kept
-  kept = ops.row_count(jax.lax.stop_gradient(pre), lambda v, t: (v >= t) & (v > 0),
-                       args=(threshold,))
-  overflow = jnp.sum(jnp.maximum(kept - capacity, 0))
-  values = jnp.where(used, jnp.take_along_axis(pre, row_idx, axis=-1), 0.0)
-  return Selection(row_idx, values, overflow.astype(jnp.int32), used), threshold
+  values = jnp.where(used, _at(pre, offset, row_idx), 0.0)
+  return Selection(row_idx, values, overflow, used), threshold
 
 
-def _capped_candidates(pre: jax.Array, capacity: int, n: int,
-                       ops: Ops) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Each row's top `capacity` of relu(pre) [B, F] (values, indices) and the n-th largest of all.
+def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, n: int,
+                       ops: Ops) -> tuple[jax.Array, ...]:
+  """Candidates of relu(pre + offset) [B, F], at most `capacity` a row (values, 0 in unused
+  slots, and indices), the n-th largest of them all (the threshold), and the overflow.
 
-  On CPU the entries below a floor first become the lowest value, which XLA's TopK heap passes
-  over (404 -> 213 ms at B=4096, F=16384, capacity 256, k=64). The floor is the n-th largest
-  maximum of chunks of about F / 2k: n distinct entries, so the n-th largest candidate is no
-  lower unless rows over capacity hold many of the batch's top entries. Above the floor the
-  rows' top entries, in order, are unchanged, so the result is exact (the values of slots below
-  the threshold aside) whenever n candidates reach the floor. Where they do not, the plain form
-  runs, in a loop of 0 or 1 trips whose relu takes its 0 from the loop counter (else XLA would
-  hoist the relu out of the loop). Floor and masked entries are read from pre's order keys (no
-  relu(pre) written): the floor is >= 0, so pre's keys at or above it are relu(pre)'s.
+  Off CPU: each row's top `capacity`. On CPU the candidates are the entries at or above a floor,
+  compacted (xla.compact), in latent order: the floor is the n-th largest maximum of chunks of
+  about F / 2k, so n distinct entries reach it and the threshold is no lower. Where no row holds
+  more than `capacity` of them, every row's top `capacity` holds all of its entries at or above
+  the threshold, so the threshold and selection are the ranked form's and nothing overflows
+  (at B=4096, F=16384, capacity 256, k=64: ...). Where some row holds more, the ranked form
+  runs, in a loop of 0 or 1 trips: each row's top `capacity` of the entries at or above the
+  floor, the rest turned into the lowest value, which XLA's TopK heap passes over (404 -> 213
+  ms), exact whenever n of them reach the floor; where they do not, each row's top `capacity`
+  of relu(pre + offset), in a nested loop of 0 or 1 trips. The loops' inputs take a -inf (or 0
+  for relu) from their counter by a maximum, so XLA hoists neither them nor their [B, F] operands
+  out of the loops.
   """
-  def plain(x):
-    top, idx = ops.top_k(x, capacity)
-    return top, idx, xla.nth_largest(top.reshape(-1), n)
+  def shifted(lowest):  # pre + offset, recomputed; lowest: -inf, from the counter in a loop
+    return jax.lax.stop_gradient(
+        jnp.maximum(pre, lowest) if offset is None else pre + jnp.maximum(offset, lowest))
 
+  def ranked(x, lowest):  # lowest: -inf, from a loop counter inside a loop
+    top, idx = ops.top_k(x, capacity)
+    threshold = xla.nth_largest(top.reshape(-1), n)
+    kept = ops.row_count(shifted(lowest), lambda v, t: (v >= t) & (v > 0), args=(threshold,))
+    return top, idx, threshold, jnp.sum(jnp.maximum(kept - capacity, 0)).astype(jnp.int32)
+
+  counter = lambda i: (i + 1).astype(pre.dtype)
   if jax.default_backend() != "cpu" or pre.dtype != jnp.float32:
-    return plain(jnp.maximum(pre, 0.0))
+    return ranked(jnp.maximum(shifted(-jnp.inf), 0.0), -jnp.inf)
   b, f = pre.shape
   chunk = 2 ** int(np.log2(max(f * b / (2 * n), 1.0)))  # 2n chunk maxima or more
-  n_chunks = -(-f // chunk)
-  keys = xla.order_key(pre)
-  maxima = jnp.pad(keys, ((0, 0), (0, n_chunks * chunk - f)), constant_values=xla.LOWEST_KEY)
-  maxima = jnp.maximum(jnp.max(maxima.reshape(b, n_chunks, chunk), axis=-1), 0).reshape(-1)
+  pad = -f % chunk
+  maxima = xla.chunk_max_keys(jnp.pad(pre if offset is None else pre + offset, ((0, 0), (0, pad)),
+                                      constant_values=-jnp.inf), chunk)
+  maxima = jnp.maximum(jax.lax.stop_gradient(maxima), 0).reshape(-1)
   floor = jnp.sort(maxima)[maxima.size - n]  # a key of relu(pre): order_key(+0.0) = 0
-  found = plain(xla.from_order_key(jnp.where(keys >= floor, keys, xla.LOWEST_KEY)))
-  short = xla.order_key(found[2]) < floor  # fewer than n candidates at or above the floor
-  return jax.lax.fori_loop(0, short.astype(jnp.int32),
-                           lambda i, _: plain(jnp.maximum(pre, (i + 1).astype(pre.dtype) * 0.0)),
-                           found)
+  # compared as floats: not the maxima's keys, which XLA would then write out to share; -0.0
+  # also passes a floor of +0.0 (a candidate of value 0, like an unused slot)
+  idx, counts = xla.compact(shifted(-jnp.inf) >= xla.from_order_key(floor), capacity)
+  top = jnp.where(jnp.arange(capacity) < counts[:, None],
+                  jnp.maximum(jax.lax.stop_gradient(_at(pre, offset, idx)), 0.0), 0.0)
+  compacted = (top, idx, xla.nth_largest(top.reshape(-1), n), jnp.zeros((), jnp.int32))
+
+  def over_capacity(i, _):
+    lowest = -jnp.inf * counter(i)
+    keys = xla.order_key(shifted(lowest))
+    found = ranked(xla.from_order_key(jnp.where(keys >= floor, keys, xla.LOWEST_KEY)), lowest)
+    short = xla.order_key(found[2]) < floor  # fewer than n candidates at or above the floor
+    return jax.lax.fori_loop(
+        0, short.astype(jnp.int32),
+        lambda j, _: ranked(jnp.maximum(shifted(-jnp.inf * counter(j)), 0.0),
+                            -jnp.inf * counter(j)), found)
+
+  return jax.lax.fori_loop(0, jnp.any(counts > capacity).astype(jnp.int32), over_capacity,
+                           compacted)
 
 
 def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float = 0.0,

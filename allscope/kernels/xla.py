@@ -435,6 +435,20 @@ def from_order_key(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
 
 
+def chunk_max_keys(x: jax.Array, chunk: int) -> jax.Array:
+  """[..., N] float32 -> [..., N / chunk]: the largest order_key of each run of `chunk` entries
+  (chunk a power of two dividing N), in reduces of at most 32 entries.
+
+  XLA:CPU rewrites a reduce of more than 32 entries into a reduce-window that needs its input
+  written out whole: at B=4096, N=16384 and chunks of 128, 78 ms against 13-18 ms in two steps,
+  where x's producer (a bias add) and the keys fuse into the first.
+  """
+  keys = order_key(x).reshape(x.shape[:-1] + (-1, chunk))
+  while keys.shape[-1] > 32:
+    keys = jnp.max(keys.reshape(keys.shape[:-1] + (-1, 32)), axis=-1)
+  return jnp.max(keys, axis=-1)
+
+
 def nth_largest(x: jax.Array, n: int) -> jax.Array:
   """[..., N] -> [...]: the n-th largest entry of each row (1 <= n <= N), as jnp.sort(x)[..., -n].
 

@@ -261,13 +261,12 @@ def encode(params: Params, cfg: TrainConfig, x: jax.Array, dead: jax.Array | Non
     product = jax.lax.stop_gradient(jnp.matmul(x_g.astype(compute), w_enc.astype(compute),
                                                preferred_element_type=jnp.float32))
     b = jax.lax.stop_gradient(b_enc)
-    dense = product + b  # fused into each consumer; only `product` is kept for the AuxK branch
     batch_thr = jnp.zeros((), jnp.float32)
     window_dropped = jnp.zeros((), jnp.int32)
     if cfg.activation == "topk":
       sel = kernels.topk(product, cfg.k, ops, offset=b)
     elif cfg.activation == "batchtopk":
-      sel, batch_thr = kernels.batchtopk(dense, cfg.k, cfg.slots, ops)
+      sel, batch_thr = kernels.batchtopk(product, cfg.k, cfg.slots, ops, offset=b)
     elif cfg.activation == "jumprelu":
       # Ranked by the margin over the threshold, not by pre: firing latents take the slots
       # first, then the window entries nearest their thresholds (a large pre of a latent with a

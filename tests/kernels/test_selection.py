@@ -100,29 +100,40 @@ def test_row_count_in_chunks_matches_a_dense_count(rng):
 
 
 def _plain_batchtopk(pre, k, capacity):
-  """BatchTopK's candidates without the CPU floor: each row's top `capacity`, the n-th largest."""
+  """BatchTopK ranked, without the CPU floor: each row's top `capacity`, the n-th largest of all;
+  the selection per row as {latent: value} and the overflow."""
   top, idx = jax.lax.top_k(jnp.maximum(pre, 0.0), capacity)
   n = min(k * pre.shape[0], top.size)
-  thr = jnp.sort(top.reshape(-1))[top.size - n]
-  return np.asarray(idx), np.asarray((top >= thr) & (top > 0)), float(thr)
+  thr = float(jnp.sort(top.reshape(-1))[top.size - n])
+  used = np.asarray((top >= thr) & (top > 0))
+  rows = [dict(zip(i[u].tolist(), v[u].tolist()))
+          for i, v, u in zip(np.asarray(idx), np.asarray(pre)[np.arange(len(pre))[:, None], idx], used)]
+  kept = ((np.asarray(pre) >= thr) & (np.asarray(pre) > 0)).sum(1)
+  return rows, thr, int(np.maximum(kept - capacity, 0).sum())
 
 
-def test_batchtopk_floor_on_cpu_changes_nothing(rng):
-  """The floor that spares XLA:CPU's TopK the low entries gives the plain form's threshold and
-  selection: on random rows, on tied rows, and where a few rows hold the batch's top entries
-  beyond their capacity (there the floor is above the capped threshold and the plain form runs)."""
+def test_batchtopk_on_cpu_is_the_ranked_form(rng):
+  """The CPU candidates (the entries at or above a floor, compacted; where some row holds more
+  than its capacity of them, the top `capacity` of the floor-masked rows; where those hold fewer
+  than n, of whole rows) give the ranked form's threshold, selection and overflow: on random
+  rows (compacted), tied rows and a tight capacity (over capacity), and where a few rows hold
+  the batch's top entries beyond their capacity (the floor is above the capped threshold: the
+  whole rows); with an offset, the same as on pre + offset."""
   b, f = 64, 512
   normal = rng.standard_normal((b, f))
   tied = rng.integers(-2, 3, (b, f)).astype(np.float64)
   loud = normal + np.where(np.arange(b)[:, None] < 4, 50.0, 0.0)  # 4 rows far above the rest
+  offset = rng.standard_normal(f).astype(np.float32)
   for x, k, capacity in ((normal, 8, 32), (tied, 8, 32), (normal, 8, 8), (loud, 8, 16),
                          (loud, 4, 4)):
     pre = jnp.asarray(x, jnp.float32)
-    sel, thr = kernels.batchtopk(pre, k, capacity)
-    idx, used, want_thr = _plain_batchtopk(pre, k, capacity)
-    assert float(thr) == want_thr
-    np.testing.assert_array_equal(np.asarray(sel.active), used)
-    np.testing.assert_array_equal(np.where(used, np.asarray(sel.indices), -1),
-                                  np.where(used, idx, -1))
-    np.testing.assert_array_equal(np.asarray(sel.values)[used],
-                                  np.take_along_axis(np.asarray(pre), idx, axis=1)[used])
+    for shift in (None, jnp.asarray(offset)):
+      sel, thr = kernels.batchtopk(pre, k, capacity, offset=shift)
+      want, want_thr, want_overflow = _plain_batchtopk(pre if shift is None else pre + shift, k,
+                                                       capacity)
+      assert float(thr) == want_thr and int(sel.overflow) == want_overflow
+      active = np.asarray(sel.active)
+      got = [dict(zip(i[a].tolist(), v[a].tolist())) for i, v, a in
+             zip(np.asarray(sel.indices), np.asarray(sel.values), active)]
+      assert got == want
+      assert np.all(np.asarray(sel.values)[~active] == 0)
