@@ -35,6 +35,11 @@ def _at(pre: jax.Array, offset: jax.Array | None, indices: jax.Array) -> jax.Arr
   return values if offset is None else values + offset[indices]
 
 
+def _rows(pre: jax.Array, offset: jax.Array | None, rows: jax.Array) -> jax.Array:
+  """(pre + offset)[rows]: [R] rows of [B, N], gathered from pre."""
+  return pre[rows] if offset is None else pre[rows] + offset
+
+
 def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None) -> Selection:
   """The k largest pre-activations per row (values may be negative; the caller applies ReLU).
 
@@ -47,32 +52,61 @@ def topk(pre: jax.Array, k: int, ops: Ops = XLA, offset: jax.Array | None = None
                    jnp.ones(indices.shape, bool))
 
 
+def _over_rows(batch: int) -> int:
+  """Rows over capacity that the compacted selections rank apart (more: every row is ranked).
+
+  Real activations hold a few rows far above the rest (a sequence's first token): in Gemma 3
+  270M's at layer 9, rows with over 2000 of a BatchTopK batch's top 32 B entries.
+  """
+  return min(batch, max(8, batch // 64))
+
+
+def _rank_over(over: jax.Array, scores, capacity: int, ops: Ops):
+  """The top `capacity` of scores(rows) [R, N] for the first R rows where `over` [B] is True:
+  (rows [R], B where unused, so a scatter with mode="drop" skips them; the scores; values;
+  indices)."""
+  rows, n_over = xla.compact(over[None], _over_rows(over.shape[0]))
+  x = scores(rows[0])
+  top, idx = ops.top_k(x, capacity)
+  return jnp.where(jnp.arange(x.shape[0]) < n_over[0], rows[0], over.shape[0]), x, top, idx
+
+
 def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
                    offset: jax.Array | None) -> Selection:
   """The entries of `pre + offset` where keep(pre + offset), in ascending latent order
-  (xla.compact); where some row keeps more than `capacity`, the `capacity` largest kept entries
-  of every row, by the seam's top_k (then unused slots come last). Unused slots get value 0.
+  (xla.compact); in a row that keeps more than `capacity`, its `capacity` largest kept entries by
+  the seam's top_k (unused slots last), for up to _over_rows rows; beyond that, for every row.
+  Unused slots get value 0.
 
   pre + offset is recomputed by each pass that reads it (XLA fuses it), never written out. The
-  top_k runs in a loop of 0 or 1 trips whose scores take a -inf from the loop counter (maximum
-  with it changes nothing), else XLA would hoist the ranking, or pre + offset and the mask as
-  [B, N] arrays, out of the loop.
+  every-row top_k runs in a loop of 0 or 1 trips whose scores take a -inf from the loop counter
+  (maximum with it changes nothing), else XLA would hoist the ranking, or pre + offset and the
+  mask as [B, N] arrays, out of the loop.
   """
   shifted = lambda: jax.lax.stop_gradient(pre if offset is None else pre + offset)
   indices, counts = xla.compact(keep(shifted()), capacity)
   used = jnp.arange(capacity) < counts[:, None]
-  overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
+  over = counts > capacity
+
+  def scores(x, lowest=-jnp.inf):
+    return jnp.where(keep(x), x, lowest)
+
+  rows, _, top, idx = _rank_over(
+      over, lambda r: scores(jax.lax.stop_gradient(_rows(pre, offset, r))), capacity, ops)
+  indices = indices.at[rows].set(idx, mode="drop")
+  used = used.at[rows].set(top > -jnp.inf, mode="drop")
 
   def ranked(i, _):
     lowest = -jnp.inf * (i + 1).astype(pre.dtype)
-    scores = jax.lax.stop_gradient(
+    x = jax.lax.stop_gradient(
         jnp.maximum(pre, lowest) if offset is None else pre + jnp.maximum(offset, lowest))
-    top, idx = ops.top_k(jnp.where(keep(scores), scores, lowest), capacity)
+    top, idx = ops.top_k(scores(x, lowest), capacity)
     return idx, top > -jnp.inf
 
-  indices, used = jax.lax.fori_loop(0, (overflow > 0).astype(jnp.int32), ranked, (indices, used))
-  return Selection(indices, jnp.where(used, _at(pre, offset, indices), 0.0),
-                   overflow.astype(jnp.int32), used)
+  indices, used = jax.lax.fori_loop(
+      0, (jnp.sum(over) > rows.shape[0]).astype(jnp.int32), ranked, (indices, used))
+  overflow = jnp.sum(jnp.maximum(counts - capacity, 0)).astype(jnp.int32)
+  return Selection(indices, jnp.where(used, _at(pre, offset, indices), 0.0), overflow, used)
 
 
 def batchtopk(pre: jax.Array, k: int, capacity: int, ops: Ops = XLA,
@@ -139,7 +173,14 @@ def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, 
   idx, counts = xla.compact(shifted(-jnp.inf) >= xla.from_order_key(floor), capacity)
   top = jnp.where(jnp.arange(capacity) < counts[:, None],
                   jnp.maximum(jax.lax.stop_gradient(_at(pre, offset, idx)), 0.0), 0.0)
-  compacted = (top, idx, xla.nth_largest(top.reshape(-1), n), jnp.zeros((), jnp.int32))
+  over = counts > capacity
+  rows, x, row_top, row_idx = _rank_over(
+      over, lambda r: jnp.maximum(jax.lax.stop_gradient(_rows(pre, offset, r)), 0.0), capacity,
+      ops)
+  top, idx = top.at[rows].set(row_top, mode="drop"), idx.at[rows].set(row_idx, mode="drop")
+  threshold = xla.nth_largest(top.reshape(-1), n)
+  kept = jnp.sum((x >= threshold) & (x > 0), axis=-1) * (rows < b)  # other rows: <= capacity
+  compacted = (top, idx, threshold, jnp.sum(jnp.maximum(kept - capacity, 0)).astype(jnp.int32))
 
   def over_capacity(i, _):
     lowest = -jnp.inf * counter(i)
@@ -151,8 +192,9 @@ def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, 
         lambda j, _: ranked(jnp.maximum(shifted(-jnp.inf * counter(j)), 0.0),
                             -jnp.inf * counter(j)), found)
 
-  return jax.lax.fori_loop(0, jnp.any(counts > capacity).astype(jnp.int32), over_capacity,
-                           compacted)
+  # more rows over capacity than ranked apart, or fewer than n candidates at or above the floor
+  rank_all = (jnp.sum(over) > rows.shape[0]) | (xla.order_key(threshold) < floor)
+  return jax.lax.fori_loop(0, rank_all.astype(jnp.int32), over_capacity, compacted)
 
 
 def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float = 0.0,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allscope import kernels
+from allscope.kernels import selection
 
 B, F, C = 32, 96, 6
 
@@ -43,25 +44,35 @@ def test_jumprelu_selection_keeps_window_and_counts_overflow(rng):
   assert int(small.overflow) == int(np.maximum(keep.sum(1) - 2, 0).sum()) > 0
 
 
-def test_threshold_selection_over_capacity_ranks_every_row_and_only_then(rng):
-  """Rows within capacity keep their entries in latent order; where any row keeps more, every
-  row's `capacity` largest kept entries, as lax.top_k ranks them. The ranking (a top_k in a loop
-  of 0 or 1 trips) stays in its loop: XLA does not hoist it to run every step."""
+def test_threshold_selection_ranks_only_the_rows_over_capacity(rng):
+  """Rows within capacity keep their entries in latent order; a row that keeps more, its
+  `capacity` largest kept entries as lax.top_k ranks them; where more rows than _over_rows
+  overflow, every row is ranked. That every-row top_k (in a loop of 0 or 1 trips) stays in its
+  loop: XLA does not hoist it to run every step."""
   pre = jnp.asarray(rng.standard_normal((B, F)), jnp.float32)
   thr = jnp.asarray(rng.uniform(0.5, 1.5, F), jnp.float32)
   keep = pre > thr
-  over = int(np.asarray(keep).sum(1).max()) - 1
-  sel = jax.jit(lambda p: kernels.jumprelu(p, thr, over))(pre)
-  top, idx = jax.lax.top_k(jnp.where(keep, pre, -jnp.inf), over)
-  np.testing.assert_array_equal(sel.active, top > -jnp.inf)
-  np.testing.assert_array_equal(np.where(sel.active, sel.indices, -1), np.where(sel.active, idx, -1))
-  np.testing.assert_array_equal(sel.values, np.where(sel.active, top, 0))
-  fits = kernels.jumprelu(pre, thr, over + 1)
-  for row, i, a in zip(np.asarray(keep), np.asarray(fits.indices), np.asarray(fits.active)):
-    np.testing.assert_array_equal(i[a], np.flatnonzero(row))
-  hlo = jax.jit(lambda p: kernels.jumprelu(p, thr, over)).lower(pre).compile().as_text()
+  counts = np.asarray(keep).sum(1)
+  top, idx = jax.lax.top_k(jnp.where(keep, pre, -jnp.inf), F)
+  select = jax.jit(lambda p, c: kernels.jumprelu(p, thr, c), static_argnums=1)
+  for capacity in (int(np.sort(counts)[-3]), 2):  # at most 2 rows over; every row over
+    sel = select(pre, capacity)
+    every = (counts > capacity).sum() > selection._over_rows(B)
+    assert every == (capacity == 2)
+    for r, row in enumerate(np.asarray(keep)):
+      active = np.asarray(sel.active[r])
+      if counts[r] > capacity or every:
+        want = np.asarray(idx[r, :capacity])[np.asarray(top[r, :capacity]) > -np.inf]
+        np.testing.assert_array_equal(np.asarray(sel.indices[r])[active], want)
+      else:
+        np.testing.assert_array_equal(np.asarray(sel.indices[r])[active], np.flatnonzero(row))
+      np.testing.assert_array_equal(np.asarray(sel.values[r]),
+                                    np.where(active, np.asarray(pre[r])[sel.indices[r]], 0))
+    assert int(sel.overflow) == int(np.maximum(counts - capacity, 0).sum())
+  hlo = select.lower(pre, 2).compile().as_text()
   entry = hlo[hlo.index("\nENTRY"):]
-  assert "TopK" in hlo and "TopK" not in entry and " sort(" not in entry
+  every_row = f"f32[{B},2]{{1,0}}, s32[{B},2]{{1,0}}) custom-call"  # the top_k of all B rows
+  assert every_row in hlo and every_row not in entry and " sort(" not in entry
 
 
 def test_batchtopk_selection_matches_global_threshold(rng):
@@ -113,19 +124,20 @@ def _plain_batchtopk(pre, k, capacity):
 
 
 def test_batchtopk_on_cpu_is_the_ranked_form(rng):
-  """The CPU candidates (the entries at or above a floor, compacted; where some row holds more
-  than its capacity of them, the top `capacity` of the floor-masked rows; where those hold fewer
-  than n, of whole rows) give the ranked form's threshold, selection and overflow: on random
-  rows (compacted), tied rows and a tight capacity (over capacity), and where a few rows hold
-  the batch's top entries beyond their capacity (the floor is above the capped threshold: the
-  whole rows); with an offset, the same as on pre + offset."""
+  """The CPU candidates (the entries at or above a floor, compacted; the top `capacity` of the
+  few rows holding more; where more rows do, or fewer than n candidates remain at or above the
+  floor, the top `capacity` of the floor-masked rows, else of whole rows) give the ranked form's
+  threshold, selection and overflow: on random rows (compacted), 4 louder rows (ranked apart),
+  tied rows and a tight capacity (every row over), and 4 rows holding the batch's top entries
+  beyond their capacity (whole rows); with an offset, the same as on pre + offset."""
   b, f = 64, 512
   normal = rng.standard_normal((b, f))
   tied = rng.integers(-2, 3, (b, f)).astype(np.float64)
   loud = normal + np.where(np.arange(b)[:, None] < 4, 50.0, 0.0)  # 4 rows far above the rest
+  louder = normal + np.where(np.arange(b)[:, None] % 16 == 3, 2.0, 0.0)  # 4 rows over capacity
   offset = rng.standard_normal(f).astype(np.float32)
-  for x, k, capacity in ((normal, 8, 32), (tied, 8, 32), (normal, 8, 8), (loud, 8, 16),
-                         (loud, 4, 4)):
+  for x, k, capacity in ((normal, 8, 32), (louder, 8, 32), (tied, 8, 32), (normal, 8, 8),
+                         (loud, 8, 16), (loud, 4, 4)):
     pre = jnp.asarray(x, jnp.float32)
     for shift in (None, jnp.asarray(offset)):
       sel, thr = kernels.batchtopk(pre, k, capacity, offset=shift)
