@@ -14,11 +14,12 @@ from allscope.kernels.selection import Selection, batchtopk, jumprelu, relu, top
 from allscope.kernels.sparse_decode import decode_with_aux, dense_decode, sparse_decode
 from allscope.kernels.sparse_encode import (dense_encode, encoder_grad, gather_pre, sparse_encode,
                                            sparse_encode_with_aux)
-from allscope.kernels.xla import column_max, nth_largest, row_count
+from allscope.kernels.xla import column_max, compact_mask, nth_largest, row_count
 
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
-    "clt_decode", "clt_decode_with_aux", "clt_layout", "column_max", "decode_with_aux",
+    "clt_decode", "clt_decode_with_aux", "clt_layout", "column_max", "compact_mask",
+    "decode_with_aux",
     "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad", "gather_pre", "jumprelu",
     "nth_largest", "relu", "resolve", "row_count",
     "sparse_decode", "sparse_encode", "sparse_encode_with_aux", "topk",

@@ -37,8 +37,10 @@ class Ops:
   clt_decode: Callable
   clt_gather_dot: Callable
   clt_scatter_outer: Callable
-  # not a kernel: the selections' chunked count, replaced where the latents are split on a mesh
+  # not kernels: the selections' chunked count and compaction, replaced where the latents are
+  # split on a mesh
   row_count: Callable = xla.row_count
+  compact: Callable = xla.compact
 
   def __eq__(self, other) -> bool:
     return isinstance(other, Ops) and other.name == self.name

@@ -1,9 +1,10 @@
 """Selection: which latents of each row are active, as (indices, values) with a fixed capacity.
 
 Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow, active)`. TopK
-and BatchTopK rank with the seam's `top_k` (exactly lax.top_k: ties to the lower index); the
-threshold selectors (JumpReLU, ReLU) compact their kept entries (xla.compact) and rank only when
-a row overflows. Used slots come first in every row. `values` hold the
+ranks with the seam's `top_k` (exactly lax.top_k: ties to the lower index); the threshold
+selectors (JumpReLU, ReLU), and BatchTopK's candidates on CPU, compact the entries they keep
+(the seam's `compact`, in latent order) and rank only the rows that keep more than the capacity. Slots
+are not in value order, and unused slots may repeat a used index. `values` hold the
 pre-activations at the chosen indices and 0 in unused slots, `active` marks the used slots,
 `overflow` counts active latents that did not fit in the capacity (0 for TopK). Indices carry
 no gradient; values carry the gradient of a gather. The trainers pass a pre without gradient
@@ -65,16 +66,16 @@ def _rank_over(over: jax.Array, scores, capacity: int, ops: Ops):
   """The top `capacity` of scores(rows) [R, N] for the first R rows where `over` [B] is True:
   (rows [R], B where unused, so a scatter with mode="drop" skips them; the scores; values;
   indices)."""
-  rows, n_over = xla.compact(over[None], _over_rows(over.shape[0]))
+  rows, n_over = xla.compact_mask(over[None], _over_rows(over.shape[0]))
   x = scores(rows[0])
   top, idx = ops.top_k(x, capacity)
   return jnp.where(jnp.arange(x.shape[0]) < n_over[0], rows[0], over.shape[0]), x, top, idx
 
 
-def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
+def _masked_select(pre: jax.Array, keep, args: tuple, capacity: int, ops: Ops,
                    offset: jax.Array | None) -> Selection:
-  """The entries of `pre + offset` where keep(pre + offset), in ascending latent order
-  (xla.compact); in a row that keeps more than `capacity`, its `capacity` largest kept entries by
+  """The entries of `pre + offset` where keep(pre + offset, *args), in ascending latent order
+  (ops.compact); in a row that keeps more than `capacity`, its `capacity` largest kept entries by
   the seam's top_k (unused slots last), for up to _over_rows rows; beyond that, for every row.
   Unused slots get value 0.
 
@@ -83,13 +84,14 @@ def _masked_select(pre: jax.Array, keep, capacity: int, ops: Ops,
   (maximum with it changes nothing), else XLA would hoist the ranking, or pre + offset and the
   mask as [B, N] arrays, out of the loop.
   """
-  shifted = lambda: jax.lax.stop_gradient(pre if offset is None else pre + offset)
-  indices, counts = xla.compact(keep(shifted()), capacity)
+  sg = jax.lax.stop_gradient
+  indices, counts = ops.compact(sg(pre), keep, capacity, None if offset is None else sg(offset),
+                                args)
   used = jnp.arange(capacity) < counts[:, None]
   over = counts > capacity
 
   def scores(x, lowest=-jnp.inf):
-    return jnp.where(keep(x), x, lowest)
+    return jnp.where(keep(x, *args), x, lowest)
 
   rows, _, top, idx = _rank_over(
       over, lambda r: scores(jax.lax.stop_gradient(_rows(pre, offset, r))), capacity, ops)
@@ -136,17 +138,18 @@ def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, 
   slots, and indices), the n-th largest of them all (the threshold), and the overflow.
 
   Off CPU: each row's top `capacity`. On CPU the candidates are the entries at or above a floor,
-  compacted (xla.compact), in latent order: the floor is the n-th largest maximum of chunks of
-  about F / 2k, so n distinct entries reach it and the threshold is no lower. Where no row holds
-  more than `capacity` of them, every row's top `capacity` holds all of its entries at or above
-  the threshold, so the threshold and selection are the ranked form's and nothing overflows
-  (at B=4096, F=16384, capacity 256, k=64: ...). Where some row holds more, the ranked form
-  runs, in a loop of 0 or 1 trips: each row's top `capacity` of the entries at or above the
-  floor, the rest turned into the lowest value, which XLA's TopK heap passes over (404 -> 213
-  ms), exact whenever n of them reach the floor; where they do not, each row's top `capacity`
-  of relu(pre + offset), in a nested loop of 0 or 1 trips. The loops' inputs take a -inf (or 0
-  for relu) from their counter by a maximum, so XLA hoists neither them nor their [B, F] operands
-  out of the loops.
+  compacted (ops.compact) in latent order, and for the few rows holding more than `capacity` of
+  them (_over_rows), their top `capacity`. The floor is the n-th largest maximum of chunks of
+  about F / 2k, so n distinct entries reach it. While n candidates stay at or above the floor, so
+  does the threshold; every row's top `capacity` then holds all its entries at or above the
+  threshold, so threshold and selection are the ranked form's, and only the rows ranked apart
+  can overflow (at B=4096, F=16384, capacity 256, k=64: SELECTION_MS). Otherwise (more rows over
+  capacity, or fewer than n candidates at the floor) the ranked form runs, in a loop of 0 or 1
+  trips: each row's top `capacity` of the entries at or above the floor, the rest turned into
+  the lowest value, which XLA's TopK heap passes over (404 -> 213 ms), exact whenever n of them
+  reach the floor; where they do not, of relu(pre + offset), in a nested loop of 0 or 1 trips.
+  The loops' inputs take a -inf from their counter by a maximum, so XLA hoists neither them nor
+  their [B, F] operands out of the loops.
   """
   def shifted(lowest):  # pre + offset, recomputed; lowest: -inf, from the counter in a loop
     return jax.lax.stop_gradient(
@@ -170,7 +173,9 @@ def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, 
   floor = jnp.sort(maxima)[maxima.size - n]  # a key of relu(pre): order_key(+0.0) = 0
   # compared as floats: not the maxima's keys, which XLA would then write out to share; -0.0
   # also passes a floor of +0.0 (a candidate of value 0, like an unused slot)
-  idx, counts = xla.compact(shifted(-jnp.inf) >= xla.from_order_key(floor), capacity)
+  idx, counts = ops.compact(jax.lax.stop_gradient(pre), lambda v, t: v >= t, capacity,
+                            None if offset is None else jax.lax.stop_gradient(offset),
+                            (xla.from_order_key(floor),))
   top = jnp.where(jnp.arange(capacity) < counts[:, None],
                   jnp.maximum(jax.lax.stop_gradient(_at(pre, offset, idx)), 0.0), 0.0)
   over = counts > capacity
@@ -205,10 +210,11 @@ def jumprelu(pre: jax.Array, threshold: jax.Array, capacity: int, window: float 
   With `window` = the JumpReLU bandwidth, the selection also holds the latents just below their
   threshold, whose pseudo-derivative is non-zero, so the threshold gradient stays sparse.
   """
-  return _masked_select(pre, lambda v: v > threshold - 0.5 * window, capacity, ops, offset)
+  return _masked_select(pre, lambda v, t: v > t, (threshold - 0.5 * window,), capacity, ops,
+                        offset)
 
 
 def relu(pre: jax.Array, capacity: int, ops: Ops = XLA,
          offset: jax.Array | None = None) -> Selection:
   """Positive pre-activations (of pre + offset, with `offset`), the largest `capacity` per row."""
-  return _masked_select(pre, lambda v: v > 0, capacity, ops, offset)
+  return _masked_select(pre, lambda v: v > 0, (), capacity, ops, offset)

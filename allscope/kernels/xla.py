@@ -88,9 +88,21 @@ COMPACT_WORD = 16
 COMPACT_GROUP = 32
 
 
-def compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def compact(x: jax.Array, keep, capacity: int, offset: jax.Array | None = None,
+            args: tuple = ()) -> tuple[jax.Array, jax.Array]:
+  """compact_mask(keep(x + offset, *args), capacity): each row's entries where keep holds.
+
+  `offset` ([N], optional) is added as x is read. keep takes traced values as `args`, not from
+  its closure (as row_count's), so a mesh's compact can pass them on, split with the latents
+  where they are [N] (trainers.sharded_ops).
+  """
+  return compact_mask(keep(x if offset is None else x + offset, *args), capacity)
+
+
+def compact_mask(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
   """[B, N] bool -> (indices [B, capacity] int32, counts [B] int32): each row's True positions
-  in ascending order, the first `capacity` of them; slot j >= counts[b] holds j (unused).
+  in ascending order, the first `capacity` of them; slot j >= counts[b] holds min(j, N - 1)
+  (unused).
 
   No sort and no top_k: keep is read once into int32 bitmasks of COMPACT_WORD entries, whose
   popcounts' running sum gives each word its first slot. Slot j then finds its word by counting
@@ -119,7 +131,8 @@ def compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
   rank = slot - (jnp.take_along_axis(ends, word, axis=1) - lax.population_count(mask))
   counts = ends[:, -1]
   used = slot < counts[:, None]
-  return jnp.where(used, word * COMPACT_WORD + _set_bit(mask, rank), slot), counts
+  unused = jnp.minimum(slot, n - 1)
+  return jnp.where(used, word * COMPACT_WORD + _set_bit(mask, rank), unused), counts
 
 
 def _set_bit(mask: jax.Array, rank: jax.Array) -> jax.Array:

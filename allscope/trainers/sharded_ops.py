@@ -11,6 +11,8 @@ With M devices on `model`, each holding latents f0 .. f0 + F/M - 1:
                     over whole rows (a winner is among its device's k; candidates lie in device
                     order, each device's by value then index, so ties go to the lower latent)
   row_count         each device's count, psum over `model`
+  compact           each device's first C kept latents, gathered ([B, C M]), then the first C
+                    of those: exactly compact over whole rows (devices hold latents in order)
   gather_decode, gather_dot, clt_decode, clt_gather_dot
                     the device's pairs (the others: value 0 at its latent f0), psum over `model`
   scatter_outer, clt_scatter_outer
@@ -69,6 +71,22 @@ def per_device(ops: kernels.Ops) -> kernels.Ops:
     in_specs = (P(*spec[:-1], "model"), None if offset is None else P("model")) + (P(),) * len(args)
     return on_mesh(count, in_specs, P(*spec[:-1]))(x, offset, *args)
 
+  def compact(x, keep, capacity, offset=None, args=()):
+    def local(a, o, *c):
+      idx, counts = ops.compact(a, keep, capacity, o, c)
+      idx = lax.all_gather(idx + lax.axis_index("model") * a.shape[-1], "model", axis=a.ndim - 1,
+                           tiled=True)  # [b, M C]: each device's first C, in device order
+      counts = lax.all_gather(counts, "model", axis=counts.ndim)  # [b, M]
+      kept = jnp.arange(capacity) < counts[..., None]
+      at, _ = kernels.compact_mask(kept.reshape(kept.shape[:-2] + (-1,)), capacity)
+      slot, total = jnp.arange(capacity), jnp.sum(counts, axis=-1)
+      return jnp.where(slot < total[..., None], jnp.take_along_axis(idx, at, axis=-1), slot), total
+    spec = slots(x)
+    split = lambda c: P("model") if jnp.ndim(c) == 1 and jnp.shape(c)[0] == x.shape[-1] else P()
+    in_specs = ((P(*spec[:-1], "model"), None if offset is None else P("model"))
+                + tuple(split(c) for c in args))
+    return on_mesh(local, in_specs, (spec, P(*spec[:-1])))(x, offset, *args)
+
   def decode(prim):
     """gather_decode [B, C] -> [B, D], clt_decode [L, B, C] -> [B, L, d]."""
     def local(indices, values, table):
@@ -106,7 +124,7 @@ def per_device(ops: kernels.Ops) -> kernels.Ops:
     return run
 
   return dataclasses.replace(
-      ops, name=f"{ops.name}/per-device", top_k=top_k, row_count=row_count,
+      ops, name=f"{ops.name}/per-device", top_k=top_k, row_count=row_count, compact=compact,
       gather_decode=decode(ops.gather_decode), clt_decode=decode(ops.clt_decode),
       gather_dot=dot(ops.gather_dot), clt_gather_dot=dot(ops.clt_gather_dot),
       scatter_outer=scatter(ops.scatter_outer), clt_scatter_outer=scatter(ops.clt_scatter_outer))

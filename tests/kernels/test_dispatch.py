@@ -12,9 +12,9 @@ from allscope.trainers.config import TrainConfig
 def test_auto_is_xla_on_cpu_and_xla_is_xla_everywhere():
   assert kernels.resolve("auto", backend="cpu") is kernels.XLA
   assert kernels.resolve("xla", backend="gpu") is kernels.XLA
-  # every field a kernel primitive, but row_count: a helper that a mesh may replace
+  # every field a kernel primitive, but row_count and compact: helpers that a mesh may replace
   assert set(dispatch.PRIMITIVES) == {f.name for f in dispatch.dataclasses.fields(kernels.Ops)} - {
-      "name", "row_count"}
+      "name", "row_count", "compact"}
 
 
 def test_unknown_choice_names_the_valid_ones():

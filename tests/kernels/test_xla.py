@@ -267,18 +267,19 @@ def test_only_where_updates_only_where_asked_and_keeps_the_update_in_its_loop(rn
 
 
 @pytest.mark.parametrize("b, n, capacity", [(6, 96, 6), (5, 1000, 40), (4, 33, 33),
-                                             (3, 16384 + 7, 384)])
-def test_compact_lists_each_rows_kept_positions_in_order(rng, b, n, capacity):
-  """compact(keep, C): row b's first C True positions, ascending, then j in unused slot j, and
-  each row's count; rows sparse, dense (over capacity), empty and full, widths that neither
-  COMPACT_WORD nor COMPACT_GROUP divide."""
+                                             (3, 16384 + 7, 384), (2, 20, 30)])
+def test_compact_mask_lists_each_rows_kept_positions_in_order(rng, b, n, capacity):
+  """compact_mask(keep, C): row b's first C True positions, ascending, then min(j, N - 1) in
+  unused slot j, and each row's count; rows sparse, dense (over capacity), empty and full, widths
+  that neither COMPACT_WORD nor COMPACT_GROUP divide, more slots than entries."""
   density = np.array([0.02, 0.3, 0.0, 1.0, 0.005, 0.1])[np.arange(b) % 6, None]
   keep = rng.random((b, n)) < density
-  indices, counts = jax.jit(xla.compact, static_argnums=1)(jnp.asarray(keep), capacity)
+  indices, counts = jax.jit(xla.compact_mask, static_argnums=1)(jnp.asarray(keep), capacity)
   np.testing.assert_array_equal(counts, keep.sum(1))
   for row, idx in zip(keep, np.asarray(indices)):
     kept = np.flatnonzero(row)[:capacity]
-    np.testing.assert_array_equal(idx, np.concatenate([kept, np.arange(len(kept), capacity)]))
+    unused = np.minimum(np.arange(len(kept), capacity), n - 1)
+    np.testing.assert_array_equal(idx, np.concatenate([kept, unused]))
 
 
 def test_chunk_max_top_k_needs_k_chunks():

@@ -41,14 +41,14 @@ def main() -> None:
       ops = sharded_ops.per_device(kernels.XLA)
       names.append(ops.name)
       return (ops.top_k(row, k), ops.row_count(row, lambda v: v > 0.5, offset),
-              ops.top_k(row, k, add))
+              ops.top_k(row, k, add), ops.compact(row, lambda v, t: v > t, k, offset, (0.5,)))
     with mesh_lib.tracing(mesh):
       return jax.vmap(one, spmd_axis_name="layer")(x, rows)
 
   sh = NamedSharding(mesh, P("layer", "data", "model"))
   results = {}
   for k in (8, 64, 1500):  # 1500: more than a device's 1024 columns
-    (values, indices), counts, (off_v, off_i) = jax.jit(
+    (values, indices), counts, (off_v, off_i), compacted = jax.jit(
         lambda x, o, r: split(x, o, r, k))(jax.device_put(x, sh), offset, rows)
     want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
     want_c = np.sum(x + offset > 0.5, axis=-1)
@@ -57,7 +57,10 @@ def main() -> None:
                        "values": bool(np.array_equal(values, want_v)),
                        "counts": bool(np.array_equal(counts, want_c)),
                        "offset": bool(np.array_equal(off_i, want_oi)
-                                      and np.array_equal(off_v, want_ov)), "ops": names[-1]}
+                                      and np.array_equal(off_v, want_ov)),
+                       "compact": all(np.array_equal(got, want) for got, want in zip(
+                           compacted, jax.vmap(lambda m: kernels.compact_mask(m, k))(
+                               jnp.asarray(x + offset > 0.5)))), "ops": names[-1]}
 
   # Every primitive on a data 2 x model 2 mesh against the same primitive off the mesh: the
   # psums over `model` (decodes, dots) and over `data` (scatters, with and without acc).
@@ -133,7 +136,7 @@ def main() -> None:
                            target_l0=16, batch_size=256, mesh_data=1, mesh_model=2, mesh_layer=2)
     hlo = step_lib.lower_step(step_cfg, 64, 64, mesh_lib.make_mesh(step_cfg)).compile().as_text()
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
-             for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather", hlo)]
+             for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-(?:gather|reduce)", hlo)]
     gathered[activation] = max(sizes, default=0)
   # A device's temporary memory, latents on 1 device and split over 4 (B=1024, F=16384, d=64)
   temp = {}
@@ -144,7 +147,7 @@ def main() -> None:
     temp[m] = step_lib.lower_step(mem_cfg, 64, 64, mem_mesh).compile().memory_analysis(
     ).temp_size_in_bytes
   print(json.dumps({"top_k": results, "primitive_errors": errors, "cuda": cuda,
-                    "largest_all_gather": gathered, "temp_4_over_1": temp[4] / temp[1]}))
+                    "largest_collective": gathered, "temp_4_over_1": temp[4] / temp[1]}))
 
 
 if __name__ == "__main__":
