@@ -462,18 +462,33 @@ def chunk_max_keys(x: jax.Array, chunk: int) -> jax.Array:
   return jnp.max(keys, axis=-1)
 
 
+# nth_largest of float32 rows at least this long: bisection over the order keys' bits
+NTH_BISECT_MIN_ROW = 4096
+
+
 def nth_largest(x: jax.Array, n: int) -> jax.Array:
   """[..., N] -> [...]: the n-th largest entry of each row (1 <= n <= N), as jnp.sort(x)[..., -n].
 
-  float32 rows are sorted as int32 order keys: XLA:CPU sorts a primitive key 5-8x faster than
-  floats, which it compares with a total-order comparator. -0.0 ranks below +0.0 (they compare
-  equal); rows hold no NaN.
+  float32 rows are ranked by int32 order keys: -0.0 ranks below +0.0 (they compare equal); rows
+  hold no NaN. Rows of NTH_BISECT_MIN_ROW or more find the n-th largest key bit by bit, from
+  the top: a bit is set where at least n keys reach the prefix with it, 32 fused counting passes
+  and no sort (XLA:CPU sorts on one thread: over 2^20 entries 3.7 against 38.7 ms). Shorter rows
+  are sorted as keys, which XLA:CPU sorts 5-8x faster than floats.
   """
   if not 1 <= n <= x.shape[-1]:
     raise ValueError(f"nth_largest: n={n} outside 1..{x.shape[-1]}")
   if x.dtype != jnp.float32:
     return jnp.sort(x, axis=-1)[..., x.shape[-1] - n]
-  return from_order_key(jnp.sort(order_key(x), axis=-1)[..., x.shape[-1] - n])
+  if x.shape[-1] < NTH_BISECT_MIN_ROW:
+    return from_order_key(jnp.sort(order_key(x), axis=-1)[..., x.shape[-1] - n])
+  sign = np.uint32(1 << 31)  # flipped: unsigned order of the keys is their signed order
+  keys = lax.bitcast_convert_type(order_key(x), jnp.uint32) ^ sign
+  prefix = jnp.zeros(x.shape[:-1], jnp.uint32)
+  for bit in range(31, -1, -1):
+    wider = prefix | np.uint32(1 << bit)
+    reach = jnp.sum(keys >= wider[..., None], axis=-1, dtype=jnp.int32)
+    prefix = jnp.where(reach >= n, wider, prefix)
+  return from_order_key(lax.bitcast_convert_type(prefix ^ sign, jnp.int32))
 
 
 def chunk_max_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:

@@ -309,14 +309,17 @@ def test_column_max_is_the_max_over_rows_of_the_shifted_entries(rng, rows, colum
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_nth_largest_is_the_sorted_rows_entry(rng, dtype):
-  """Equal to jnp.sort(x)[..., -n] on random and tied rows (infinities, signed zeros), any n."""
+  """Equal to jnp.sort(x)[..., -n] on random and tied rows (infinities, signed zeros), any n;
+  rows sorted, and rows long enough for the bisection over the keys' bits."""
   levels = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, np.inf], np.float32)
-  for x in (levels[rng.integers(0, len(levels), (3, 16, 300))],
-            rng.standard_normal((3, 16, 300)).astype(np.float32)):
-    x = jnp.asarray(x, dtype)
-    for n in (1, 17, 150, 300):
-      np.testing.assert_array_equal(np.asarray(xla.nth_largest(x, n), np.float32),
-                                    np.asarray(jnp.sort(x, axis=-1)[..., 300 - n], np.float32))
+  for shape in ((3, 16, 300), (2, xla.NTH_BISECT_MIN_ROW + 3)):
+    width = shape[-1]
+    for x in (levels[rng.integers(0, len(levels), shape)],
+              rng.standard_normal(shape).astype(np.float32)):
+      x = jnp.asarray(x, dtype)
+      for n in (1, 17, width // 2, width):
+        np.testing.assert_array_equal(np.asarray(xla.nth_largest(x, n), np.float32),
+                                      np.asarray(jnp.sort(x, axis=-1)[..., width - n], np.float32))
   with pytest.raises(ValueError, match="n=301"):
     xla.nth_largest(jnp.zeros((2, 300)), 301)
 
