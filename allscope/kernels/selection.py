@@ -3,8 +3,8 @@
 Every selector returns `Selection(indices [B, C] int32, values [B, C], overflow, active)`. TopK
 ranks with the seam's `top_k` (exactly lax.top_k: ties to the lower index); the threshold
 selectors (JumpReLU, ReLU), and BatchTopK's candidates on CPU, compact the entries they keep
-(the seam's `compact`, in latent order) and rank only the rows that keep more than the capacity. Slots
-are not in value order, and unused slots may repeat a used index. `values` hold the
+(the seam's `compact`, in latent order) and rank only the rows that keep more than the
+capacity. Slots are not in value order, and unused slots may repeat a used index. `values` hold the
 pre-activations at the chosen indices and 0 in unused slots, `active` marks the used slots,
 `overflow` counts active latents that did not fit in the capacity (0 for TopK). Indices carry
 no gradient; values carry the gradient of a gather. The trainers pass a pre without gradient
@@ -95,15 +95,13 @@ def _masked_select(pre: jax.Array, keep, args: tuple, capacity: int, ops: Ops,
   def scores(x, lowest=-jnp.inf):
     return jnp.where(keep(x, *args), x, lowest)
 
-  rows, _, top, idx = _rank_over(
-      over, lambda r: scores(jax.lax.stop_gradient(_rows(pre, offset, r))), capacity, ops)
+  rows, _, top, idx = _rank_over(over, lambda r: scores(sg(_rows(pre, offset, r))), capacity, ops)
   indices = indices.at[rows].set(idx, mode="drop")
   used = used.at[rows].set(top > -jnp.inf, mode="drop")
 
   def ranked(i, _):
     lowest = -jnp.inf * (i + 1).astype(pre.dtype)
-    x = jax.lax.stop_gradient(
-        jnp.maximum(pre, lowest) if offset is None else pre + jnp.maximum(offset, lowest))
+    x = sg(jnp.maximum(pre, lowest) if offset is None else pre + jnp.maximum(offset, lowest))
     top, idx = ops.top_k(scores(x, lowest), capacity)
     return idx, top > -jnp.inf
 
@@ -172,7 +170,8 @@ def _capped_candidates(pre: jax.Array, offset: jax.Array | None, capacity: int, 
   maxima = xla.chunk_max_keys(jnp.pad(pre if offset is None else pre + offset, ((0, 0), (0, pad)),
                                       constant_values=-jnp.inf), chunk)
   maxima = jnp.maximum(jax.lax.stop_gradient(maxima), 0).reshape(-1)
-  floor = jnp.sort(maxima)[maxima.size - n]  # a key of relu(pre): order_key(+0.0) = 0
+  # a key of relu(pre): order_key(+0.0) = 0
+  floor = xla.order_key(xla.nth_largest(xla.from_order_key(maxima), n))
   # compared as floats: not the maxima's keys, which XLA would then write out to share; -0.0
   # also passes a floor of +0.0 (a candidate of value 0, like an unused slot)
   idx, counts = ops.compact(jax.lax.stop_gradient(pre), lambda v, t: v >= t, capacity,

@@ -117,8 +117,8 @@ def _plain_batchtopk(pre, k, capacity):
   n = min(k * pre.shape[0], top.size)
   thr = float(jnp.sort(top.reshape(-1))[top.size - n])
   used = np.asarray((top >= thr) & (top > 0))
-  rows = [dict(zip(i[u].tolist(), v[u].tolist()))
-          for i, v, u in zip(np.asarray(idx), np.asarray(pre)[np.arange(len(pre))[:, None], idx], used)]
+  at = np.take_along_axis(np.asarray(pre), np.asarray(idx), axis=1)
+  rows = [dict(zip(i[u].tolist(), v[u].tolist())) for i, v, u in zip(np.asarray(idx), at, used)]
   kept = ((np.asarray(pre) >= thr) & (np.asarray(pre) > 0)).sum(1)
   return rows, thr, int(np.maximum(kept - capacity, 0).sum())
 
