@@ -149,3 +149,17 @@ def test_batchtopk_on_cpu_is_the_ranked_form(rng):
              zip(np.asarray(sel.indices), np.asarray(sel.values), active)]
       assert got == want
       assert np.all(np.asarray(sel.values)[~active] == 0)
+
+
+def test_selectors_lower_for_cuda_on_the_pallas_seam():
+  """The compacting selectors trace and lower for a GPU at the trainers' shapes (the encoder
+  product and its bias): the rows over capacity and the every-row fallback rank with Pallas's
+  top_k (Triton), the rest is XLA."""
+  ops = kernels.resolve("pallas", backend="cuda")
+  shapes = (jax.ShapeDtypeStruct((4096, 16384), jnp.float32),
+            jax.ShapeDtypeStruct((16384,), jnp.float32))
+  for select in (lambda p, b: kernels.jumprelu(p, jnp.zeros(()), 384, 0.1, ops, offset=b),
+                 lambda p, b: kernels.relu(p, 256, ops, offset=b),
+                 lambda p, b: kernels.batchtopk(p, 64, 256, ops, offset=b)):
+    hlo = jax.jit(select).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in hlo
