@@ -80,7 +80,9 @@ def per_device(ops: kernels.Ops) -> kernels.Ops:
       kept = jnp.arange(capacity) < counts[..., None]
       at, _ = kernels.compact_mask(kept.reshape(kept.shape[:-2] + (-1,)), capacity)
       slot, total = jnp.arange(capacity), jnp.sum(counts, axis=-1)
-      return jnp.where(slot < total[..., None], jnp.take_along_axis(idx, at, axis=-1), slot), total
+      unused = jnp.minimum(slot, a.shape[-1] * counts.shape[-1] - 1)  # as compact_mask's
+      used = slot < total[..., None]
+      return jnp.where(used, jnp.take_along_axis(idx, at, axis=-1), unused), total
     spec = slots(x)
     split = lambda c: P("model") if jnp.ndim(c) == 1 and jnp.shape(c)[0] == x.shape[-1] else P()
     in_specs = ((P(*spec[:-1], "model"), None if offset is None else P("model"))
