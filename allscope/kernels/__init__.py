@@ -19,8 +19,7 @@ from allscope.kernels.xla import column_max, compact_mask, nth_largest, row_coun
 __all__ = [
     "CHOICES", "Ops", "Selection", "XLA", "batchtopk", "causal_mask", "causal_to_dense",
     "clt_decode", "clt_decode_with_aux", "clt_layout", "column_max", "compact_mask",
-    "decode_with_aux",
-    "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad", "gather_pre", "jumprelu",
-    "nth_largest", "relu", "resolve", "row_count",
-    "sparse_decode", "sparse_encode", "sparse_encode_with_aux", "topk",
+    "decode_with_aux", "dense_clt_decode", "dense_decode", "dense_encode", "encoder_grad",
+    "gather_pre", "jumprelu", "nth_largest", "relu", "resolve", "row_count", "sparse_decode",
+    "sparse_encode", "sparse_encode_with_aux", "topk",
 ]
