@@ -332,6 +332,40 @@ def test_top_k_is_lax_top_k(rng):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
+@pytest.mark.parametrize("k", [1, 17, 64])
+def test_threshold_top_k_is_lax_top_k_on_every_path(rng, k):
+  """Bitwise lax.top_k(x + offset, k): rows that fit their candidate slots; a few tied rows
+  (more candidates than slots) ranked apart; too many tied rows, ranked by chunk_max_top_k;
+  rows with their winners in the last chunks, with -inf entries, a width COMPACT_WORD does not
+  divide, and leading axes with one offset row each."""
+  n = 64 * 64 + 7
+  normal = rng.standard_normal((200, n)).astype(np.float32)
+  normal[:, rng.integers(0, n, 40)] = -np.inf
+  few_tied = np.concatenate([_tied_rows(rng, 3, n), normal])  # 3 rows apart (of up to 8)
+  many_tied = np.concatenate([_tied_rows(rng, 12, n), normal[:20]])  # 12 rows: every row
+  for x in (normal, few_tied, many_tied, np.sort(normal[:16]), normal.reshape(2, 100, n)):
+    offset = rng.standard_normal(x.shape[:-2] + (n,)).astype(np.float32)
+    for off in (None, offset):
+      want_v, want_i = jax.lax.top_k(jnp.asarray(x if off is None else x + off[..., None, :]), k)
+      got_v, got_i = jax.jit(xla.threshold_top_k, static_argnums=1)(
+          jnp.asarray(x), k, None if off is None else jnp.asarray(off))
+      np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+      np.testing.assert_array_equal(np.asarray(got_v).view(np.int32),
+                                    np.asarray(want_v).view(np.int32))
+  with pytest.raises(ValueError, match="k=65 needs 260 chunks"):
+    xla.threshold_top_k(jnp.zeros((2, n)), 65)
+
+
+def test_top_k_on_cpu_reads_its_input_once():
+  """top_k(product, k, bias) at the trainers' proportions never writes the [B, N] sum out: each
+  pass over it (the chunk maxima, the candidate chunks) adds the bias as it reads."""
+  b, n = 512, 8192
+  f = jax.jit(lambda p, bias: xla.top_k(p, 64, bias))
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  compiled = f.lower(shape(b, n), shape(n)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < b * n * 4 / 2
+
+
 def test_scatter_outer_adds_into_acc(rng):
   """With `acc`, the scatter adds its sums to acc (AuxK's slots into the main gradient)."""
   idx, v = sparse_indices(rng, B, C, N), ragged_values(rng, B, C)
