@@ -554,10 +554,10 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   Each row gets a floor: a key that at least k of its chunk maxima (chunks of COMPACT_WORD)
   reach, bisected from the least of k disjoint groups' maxima toward the k-th chunk maximum.
   k entries reach the floor, so every winner does, and so does its chunk's maximum. The chunks
-  at or above the floor (compact_mask, in latent order; C = k + k / 2 slots), then their entries
+  at or above the floor (compact_mask, in latent order; C = 2 k slots), then their entries
   at or above it (C slots), hold every winner in ascending index order, so lax.top_k of the
   candidates ties to the lower index as lax.top_k of the row does. A row with more candidate
-  chunks or entries than slots is ranked whole, as are up to max(8, R / 256) rows apart; beyond
+  chunks or entries than slots is ranked whole, as are up to max(8, R / 64) rows apart; beyond
   that every row goes by chunk_max_top_k, in a loop of 0 or 1 trips whose input takes a -inf
   from the counter (by a maximum), so XLA hoists no [R, N] array out of it.
 
@@ -570,7 +570,7 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   if n_chunks < 4 * k:
     raise ValueError(f"threshold_top_k: k={k} needs {4 * k} chunks of {COMPACT_WORD}, "
                      f"N={n} has {n_chunks}")
-  capacity = k + k // 2
+  capacity = 2 * k
   pad = n_chunks * COMPACT_WORD - n
 
   def rows(lowest=None):  # x + offset as [R, N]; with lowest (-inf from a counter), max'd in
@@ -603,7 +603,7 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   indices = jnp.take_along_axis(jnp.take_along_axis(chunks, pos // COMPACT_WORD, axis=1)
                                 * COMPACT_WORD + pos % COMPACT_WORD, at, axis=1)
   over = (chunk_count > capacity) | (count > capacity)
-  apart = max(8, b // 256)
+  apart = max(8, b // 64)
   over_rows, n_over = compact_mask(over[None], min(apart, b))
   over_rows = jnp.where(jnp.arange(over_rows.shape[1]) < n_over[0], over_rows[0], b)
   top, idx = _fenced_top_k(jnp.take(y, over_rows, axis=0, mode="clip"), k)
