@@ -555,15 +555,15 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
 
   Each row gets a floor: a key that at least k of its chunk maxima (chunks of COMPACT_WORD)
   reach, bisected from the least of k disjoint groups' maxima toward the k-th chunk maximum
-  (rows of over THRESHOLD_ROW chunks: of the maxima of a few chunks each, so that each step
-  reads at most THRESHOLD_ROW a row). k entries reach the floor, so every winner does, and so
-  does its chunk's maximum. The chunks
-  at or above the floor (compact_mask, in latent order; C = 2 k slots), then their entries
-  at or above it (C slots), hold every winner in ascending index order, so lax.top_k of the
-  candidates ties to the lower index as lax.top_k of the row does. A row with more candidate
-  chunks or entries than slots is ranked whole, as are up to max(8, R / 64) rows apart; beyond
-  that every row goes by chunk_max_top_k, in a loop of 0 or 1 trips whose input takes a -inf
-  from the counter (by a maximum), so XLA hoists no [R, N] array out of it.
+  (rows of over THRESHOLD_ROW chunks: over the maxima of up to 32 chunks each, so that a step
+  reads about THRESHOLD_ROW keys a row). k entries reach the floor, so every winner does, and
+  so does its chunk's maximum. The chunks at or above the floor (compact_mask, in latent order;
+  C = 2 k slots), then their entries at or above it (C slots), hold every winner in ascending
+  index order, so lax.top_k of the candidates ties to the lower index as lax.top_k of the row
+  does. A row with more candidate chunks or entries than slots is ranked whole, as are up to
+  max(8, R / 64) rows apart; beyond that every row goes by chunk_max_top_k, in a loop of 0 or 1
+  trips whose input takes a -inf from the counter (by a maximum), so XLA hoists no [R, N]
+  array out of it.
 
   One pass reads x + offset whole (the chunk maxima, behind a barrier: XLA otherwise recomputes
   them in every bisection step); the rest reads [R, N / 16] keys and the candidate chunks. At
@@ -589,8 +589,8 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   b = y.shape[0]
   padded = jnp.pad(y, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else y
   keys = lax.optimization_barrier(chunk_max_keys(padded, COMPACT_WORD))  # [R, n_chunks]
-  # the floor is bisected over maxima of `fold` chunks: at most THRESHOLD_ROW of them a row
-  fold = max(1, min(n_chunks // THRESHOLD_ROW, n_chunks // (4 * k)))
+  # the floor is bisected over maxima of `fold` chunks (a reduce of at most 32: chunk_max_keys)
+  fold = max(1, min(n_chunks // THRESHOLD_ROW, n_chunks // (4 * k), 32))
   coarse = keys
   if fold > 1:
     coarse = jnp.pad(keys, ((0, 0), (0, -n_chunks % fold)), constant_values=LOWEST_KEY)
