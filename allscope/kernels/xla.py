@@ -561,9 +561,11 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   C = 2 k slots), then their entries at or above it (C slots), hold every winner in ascending
   index order, so lax.top_k of the candidates ties to the lower index as lax.top_k of the row
   does. A row with more candidate chunks or entries than slots is ranked whole, as are up to
-  max(8, R / 64) rows apart; beyond that every row goes by chunk_max_top_k, in a loop of 0 or 1
-  trips whose input takes a -inf from the counter (by a maximum), so XLA hoists no [R, N]
-  array out of it.
+  max(8, R / 64) rows apart; beyond that every row is ranked as top_k ranks other dtypes
+  (chunk_max_top_k, or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips
+  whose input takes a -inf from the counter (by a maximum), so XLA hoists no [R, N] array out
+  of it. Rows with fewer than about k finite entries (a mask of most columns) take that path
+  after the floor's cost: the trainers' AuxK ranks only where more columns are dead than that.
 
   One pass reads x + offset whole (the chunk maxima, behind a barrier: XLA otherwise recomputes
   them in every bisection step); the rest reads [R, N / 16] keys and the candidate chunks. At
@@ -622,8 +624,12 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   values = values.at[over_rows].set(top, mode="drop")
   indices = indices.at[over_rows].set(idx.astype(jnp.int32), mode="drop")
 
-  chunk = int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32))  # as top_k's for bfloat16
-  every_row = lambda i, _: chunk_max_top_k(rows(-jnp.inf * (i + 1).astype(_F32)), k, chunk)
+  def every_row(i, _):  # as top_k ranks other dtypes
+    x = rows(-jnp.inf * (i + 1).astype(_F32))
+    if n < CHUNK_MAX_MIN_RATIO * k:
+      values, indices = _fenced_top_k(x, k)
+      return values, indices.astype(jnp.int32)
+    return chunk_max_top_k(x, k, int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32)))
 
   values, indices = lax.fori_loop(0, (n_over[0] > apart).astype(jnp.int32), every_row,
                                   (values, indices))
