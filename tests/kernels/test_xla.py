@@ -336,16 +336,18 @@ def test_top_k_is_lax_top_k(rng):
 def test_threshold_top_k_is_lax_top_k_on_every_path(rng, k):
   """Bitwise lax.top_k(x + offset, k): rows that fit their candidate slots; a few tied rows
   (more candidates than slots) ranked apart; too many tied rows, ranked by chunk_max_top_k;
-  rows with their winners in the last chunks, with -inf entries, widths COMPACT_WORD does not
-  divide, rows long enough to bisect over folded maxima, and leading axes with one offset row
-  each."""
+  rows with their winners in the last chunks, with -inf entries, with fewer finite entries than
+  k, widths COMPACT_WORD does not divide, rows long enough to bisect over folded maxima, and
+  leading axes with one offset row each."""
   n = 64 * 64 + 7
   normal = rng.standard_normal((200, n)).astype(np.float32)
   normal[:, rng.integers(0, n, 40)] = -np.inf
   few_tied = np.concatenate([_tied_rows(rng, 3, n), normal])  # 3 rows apart (of up to 8)
   many_tied = np.concatenate([_tied_rows(rng, 12, n), normal[:20]])  # 12 rows: every row
   wide = rng.standard_normal((8, 3 * 16 * xla.THRESHOLD_ROW + 5)).astype(np.float32)  # fold 3
-  for x in (normal, few_tied, many_tied, np.sort(normal[:16]), normal.reshape(2, 100, n), wide):
+  masked = np.where(rng.random((16, n)) < 0.995, -np.inf, normal[:16])  # ~20 finite: -inf floors
+  for x in (normal, few_tied, many_tied, np.sort(normal[:16]), normal.reshape(2, 100, n), wide,
+            masked):
     offset = rng.standard_normal(x.shape[:-2] + x.shape[-1:]).astype(np.float32)
     for off in (None, offset):
       want_v, want_i = jax.lax.top_k(jnp.asarray(x if off is None else x + off[..., None, :]), k)
