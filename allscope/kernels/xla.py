@@ -415,13 +415,21 @@ def top_k(x: jax.Array, k: int, offset: jax.Array | None = None) -> tuple[jax.Ar
     return threshold_top_k(x, k, offset)
   if offset is not None:  # fused by XLA into the passes that read it
     x = x + jnp.expand_dims(offset, -2)
-  if jax.default_backend() != "cpu":
-    if n >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4:
-      return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
-  elif n >= CHUNK_MAX_MIN_RATIO * k:
+  if jax.default_backend() == "cpu":
+    return _ranked_top_k(x, k)
+  if n >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4:
+    return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
+  values, indices = _fenced_top_k(x, k)
+  return values, indices.astype(jnp.int32)
+
+
+def _ranked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """top_k on CPU without a floor: chunk_max_top_k for rows of N >= CHUNK_MAX_MIN_RATIO k, else
+  lax.top_k (other dtypes, and threshold_top_k's rows that its candidates do not hold)."""
+  n = x.shape[-1]
+  if n >= CHUNK_MAX_MIN_RATIO * k:
     # chunk ~ sqrt(n / k) balances the two lax.top_k calls (n / chunk and k * chunk wide)
-    chunk = int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32))
-    return chunk_max_top_k(x, k, chunk)
+    return chunk_max_top_k(x, k, int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32)))
   values, indices = _fenced_top_k(x, k)
   return values, indices.astype(jnp.int32)
 
@@ -561,8 +569,8 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   C = 2 k slots), then their entries at or above it (C slots), hold every winner in ascending
   index order, so lax.top_k of the candidates ties to the lower index as lax.top_k of the row
   does. A row with more candidate chunks or entries than slots is ranked whole, as are up to
-  max(8, R / 64) rows apart; beyond that every row is ranked as top_k ranks other dtypes
-  (chunk_max_top_k, or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips
+  max(8, R / 64) rows apart; beyond that every row is ranked by _ranked_top_k (chunk_max_top_k,
+  or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips
   whose input takes a -inf from the counter (by a maximum), so XLA hoists no [R, N] array out
   of it. Rows with fewer than about k finite entries (a mask of most columns) take that path
   after the floor's cost: the trainers' AuxK ranks only where more columns are dead than that.
@@ -624,13 +632,7 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   values = values.at[over_rows].set(top, mode="drop")
   indices = indices.at[over_rows].set(idx.astype(jnp.int32), mode="drop")
 
-  def every_row(i, _):  # as top_k ranks other dtypes
-    x = rows(-jnp.inf * (i + 1).astype(_F32))
-    if n < CHUNK_MAX_MIN_RATIO * k:
-      values, indices = _fenced_top_k(x, k)
-      return values, indices.astype(jnp.int32)
-    return chunk_max_top_k(x, k, int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32)))
-
+  every_row = lambda i, _: _ranked_top_k(rows(-jnp.inf * (i + 1).astype(_F32)), k)
   values, indices = lax.fori_loop(0, (n_over[0] > apart).astype(jnp.int32), every_row,
                                   (values, indices))
   return values.reshape(lead + (k,)), indices.reshape(lead + (k,))

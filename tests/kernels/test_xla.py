@@ -335,7 +335,7 @@ def test_top_k_is_lax_top_k(rng):
 @pytest.mark.parametrize("k", [1, 17, 64])
 def test_threshold_top_k_is_lax_top_k_on_every_path(rng, k):
   """Bitwise lax.top_k(x + offset, k): rows that fit their candidate slots; a few tied rows
-  (more candidates than slots) ranked apart; too many tied rows, ranked by chunk_max_top_k;
+  (more candidates than slots) ranked apart; too many tied rows, every row ranked whole;
   rows with their winners in the last chunks, with -inf entries, with fewer finite entries than
   k, widths COMPACT_WORD does not divide, rows long enough to bisect over folded maxima, and
   leading axes with one offset row each."""
