@@ -12,7 +12,9 @@ For each shape (d, F), B tokens and k, it times in one run:
 Rows with AuxK "off" have no dead latents on either side (AuxK does not run); rows with "on" run
 AuxK every step (allscope: aux_k = 256 over its silent latents; sparsify: its own k_aux over a
 random 10% of latents marked dead).
-and prints a table of step / floor ratios and allscope's speed-up in tokens/s over sparsify.
+and prints a table of step / floor ratios, the floor's GFLOP/s, and allscope's speed-up in
+tokens/s over sparsify. The ratios depend on the device's GEMM speed against its memory: the
+sparse passes are memory-bound, so a faster GEMM (a lower floor) raises every ratio.
 Each time is the best of --steps rounds that call floor, allscope and sparsify once each in turn
 (after a warm-up), so that load from other processes hits every column alike.
 
@@ -158,7 +160,7 @@ def main() -> None:
   print(f"backend {jax.default_backend()} ({dev.device_kind}), {args.tokens} tokens/step, "
         f"k={args.k}, floor = x @ w_enc in {_dtype()}")
   header = (f"{'d':>5} {'F':>6} {'activation':>10} {'kernels':>8} {'AuxK':>5} {'floor ms':>9} "
-            f"{'allscope ms':>11} {'sparsify ms':>11} {'allscope/floor':>14} "
+            f"{'GFLOP/s':>8} {'allscope ms':>11} {'sparsify ms':>11} {'allscope/floor':>14} "
             f"{'sparsify/floor':>14} {'tok/s vs sparsify':>17}")
   print(header)
   print("-" * len(header))
@@ -184,7 +186,8 @@ def main() -> None:
             continue
           floor, t, p = best["floor"], best["allscope"], best.get("sparsify")
           print(f"{row} {kernels:>8} {'on' if auxk else 'off':>5} "
-                f"{1e3 * floor:>9.1f} {1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
+                f"{1e3 * floor:>9.1f} {2e-9 * args.tokens * d * width / floor:>8.0f} "
+                f"{1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
                 f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
                 f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
 
