@@ -419,8 +419,7 @@ def top_k(x: jax.Array, k: int, offset: jax.Array | None = None) -> tuple[jax.Ar
     return _ranked_top_k(x, k)
   if n >= TWO_STAGE_MIN_ROW and k <= TWO_STAGE_CHUNK // 4:
     return two_stage_top_k(x, k, TWO_STAGE_CHUNK)
-  values, indices = _fenced_top_k(x, k)
-  return values, indices.astype(jnp.int32)
+  return _fenced_top_k(x, k)
 
 
 def _ranked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -430,12 +429,11 @@ def _ranked_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   if n >= CHUNK_MAX_MIN_RATIO * k:
     # chunk ~ sqrt(n / k) balances the two lax.top_k calls (n / chunk and k * chunk wide)
     return chunk_max_top_k(x, k, int(np.clip(2 ** int(np.log2(np.sqrt(n / k))), 8, 32)))
-  values, indices = _fenced_top_k(x, k)
-  return values, indices.astype(jnp.int32)
+  return _fenced_top_k(x, k)
 
 
 def _fenced_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """lax.top_k with each output behind its own barrier.
+  """lax.top_k (int32 indices) with each output behind its own barrier.
 
   XLA:CPU turns lax.top_k's sort into its TopK call only while every user slices the sort's
   first k columns, and a caller's static slice of the indices (a CLT's indices[s]) merges into
@@ -570,9 +568,8 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   index order, so lax.top_k of the candidates ties to the lower index as lax.top_k of the row
   does. A row with more candidate chunks or entries than slots is ranked whole, as are up to
   max(8, R / 64) rows apart; beyond that every row is ranked by _ranked_top_k (chunk_max_top_k,
-  or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips
-  whose input takes a -inf from the counter (by a maximum), so XLA hoists no [R, N] array out
-  of it. Rows with fewer than about k finite entries (a mask of most columns) take that path
+  or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips whose input takes a
+  -inf from the counter (by a maximum), so XLA hoists no [R, N] array out of it. Rows with fewer than about k finite entries (a mask of most columns) take that path
   after the floor's cost: the trainers' AuxK ranks only where more columns are dead than that.
 
   One pass reads x + offset whole (the chunk maxima, behind a barrier: XLA otherwise recomputes
@@ -630,7 +627,7 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   over_rows = jnp.where(jnp.arange(over_rows.shape[1]) < n_over[0], over_rows[0], b)
   top, idx = _fenced_top_k(jnp.take(y, over_rows, axis=0, mode="clip"), k)
   values = values.at[over_rows].set(top, mode="drop")
-  indices = indices.at[over_rows].set(idx.astype(jnp.int32), mode="drop")
+  indices = indices.at[over_rows].set(idx, mode="drop")
 
   every_row = lambda i, _: _ranked_top_k(rows(-jnp.inf * (i + 1).astype(_F32)), k)
   values, indices = lax.fori_loop(0, (n_over[0] > apart).astype(jnp.int32), every_row,
