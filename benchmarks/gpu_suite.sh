@@ -7,6 +7,7 @@
 #   3. gpu_step_profile.py  the d=640 TopK step's kernels, idle gaps and host waits
 #   4. top_k_blocks.py the top_k's Triton blocks: the sweep behind `gpu_blocks`, on this GPU
 #   5. clt_depth.py    t(2L)/t(L): L = 4 -> 8 (default shape), then 9 -> 18 at F = 8192, B = 4096
+#                      with its parts and the least ratio a kernel can give there
 #   6. step_memory.py  the compiled step's temporary memory, as the GPU compiler plans it
 #   7. train_step.py   the same rows with the sparse XLA paths (Pallas vs XLA on this GPU)
 # Usage: bash benchmarks/gpu_suite.sh LOG_DIR [SECONDS]   (SECONDS: the whole run's budget, 480)
@@ -46,7 +47,7 @@ stage kernels 100 python3 benchmarks/kernels.py --iters 20
 stage step_profile 150 python3 benchmarks/gpu_step_profile.py
 stage top_k_blocks 100 python3 benchmarks/top_k_blocks.py --seconds 25
 stage clt_depth 80 python3 benchmarks/clt_depth.py --steps 10
-stage clt_depth_18 100 python3 benchmarks/clt_depth.py --layers 9 --width 8192 --tokens 4096 \
-  --steps 5
+stage clt_depth_18 150 python3 benchmarks/clt_depth.py --layers 9 --width 8192 --tokens 4096 \
+  --steps 5 --profile
 stage step_memory 90 python3 benchmarks/step_memory.py
 stage train_step_xla 200 python3 benchmarks/train_step.py --kernels xla --steps 10
