@@ -13,8 +13,9 @@ Each time is the best of --steps calls of the full jitted train step, L and 2L a
 The profile times the step's parts as separate jitted calls on random inputs of the step's
 shapes (the same kernel seam, `kernels=auto`): the encoder product and its top-k, the CLT decode,
 its two backward halves (d values: gather-dot; d w_dec: scatter-outer), the sparse encoder
-gradient, and the optimizer's update of the decoder. Their sum is not the step's time (the step
-fuses and overlaps some of them), but their growth from L to 2L says which term is super-linear.
+gradient, and the step's optimizer over all the parameters (L F d encoder and L (L + 1) / 2 F d
+decoder entries). Their sum is not the step's time (the step fuses and overlaps some of them),
+but their growth from L to 2L says which term is super-linear.
 
 The floor. Write t(L) = a L + b L (L + 1) / 2: a per layer (encoder product and selection,
 encoder gradient, Adam over the layer's F d encoder entries), b per (source, target) pair
@@ -37,13 +38,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from allscope import kernels
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
 from allscope.trainers.config import TrainConfig
 from allscope.trainers.step import compile_step
 from allscope.launch import host_memory
+from train_step import optimizer_runner
 
 
 def clt_config(n_layers: int, width: int, tokens: int, k: int) -> TrainConfig:
@@ -96,18 +97,8 @@ def profile(n_layers: int, d: int, width: int, tokens: int, k: int, steps: int) 
   idx = jax.random.randint(keys[3], (n_layers, tokens, k), 0, width, jnp.int32)
   vals = jax.random.uniform(keys[4], (n_layers, tokens, k), jnp.float32)
   g = jax.random.normal(keys[5], (tokens, n_layers, d), jnp.float32)
-  tx = state_lib.optimizer(cfg)
-  # as the step runs it: applied, in place on the donated parameters and moments
-  def update(p, o, g):
-    updates, o = tx.update(g, o, p)
-    return optax.apply_updates(p, updates), o
-  adam = jax.jit(update, donate_argnums=(0, 1))
-  held = {"p": {"w_dec": w_dec + 0}, "o": tx.init({"w_dec": w_dec}), "g": {"w_dec": w_dec}}
-
-  def adam_step():
-    held["p"], held["o"] = adam(held["p"], held["o"], held["g"])
-    return held["p"]
-
+  # the optimizer's own state: its update is donated, and the other parts read w_dec
+  holder = {"st": state_lib.init_state(cfg, jax.tree.map(jnp.copy, params), keys[2])}
   parts = {
       "encoder x@w_enc": (jax.jit(product), x, w_enc),
       "top-k": (jax.jit(lambda x, w: kernels.topk(product(x, w), k, ops).values), x, w_enc),
@@ -118,7 +109,7 @@ def profile(n_layers: int, d: int, width: int, tokens: int, k: int, steps: int) 
       "d w_enc (scatter)": (jax.jit(lambda x, i, v: jax.vmap(
           lambda x, i, v: kernels.encoder_grad(x, i, v, width, ops))(x, i, v)),
                             x.astype(jnp.float32), idx, vals),
-      "optimizer (decoder)": (adam_step,),
+      "optimizer": optimizer_runner(cfg, holder)[:1],
   }
   # "top-k" includes its product: the selection alone is top-k minus the encoder row.
   return {name: _best(fn, *args, steps=steps) for name, (fn, *args) in parts.items()}
@@ -140,7 +131,7 @@ def least_ratio(n_layers: int, d: int, width: int, tokens: int, k: int, steps: d
   they give."""
   per = {}
   for n, part in ((n_layers, small), (2 * n_layers, big)):
-    adam = part["optimizer (decoder)"] / pairs(n)  # F d entries: a pair's, or a layer's encoder
+    adam = part["optimizer"] / (n + pairs(n))  # per F d block: a layer's encoder, a pair's decoder
     per[n] = {"a": (part["top-k"] + part["d w_enc (scatter)"]) / n + adam, "adam": adam,
               "b": (part["decode"] + part["d values (gather-dot)"] + part["d w_dec (scatter)"]) /
                    pairs(n) + adam,

@@ -9,6 +9,9 @@ For each shape (d, F), B tokens and k, it times in one run:
   sparsify  `sparsify.SparseCoder` (PyPI eai-sparsify, torch) forward (FVU + AuxK) + backward +
             its decoder-gradient projection + torch Adam + unit-norm decoder, on the same device
             (TopK only: sparsify has no BatchTopK or JumpReLU).
+  adam      the optimizer of allscope's step alone (clipping, Adam over the float32 parameters
+            and both moments, applied in place): a step that keeps this state and updates it
+            after the product takes at least floor + adam, 1 + adam/floor times the floor.
 Rows with AuxK "off" have no dead latents on either side (AuxK does not run); rows with "on" run
 AuxK every step (allscope: aux_k = 256 over its silent latents; sparsify: its own k_aux over a
 random 10% of latents marked dead).
@@ -34,6 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from allscope.trainers import dictionaries, mesh as mesh_lib, state as state_lib
 from allscope.trainers.config import KERNELS, TrainConfig
@@ -70,6 +74,24 @@ def floor_runner(d: int, width: int, tokens: int):
   return (lambda: mm(x, w)), jax.block_until_ready
 
 
+def optimizer_runner(cfg: TrainConfig, holder: dict):
+  """The step's optimizer alone (clipping, Adam; applied in place on the donated state) on
+  holder["st"], the parameters standing in for their gradients: no second state in memory."""
+  tx = state_lib.optimizer(cfg)
+
+  def update(st: state_lib.TrainState) -> state_lib.TrainState:
+    updates, opt_state = tx.update(st.params, st.opt_state, st.params)
+    return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state)
+
+  update = jax.jit(update, donate_argnums=(0,))
+
+  def run():
+    holder["st"] = update(holder["st"])
+    return holder["st"].step
+
+  return run, jax.block_until_ready
+
+
 def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, auxk: bool,
                     kernels: str = "auto", compiler_options: dict | None = None):
   # AuxK (and revive) act on latents silent for aux_after_tokens: 1 token makes every step run
@@ -97,6 +119,7 @@ def allscope_runner(d: int, width: int, tokens: int, activation: str, k: int, au
     return holder["st"].step, metrics
 
   run.hlo_text = step.as_text  # the optimized HLO, for step_profile.py to name what it times
+  run.optimizer = optimizer_runner(cfg, holder)  # for the adam/floor column
   return (run, jax.block_until_ready), dictionaries.kernel_ops(cfg).name
 
 
@@ -161,7 +184,7 @@ def main() -> None:
         f"k={args.k}, floor = x @ w_enc in {_dtype()}")
   header = (f"{'d':>5} {'F':>6} {'activation':>10} {'kernels':>8} {'AuxK':>5} {'floor ms':>9} "
             f"{'GFLOP/s':>8} {'allscope ms':>11} {'sparsify ms':>11} {'allscope/floor':>14} "
-            f"{'sparsify/floor':>14} {'tok/s vs sparsify':>17}")
+            f"{'sparsify/floor':>14} {'tok/s vs sparsify':>17} {'adam/floor':>10}")
   print(header)
   print("-" * len(header))
   for d, width in shapes:
@@ -177,7 +200,8 @@ def main() -> None:
           try:
             step, kernels = allscope_runner(d, width, args.tokens, activation, args.k, auxk,
                                             choice)
-            runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step}
+            runners = {"floor": floor_runner(d, width, args.tokens), "allscope": step,
+                       "adam": step[0].optimizer}
             if peer is not None and activation == "topk":
               runners["sparsify"] = peer
             best = _interleaved_best(runners, args.steps)
@@ -189,7 +213,7 @@ def main() -> None:
                 f"{1e3 * floor:>9.1f} {2e-9 * args.tokens * d * width / floor:>8.0f} "
                 f"{1e3 * t:>11.1f} {(f'{1e3 * p:.1f}' if p else '-'):>11} "
                 f"{t / floor:>14.2f} {(f'{p / floor:.2f}' if p else '-'):>14} "
-                f"{(f'{p / t:.2f}x' if p else '-'):>17}", flush=True)
+                f"{(f'{p / t:.2f}x' if p else '-'):>17} {best['adam'] / floor:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

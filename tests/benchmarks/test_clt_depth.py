@@ -32,7 +32,7 @@ def _parts(n_layers, a_select, a_enc_grad, b_sparse, adam, gemm_s):
   return {"encoder x@w_enc": gemm_s * n_layers, "top-k": a_select * n_layers,
           "d w_enc (scatter)": a_enc_grad * n_layers, "decode": b_sparse * p / 3,
           "d values (gather-dot)": b_sparse * p / 3, "d w_dec (scatter)": b_sparse * p / 3,
-          "optimizer (decoder)": adam * p}
+          "optimizer": adam * (n_layers + p)}
 
 
 def test_the_floor_is_adam_plus_the_pairs_multiply_adds_at_the_dense_products_rate():
