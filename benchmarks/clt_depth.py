@@ -97,8 +97,8 @@ def profile(n_layers: int, d: int, width: int, tokens: int, k: int, steps: int) 
   idx = jax.random.randint(keys[3], (n_layers, tokens, k), 0, width, jnp.int32)
   vals = jax.random.uniform(keys[4], (n_layers, tokens, k), jnp.float32)
   g = jax.random.normal(keys[5], (tokens, n_layers, d), jnp.float32)
-  # the optimizer's own state: its update is donated, and the other parts read w_dec
-  holder = {"st": state_lib.init_state(cfg, jax.tree.map(jnp.copy, params), keys[2])}
+  # the optimizer's state holds w_dec and is donated: the optimizer runs last
+  holder = {"st": state_lib.init_state(cfg, params, keys[2])}
   parts = {
       "encoder x@w_enc": (jax.jit(product), x, w_enc),
       "top-k": (jax.jit(lambda x, w: kernels.topk(product(x, w), k, ops).values), x, w_enc),
@@ -112,7 +112,9 @@ def profile(n_layers: int, d: int, width: int, tokens: int, k: int, steps: int) 
       "optimizer": optimizer_runner(cfg, holder)[:1],
   }
   # "top-k" includes its product: the selection alone is top-k minus the encoder row.
-  return {name: _best(fn, *args, steps=steps) for name, (fn, *args) in parts.items()}
+  times = {name: _best(fn, *args, steps=steps) for name, (fn, *args) in parts.items()}
+  host_memory.release_freed_memory()
+  return times
 
 
 def pairs(n_layers: int) -> int:
@@ -148,6 +150,24 @@ def least_ratio(n_layers: int, d: int, width: int, tokens: int, k: int, steps: d
           "parts": depth_ratio(n_layers, b / a), "least": depth_ratio(n_layers, b_min / a)}
 
 
+def time_steps(n_layers: int, d: int, width: int, tokens: int, k: int,
+               steps: int) -> dict[int, float]:
+  """Best seconds of the full step at L and 2L (alternating), each printed as a row."""
+  runners = {n: step_runner(n, d, width, tokens, k) for n in (n_layers, 2 * n_layers)}
+  for run, _ in runners.values():  # compile and warm up
+    jax.block_until_ready(run())
+  best = {n: float("inf") for n in runners}
+  for _ in range(steps):  # alternate, so that load from other processes hits both rows
+    for n, (run, _) in runners.items():
+      t = time.perf_counter()
+      jax.block_until_ready(run())
+      best[n] = min(best[n], time.perf_counter() - t)
+  for n, (_, kernels) in runners.items():
+    print(f"{n:>3} {kernels:>8} {1e3 * best[n]:>9.1f} {best[n] / best[n_layers]:>9.2f}",
+          flush=True)
+  return best
+
+
 def main() -> None:
   host_memory.keep_freed_memory()  # as the CLI runs: freed memory reused
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -164,22 +184,10 @@ def main() -> None:
   header = f"{'L':>3} {'kernels':>8} {'step ms':>9} {'t / t(L)':>9}"
   print(header)
   print("-" * len(header))
-  runners = {n: step_runner(n, args.d, args.width, args.tokens, args.k)
-             for n in (args.layers, 2 * args.layers)}
-  for run, _ in runners.values():  # compile and warm up
-    jax.block_until_ready(run())
-  best = {n: float("inf") for n in runners}
-  for _ in range(args.steps):  # alternate, so that load from other processes hits both rows
-    for n, (run, _) in runners.items():
-      t = time.perf_counter()
-      jax.block_until_ready(run())
-      best[n] = min(best[n], time.perf_counter() - t)
-  for n, (_, kernels) in runners.items():
-    print(f"{n:>3} {kernels:>8} {1e3 * best[n]:>9.1f} {best[n] / best[args.layers]:>9.2f}",
-          flush=True)
+  best = time_steps(args.layers, args.d, args.width, args.tokens, args.k, args.steps)
   if not args.profile:
     return
-  del runners
+  host_memory.release_freed_memory()  # the steps' states, before the profile's arrays
   small, big = (profile(n, args.d, args.width, args.tokens, args.k, args.steps)
                 for n in (args.layers, 2 * args.layers))
   header = (f"{'part':>22} {f'L={args.layers} ms':>10} {f'L={2 * args.layers} ms':>10} "
