@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_quick_prints_the_step_and_its_optimizers_share_of_the_floor():
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick",
-                        "--tokens", "256", "--steps", "1"], env=env, capture_output=True,
+                        "--tokens", "256", "--steps", "2"], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
