@@ -569,8 +569,9 @@ def threshold_top_k(x: jax.Array, k: int, offset: jax.Array | None = None
   does. A row with more candidate chunks or entries than slots is ranked whole, as are up to
   max(8, R / 64) rows apart; beyond that every row is ranked by _ranked_top_k (chunk_max_top_k,
   or lax.top_k below N = CHUNK_MAX_MIN_RATIO k), in a loop of 0 or 1 trips whose input takes a
-  -inf from the counter (by a maximum), so XLA hoists no [R, N] array out of it. Rows with fewer than about k finite entries (a mask of most columns) take that path
-  after the floor's cost: the trainers' AuxK ranks only where more columns are dead than that.
+  -inf from the counter (by a maximum), so XLA hoists no [R, N] array out of it. Rows with fewer
+  than about k finite entries (a mask of most columns) take that path after the floor's cost:
+  the trainers' AuxK ranks only where more columns are dead than that.
 
   One pass reads x + offset whole (the chunk maxima, behind a barrier: XLA otherwise recomputes
   them in every bisection step); the rest reads [R, N / 16] keys and the candidate chunks. At
